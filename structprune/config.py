@@ -1,0 +1,118 @@
+"""The one source of truth for run settings: defaults, allowed values and help strings.
+
+The CLI builds its options from these fields and the app uses the help strings as tooltips, so a
+default changed here changes everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+from .errors import InvalidConfigError
+
+METHODS = ("structprune", "magnitude", "wanda-sp", "flap", "owl", "global-taylor")
+ALLOCATIONS = ("uniform", "threshold", "softmax", "owl")
+ENERGIES = ("sensitivity", "residual", "module")
+SELECTORS = ("admm", "greedy", "saliency")
+SALIENCIES = ("obs", "diag")
+TARGETS = ("local", "dense")
+MAX_SPARSITY = 0.9
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class PruneConfig:
+    """Everything that defines one pruning run (METHOD.md, PROTOCOL.md)."""
+
+    model: str = _f("smollm2-135m", "built-in name, tiny-* demo config, local HF folder, or hub id")
+    sparsity: float = _f(0.3, "fraction of prunable parameters (attention heads + MLP channels) to remove, 0-0.9")
+    method: str = _f("structprune", "pruning method", choices=METHODS)
+    allocation: str = _f("softmax", "how the budget is split across modules", choices=ALLOCATIONS)
+    temperature: float = _f(
+        1.0, "softmax temperature (dimensionless; energies are z-scored logs); inf = uniform")
+    energy: str = _f(
+        "sensitivity",
+        "module energy for softmax/threshold: measured calibration-loss sensitivity, "
+        "residual-stream-normalized cost, or module-normalized cost",
+        choices=ENERGIES)
+    selector: str = _f("admm", "unit selection inside a module: ADMM, greedy group-OBS, or one-shot saliency",
+                       choices=SELECTORS)
+    saliency: str = _f("obs", "unit saliency: exact group OBS or diagonal (Wanda-like)", choices=SALIENCIES)
+    target: str = _f("local", "reconstruction target: the dense layer on pruned inputs (local) or the dense "
+                              "model's activations (dense)", choices=TARGETS)
+    refit: bool = _f(True, "least-squares refit of the output projection on the kept units")
+    bias: bool = _f(True, "let the refit add a bias (bias compensation); off keeps the saved model plain-HF loadable")
+    s_max: float = _f(0.9, "largest sparsity any one module may receive")
+    owl_lambda: float = _f(0.08, "OWL: half-width of the sparsity range around the target")
+    owl_m: float = _f(5.0, "OWL: outlier threshold, multiples of the layer's mean score")
+    sensitivity_windows: int = _f(4, "calibration windows used to measure module sensitivities")
+    nsamples: int = _f(64, "calibration windows")
+    seqlen: int = _f(512, "tokens per calibration / evaluation window")
+    seed: int = _f(0, "seed of the calibration sampler")
+    calib_data: str = _f("sotu", "calibration corpus (its calibration split)")
+    eval_data: tuple[str, ...] = _f(("sotu",), "evaluation corpora (their test splits)")
+    eval_windows: int | None = _f(None, "evaluation windows per corpus (None = all)")
+    device: str = _f("auto", "compute device: auto, cuda or cpu")
+    dtype: str = _f("float32", "model dtype on the device: float32 (CPU), bfloat16 / float16 allowed on CUDA")
+    batch_size: int = _f(1, "windows per forward batch")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.eval_data, str):
+            self.eval_data = (self.eval_data,)
+        self.eval_data = tuple(self.eval_data)
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(msg: str):
+            raise InvalidConfigError(msg)
+
+        if not (0.0 <= self.sparsity <= MAX_SPARSITY):
+            bad(f"sparsity must be between 0 and {MAX_SPARSITY} (got {self.sparsity})")
+        for name, allowed in (("method", METHODS), ("allocation", ALLOCATIONS), ("energy", ENERGIES),
+                              ("selector", SELECTORS), ("saliency", SALIENCIES), ("target", TARGETS)):
+            if getattr(self, name) not in allowed:
+                bad(f"{name} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
+        if not (self.temperature > 0 or math.isinf(self.temperature)):
+            bad(f"temperature must be positive or inf (got {self.temperature})")
+        if not (0 < self.s_max <= MAX_SPARSITY):
+            bad(f"s_max must be in (0, {MAX_SPARSITY}] (got {self.s_max})")
+        if self.sparsity > self.s_max:
+            bad(f"sparsity {self.sparsity} is above s_max {self.s_max}")
+        for name in ("nsamples", "seqlen", "batch_size", "sensitivity_windows"):
+            if getattr(self, name) < (2 if name == "seqlen" else 1):
+                bad(f"{name} must be at least {2 if name == 'seqlen' else 1} (got {getattr(self, name)})")
+        if self.eval_windows is not None and self.eval_windows < 1:
+            bad(f"eval_windows must be at least 1 or None for all (got {self.eval_windows})")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            bad(f"dtype must be float32, bfloat16 or float16 (got {self.dtype!r})")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            bad(f"device must be auto, cpu or cuda (got {self.device!r})")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["eval_data"] = list(self.eval_data)
+        if math.isinf(self.temperature):
+            d["temperature"] = "inf"
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PruneConfig:
+        d = dict(d)
+        if d.get("temperature") == "inf":
+            d["temperature"] = math.inf
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def help_for(name: str) -> str:
+    return next(f.metadata["help"] for f in fields(PruneConfig) if f.name == name)
+
+
+def choices_for(name: str) -> tuple[str, ...] | None:
+    return next(f.metadata.get("choices") for f in fields(PruneConfig) if f.name == name)
+
+

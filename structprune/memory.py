@@ -1,0 +1,127 @@
+"""Device memory: measured on CUDA, accounted on CPU, and estimated for any config.
+
+On CUDA the ledger reads `torch.cuda.memory_allocated` / `max_memory_allocated`. On the CPU there is
+no separate device, so the pipeline keeps its own accounts of what it would hold on one: every
+`hold` names an item and its size from the byte formulas below. `estimate_memory` replays the same
+formulas over a config's shapes, which is why the estimate equals the CPU-accounted peak exactly
+and why, on CUDA, the gap between the two is what the formulas miss (allocator slack, kernels'
+workspaces).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .adapters import LayerLayout
+
+DTYPE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, torch.float64: 8}
+GRAM_DTYPE_BYTES = 4  # Grams accumulate in fp32 on the device
+SOLVE_DTYPE_BYTES = 8  # solves run in fp64
+
+
+def layer_weight_bytes(lay: LayerLayout, dtype_bytes: int) -> int:
+    """Parameters of one decoder layer (linear maps + two norms), in bytes."""
+    d, hd = lay.hidden, lay.head_dim
+    attn = d * hd * (2 * lay.n_heads + 2 * lay.n_kv_heads)
+    if lay.attn_bias:
+        attn += hd * (lay.n_heads + 2 * lay.n_kv_heads) + d
+    mlp = (3 if lay.gated else 2) * d * lay.intermediate
+    if lay.mlp_bias:
+        mlp += lay.intermediate + d
+    norms = 4 * d
+    return (attn + mlp + norms) * dtype_bytes
+
+
+def activation_bytes(batch: int, seqlen: int, hidden: int, dtype_bytes: int) -> int:
+    """One batch of residual-stream activations (B, S, d)."""
+    return batch * seqlen * hidden * dtype_bytes
+
+
+def forward_workspace_bytes(lay: LayerLayout, batch: int, seqlen: int, dtype_bytes: int) -> int:
+    """Transient tensors of one layer forward: q/k/v, attention scores of one batch, the MLP
+    intermediate (gate, up, product), and the normalised input."""
+    tokens = batch * seqlen
+    qkv = tokens * lay.head_dim * (lay.n_heads + 2 * lay.n_kv_heads)
+    scores = batch * lay.n_heads * seqlen * seqlen
+    mlp = tokens * lay.intermediate * (3 if lay.gated else 2)
+    return (qkv + scores + mlp + 2 * tokens * lay.hidden) * dtype_bytes
+
+
+def gram_bytes(n: int) -> int:
+    """Augmented Gram matrix ((n+1) x (n+1)) in fp32."""
+    return (n + 1) * (n + 1) * GRAM_DTYPE_BYTES
+
+
+def solver_bytes(d_out: int, n: int) -> int:
+    """Peak state of one module's solve in fp64: W~, W' , Z, U (d_out x (n+1)) and three
+    (n+1)^2 matrices (damped G, its inverse or eigenvectors, a work copy)."""
+    m = n + 1
+    return (4 * d_out * m + 3 * m * m) * SOLVE_DTYPE_BYTES
+
+
+@dataclass
+class MemorySample:
+    t: float  # seconds since the ledger started
+    bytes: int
+    label: str
+
+
+@dataclass
+class DeviceLedger:
+    """What the pipeline holds on its compute device, with its peak and a timeline.
+
+    `kind` is "measured-cuda" or "accounted-cpu" (the label every reported figure carries).
+    """
+
+    device: torch.device
+    items: dict[str, int] = field(default_factory=dict)
+    peak_accounted: int = 0
+    timeline: list[MemorySample] = field(default_factory=list)
+    t0: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
+        self.device = torch.device(self.device)
+        if self.measured:
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base_cuda = torch.cuda.memory_allocated(self.device)
+
+    @property
+    def measured(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def kind(self) -> str:
+        return "measured-cuda" if self.measured else "accounted-cpu"
+
+    def hold(self, key: str, nbytes: int) -> None:
+        self.items[key] = int(nbytes)
+        total = sum(self.items.values())
+        self.peak_accounted = max(self.peak_accounted, total)
+        self._sample(key)
+
+    def release(self, *keys: str) -> None:
+        for key in keys:
+            self.items.pop(key, None)
+        self._sample("release")
+
+    @property
+    def current(self) -> int:
+        if self.measured:
+            return torch.cuda.memory_allocated(self.device)
+        return sum(self.items.values())
+
+    @property
+    def peak(self) -> int:
+        if self.measured:
+            return torch.cuda.max_memory_allocated(self.device)
+        return self.peak_accounted
+
+    def _sample(self, label: str) -> None:
+        self.timeline.append(MemorySample(time.perf_counter() - self.t0, self.current, label))
+
+    def timeline_records(self, max_points: int = 2000) -> list[dict]:
+        step = max(1, len(self.timeline) // max_points)
+        return [{"t": round(s.t, 4), "bytes": s.bytes, "label": s.label} for s in self.timeline[::step]]

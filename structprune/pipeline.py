@@ -1,0 +1,276 @@
+"""The two streaming passes every layer-wise method shares.
+
+pass 1 (`collect_stats`): the dense model, one layer at a time; per module it keeps only scalars:
+    a score per unit, the module's output energy, the residual stream's energy, and optionally the
+    measured calibration-loss increase when that module alone is pruned (`sensitivity`).
+pass 2 (`prune_sequential`): prunes layer by layer with the allocated unit counts, attention first,
+    then the MLP on what the pruned attention produces ("true sequential"), then recomputes the
+    layer's outputs for the next layer.
+
+A method plugs in two functions: `score_fn` (unit scores for pass 1) and `rule` (which units to
+keep in a module and its new weights). Both receive the module's output projection W (d_out x n),
+bias, and input Gram G ((n+1)^2, see gram.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .adapters import LayerLayout, set_output_bias
+from .errors import RunCancelledError
+from .gram import GramHook, InputCapture
+from .streaming import Batches, LayerStream
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ProgressEvent:
+    """One per layer and stage; the CLI's progress bar and the app's live charts read these."""
+
+    stage: str  # "embed" | "pass1" | "sensitivity" | "pass2" | "eval-dense" | "eval-pruned" | "done"
+    layer: int  # 0-based layer just finished (-1 when not per layer)
+    n_layers: int
+    elapsed_s: float
+    device_bytes: int
+    peak_bytes: int
+    message: str = ""
+
+
+@dataclass
+class ModuleResult:
+    """What a rule decided for one module."""
+
+    kept: torch.Tensor  # sorted unit ids kept
+    W: torch.Tensor  # (d_out, n) new output-projection weights (removed columns zero)
+    b: torch.Tensor | None  # (d_out,) new bias, or None to leave it as it is
+    info: dict = field(default_factory=dict)  # JSON-ready traces and errors
+
+
+ScoreFn = Callable[[str, torch.Tensor, torch.Tensor | None, torch.Tensor, LayerLayout], torch.Tensor]
+RuleFn = Callable[[str, int, torch.Tensor, torch.Tensor | None, torch.Tensor, LayerLayout, int], ModuleResult]
+
+
+@dataclass
+class LayerStats:
+    layout: LayerLayout
+    scores: dict[str, torch.Tensor]  # kind -> (U,) unit scores, lower = pruned first (CPU fp64)
+    out_energy: dict[str, float]  # kind -> tr(W~ G W~^T), the module's mean squared output
+    residual_energy: float  # mean ||h||^2 per token of the layer's input
+    sensitivity: dict[str, float] = field(default_factory=dict)  # kind -> calib loss increase (nats/token)
+    outlier_ratio: float = 0.0  # OWL: share of Wanda element scores above M x their mean
+
+
+class Emitter:
+    def __init__(self, stream: LayerStream, on_event, cancel, t0: float) -> None:
+        self.stream, self.on_event, self.cancel, self.t0 = stream, on_event, cancel, t0
+
+    def __call__(self, stage: str, layer: int, message: str = "") -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise RunCancelledError("run cancelled")
+        if self.on_event is not None:
+            led = self.stream.ledger
+            self.on_event(ProgressEvent(stage, layer, self.stream.n_layers, time.perf_counter() - self.t0,
+                                        led.current, led.peak, message))
+
+
+def weight_with_bias(lin: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return lin.weight.detach(), (lin.bias.detach() if lin.bias is not None else None)
+
+
+def module_output_energy(W: torch.Tensor, b: torch.Tensor | None, G: torch.Tensor) -> float:
+    Wt = torch.cat([W.double(), (b.double() if b is not None else torch.zeros(W.shape[0], dtype=torch.float64,
+                                                                            device=W.device))[:, None]], 1)
+    return float(torch.einsum("ij,jk,ik->", Wt, G.double(), Wt))
+
+
+def apply_result(stream: LayerStream, layer: nn.Module, kind: str, res: ModuleResult) -> None:
+    """Writes a rule's weights into the layer and removes the pruned units physically."""
+    ad = stream.adapter
+    lin = ad.out_proj(layer, kind)
+    lin.weight.data.copy_(res.W.to(lin.weight.dtype))
+    set_output_bias(lin, res.b)
+    if kind == "attn":
+        ad.keep_heads(layer, res.kept.cpu())
+    else:
+        ad.keep_channels(layer, res.kept.cpu())
+
+
+def _masked_forward_outputs(stream, index, layer, kind, res, inputs: Batches) -> Batches:
+    """Outputs of `layer` with module `kind` replaced by the rule's weights (units zeroed, not
+    removed), restoring the dense weights afterwards. Used for sensitivity streams."""
+    lin = stream.adapter.out_proj(layer, kind)
+    w0 = lin.weight.data.clone()
+    b0 = lin.bias.data.clone() if lin.bias is not None else None
+    had_bias = lin.bias is not None
+    try:
+        lin.weight.data.copy_(res.W.to(lin.weight.dtype))
+        set_output_bias(lin, res.b)
+        return stream.run_layer(index, layer, inputs)
+    finally:
+        lin.weight.data.copy_(w0)
+        if had_bias:
+            lin.bias.data.copy_(b0)
+        else:
+            lin.bias = None
+
+
+@torch.no_grad()
+def collect_stats(
+    stream: LayerStream,
+    calib_ids: torch.Tensor,
+    score_fn: ScoreFn,
+    emit: Emitter,
+    sensitivity_rule: Callable[..., ModuleResult] | None = None,
+    owl_m: float = 5.0,
+    sensitivity_windows: int = 4,
+) -> tuple[list[LayerStats], dict]:
+    """Pass 1 over the dense model. With `sensitivity_rule`, each module is also pruned alone (by
+    that rule, on this layer's dense Gram) and the first `sensitivity_windows` calibration windows
+    are streamed through the rest of the dense model from there: one extra activation stream per
+    module in host memory, one layer on the device. Returns the stats and the dense calib loss."""
+    x = stream.embed(calib_ids)
+    emit("embed", -1)
+    sens_ids = calib_ids[:sensitivity_windows]
+    dense_sub = stream.embed(sens_ids) if sensitivity_rule else None
+    perturbed: dict[tuple[int, str], Batches] = {}
+    stats: list[LayerStats] = []
+    for i in range(stream.n_layers):
+        with stream.layer_on_device(i) as layer:
+            lay = stream.adapter.layout(layer)
+            hooks = {k: GramHook(stream.adapter.out_proj(layer, k)) for k in ("attn", "mlp")}
+            energy = [0.0, 0]
+
+            def residual(_b, xin, _y, acc=energy):
+                acc[0] += float(xin.float().pow(2).sum())
+                acc[1] += xin.shape[0] * xin.shape[1]
+
+            with hooks["attn"], hooks["mlp"]:
+                gram_bytes = sum((h.module.in_features + 1) ** 2 * 4 for h in hooks.values())
+                stream.ledger.hold("grams", gram_bytes)
+                x = stream.run_layer(i, layer, x, on_batch=residual)
+            grams = {k: h.gram for k, h in hooks.items()}
+            st = LayerStats(lay, {}, {}, energy[0] / max(energy[1], 1))
+            wanda = []
+            for kind in ("attn", "mlp"):
+                W, b = weight_with_bias(stream.adapter.out_proj(layer, kind))
+                st.scores[kind] = score_fn(kind, W, b, grams[kind], lay).double().cpu()
+                st.out_energy[kind] = module_output_energy(W, b, grams[kind])
+                wanda.append((W.abs().float() * grams[kind].diagonal()[:-1].clamp_min(0).sqrt()[None, :]).flatten())
+            st.outlier_ratio = outlier_ratio(torch.cat(wanda), owl_m)
+            if sensitivity_rule is not None:
+                for key in list(perturbed):
+                    perturbed[key] = stream.run_layer(i, layer, perturbed[key])
+                for kind in ("attn", "mlp"):
+                    W, b = weight_with_bias(stream.adapter.out_proj(layer, kind))
+                    res = sensitivity_rule(kind, i, W, b, grams[kind], lay)
+                    perturbed[(i, kind)] = _masked_forward_outputs(stream, i, layer, kind, res, dense_sub)
+                dense_sub = stream.run_layer(i, layer, dense_sub)
+            stream.ledger.release("grams")
+            del grams
+        stats.append(st)
+        emit("pass1", i)
+    calib_loss = {}
+    if sensitivity_rule is not None:
+        nll, tokens = stream.logits_nll(dense_sub, sens_ids)
+        base = float(nll.sum()) / tokens
+        calib_loss["dense"] = base
+        for (i, kind), h in perturbed.items():
+            nll, _ = stream.logits_nll(h, sens_ids)
+            stats[i].sensitivity[kind] = float(nll.sum()) / tokens - base
+        emit("sensitivity", -1)
+    return stats, calib_loss
+
+
+@torch.no_grad()
+def prune_sequential(
+    stream: LayerStream,
+    calib_ids: torch.Tensor,
+    keep_counts: list[dict[str, int]],
+    rule: RuleFn,
+    emit: Emitter,
+    target: str = "local",
+) -> list[dict]:
+    """Pass 2: prunes every layer with `keep_counts[i][kind]` units kept. target="dense" also
+    streams the dense model's activations and fits each module to the dense model's output of that
+    module (cross-Gram; METHOD.md "Targets"). Returns one info dict per module."""
+    ad = stream.adapter
+    x = stream.embed(calib_ids)
+    xd = x if target == "dense" else None
+    infos = []
+    for i in range(stream.n_layers):
+        with stream.layer_on_device(i) as layer:
+            dense_layer = None
+            if target == "dense":
+
+                dense_layer = copy.deepcopy(layer)
+            lay = ad.layout(layer)
+            for kind in ("attn", "mlp"):
+                k_keep = keep_counts[i][kind]
+                n_units = lay.n_heads if kind == "attn" else lay.intermediate
+                lin = ad.out_proj(layer, kind)
+                W, b = weight_with_bias(lin)
+                if k_keep >= n_units:
+                    infos.append({"layer": i, "module": kind, "kept": n_units, "skipped": True})
+                    continue
+                stream.ledger.hold("grams", (lin.in_features + 1) ** 2 * 4)
+                if target == "dense":
+                    G, W_target = _dense_target_gram(stream, i, layer, dense_layer, kind, x, xd)
+                    W, b = W_target[:, :-1], W_target[:, -1]
+                else:
+                    hook = GramHook(lin, stop=True)
+                    with hook:
+                        stream.run_layer(i, layer, x, keep_outputs=False)
+                    G = hook.gram
+                res = rule(kind, i, W, b, G, lay, k_keep)
+                stream.ledger.release("grams")
+                apply_result(stream, layer, kind, res)
+                lay = ad.layout(layer)
+                infos.append({"layer": i, "module": kind, "kept": int(len(res.kept)), **res.info})
+            x = stream.run_layer(i, layer, x)
+            if dense_layer is not None:
+                xd = stream.run_layer(i, dense_layer, xd)
+                del dense_layer
+        emit("pass2", i)
+    return infos
+
+
+def _dense_target_gram(stream, i, layer, dense_layer, kind, x: Batches, xd: Batches):
+    """G of the pruned path's input and W_target = C G^-1 with C the cross-Gram of the dense
+    module's output and the pruned path's input: fitting W' to W_target under G is the same as
+    fitting W' P~ to the dense model's module output Y (up to a constant)."""
+    ad = stream.adapter
+    lin, lin_d = ad.out_proj(layer, kind), ad.out_proj(dense_layer, kind)
+    n = lin.in_features
+    G = torch.zeros(n + 1, n + 1, dtype=torch.float32, device=lin.weight.device)
+    C = torch.zeros(lin_d.out_features, n + 1, dtype=torch.float32, device=lin.weight.device)
+    tokens = 0
+    Wd = torch.cat([lin_d.weight.float(), (lin_d.bias.float() if lin_d.bias is not None else
+                                           torch.zeros(lin_d.out_features, device=lin_d.weight.device))[:, None]], 1)
+    for b in range(len(x)):
+        cap_p, cap_d = InputCapture(lin, stop=True), InputCapture(lin_d, stop=True)
+        with cap_p:
+            stream.run_layer(i, layer, Batches([x.tensors[b]]), keep_outputs=False)
+        with cap_d:
+            stream.run_layer(i, dense_layer, Batches([xd.tensors[b]]), keep_outputs=False)
+        p, pd = cap_p.value, cap_d.value  # (T_b, n+1)
+        G.addmm_(p.T, p)
+        C.addmm_(Wd @ pd.T, p)
+        tokens += p.shape[0]
+    G, C = G / tokens, C / tokens
+    Gd = G.double() + 0.01 * G.diagonal().mean().double() * torch.eye(n + 1, dtype=torch.float64, device=G.device)
+    W_target = torch.linalg.solve(Gd, C.double().T).T
+    return G, W_target
+
+
+def outlier_ratio(scores: torch.Tensor, m: float) -> float:
+    """OWL's layer outlier distribution: share of element scores |W_ij| ||X_j|| above m x mean
+    (here over the two output projections, whose input norms the Grams carry)."""
+    return float((scores > m * scores.mean()).double().mean())

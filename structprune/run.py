@@ -1,0 +1,233 @@
+"""One pruning run from a `PruneConfig`: data, dense evaluation, the method's passes, pruned
+evaluation, and the JSON record of PROTOCOL.md. The CLI, the app and the benchmarks all call
+`run_prune`."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import platform
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from .adapters import adapter_for
+from .config import PruneConfig
+from .data.corpora import corpus_id, corpus_label
+from .data.windows import CalibrationSpec, calibration_windows, corpus_token_ids, eval_windows, protocol_string
+from .errors import DeviceOutOfMemoryError, SequenceLengthError
+from .evaluation import check_seqlen, perplexity, resolve_device
+from .memory import DTYPE_BYTES, DeviceLedger
+from .methods import get_method
+from .models import LoadedModel, load_model
+from .pipeline import Emitter, ProgressEvent, collect_stats, prune_sequential
+from .streaming import LayerStream
+from .units import count_params, layouts_of, module_specs
+
+log = logging.getLogger(__name__)
+
+RECORD_SCHEMA = "structprune.run/1"
+
+
+@dataclass
+class PruneResult:
+    record: dict
+    model: torch.nn.Module  # the pruned model (on the CPU)
+    tokenizer: object | None
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def environment() -> dict:
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "machine": platform.machine(),
+            "cpus": torch.get_num_threads(), "gpu": gpu, "git_commit": commit}
+
+
+def prepare_data(cfg: PruneConfig, tokenizer, model) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
+    """Calibration windows (N, S) and evaluation windows per corpus, with their protocol strings."""
+    check_seqlen(model, cfg.seqlen)
+    calib_ids = calibration_windows(corpus_token_ids(tokenizer, cfg.calib_data, "calib"),
+                                    cfg.nsamples, cfg.seqlen, cfg.seed)
+    calib = CalibrationSpec(corpus_id(cfg.calib_data, "calib"), cfg.nsamples, cfg.seqlen, cfg.seed)
+    evals, protocols = {}, {}
+    for name in cfg.eval_data:
+        win = eval_windows(corpus_token_ids(tokenizer, name, "test"), cfg.seqlen, cfg.eval_windows)
+        evals[name] = win
+        protocols[name] = protocol_string(corpus_id(name, "test"), cfg.seqlen, win.shape[0], calib)
+    return calib_ids, evals, protocols
+
+
+def random_token_data(cfg: PruneConfig, vocab: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
+    """Tiny demo models have no tokenizer: random token windows (labelled as such)."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    calib = torch.randint(0, vocab, (cfg.nsamples, cfg.seqlen), generator=g)
+    n_eval = cfg.eval_windows or 4
+    win = torch.randint(0, vocab, (n_eval, cfg.seqlen), generator=torch.Generator().manual_seed(cfg.seed + 1))
+    proto = protocol_string("random-tokens", cfg.seqlen, n_eval, ("random-tokens", cfg.nsamples, cfg.seqlen, cfg.seed))
+    return calib, {"random": win}, {"random": proto}
+
+
+def run_prune(
+    cfg: PruneConfig,
+    loaded: LoadedModel | None = None,
+    on_event=None,
+    cancel=None,
+    evaluate_dense: bool = True,
+) -> PruneResult:
+    """Prunes a copy of `loaded` (or of `cfg.model`, loaded here) and evaluates it.
+
+    on_event(ProgressEvent) is called per layer and stage; cancel (a threading.Event) is checked at
+    every layer boundary and raises RunCancelledError. The loaded model is never modified.
+    """
+    t_start = time.perf_counter()
+    device = resolve_device(cfg.device)
+    dtype = _dtype(cfg.dtype)
+    if device.type == "cpu" and dtype != torch.float32:
+        log.warning("half precision on the CPU is slow and inexact; using float32")
+        dtype = torch.float32
+    loaded = loaded or load_model(cfg.model)
+    model = copy.deepcopy(loaded.model).to(dtype).eval()
+    adapter = adapter_for(model)
+    method = get_method(cfg.method)(cfg)
+
+    if loaded.tokenizer is not None:
+        calib_ids, evals, protocols = prepare_data(cfg, loaded.tokenizer, model)
+    else:
+        check_seqlen(model, cfg.seqlen)
+        calib_ids, evals, protocols = random_token_data(cfg, model.config.vocab_size)
+    if calib_ids.shape[0] < cfg.sensitivity_windows:
+        raise SequenceLengthError("sensitivity_windows exceeds nsamples")
+
+    ledger = DeviceLedger(device)
+    stream = LayerStream(model, adapter, device, ledger=ledger, batch_size=cfg.batch_size)
+    emit = Emitter(stream, on_event, cancel, t_start)
+    params_before = count_params(model, adapter)
+    layouts = layouts_of(model, adapter)
+    specs = module_specs(layouts)
+    timing: dict[str, float] = {}
+
+    def evaluate(tag: str) -> dict:
+        out = {}
+        t = time.perf_counter()
+        for name, win in evals.items():
+            res = perplexity(model, win, device=device, batch_size=cfg.batch_size, protocol=protocols[name])
+            out[name] = {**res.to_dict(), "label": corpus_label(name, "test") if name != "random" else "random tokens"}
+            emit(f"eval-{tag}", -1, f"{name}: ppl {res.value:.4g}")
+        timing[f"eval_{tag}_s"] = time.perf_counter() - t
+        return out
+
+    try:
+        ppl_dense = evaluate("dense") if evaluate_dense else {}
+        t = time.perf_counter()
+        if method.whole_model:
+            alloc, energy_info, infos, calib_loss = method.prune_whole(model, adapter, calib_ids, specs, stream, emit)
+            timing["pass1_s"] = time.perf_counter() - t
+        else:
+            sens_rule = None
+            uniform_keep = None
+            if method.wants_sensitivity():
+                from .allocation import allocate_uniform
+
+                u = allocate_uniform(specs, cfg.sparsity, s_max=cfg.s_max)
+                uniform_keep = {(sp.layer, sp.kind): int(k) for sp, k in zip(specs, u.units_kept)}
+
+                def sens_rule(kind, i, W, b, G, lay):
+                    return method.rule(kind, i, W, b, G, lay, uniform_keep[(i, kind)])
+
+            stats, calib_loss = [], {}
+            if method.needs_calibration:
+                stats, calib_loss = collect_stats(
+                    stream, calib_ids, method.score, emit, sensitivity_rule=sens_rule,
+                    sensitivity_windows=cfg.sensitivity_windows, owl_m=cfg.owl_m)
+            timing["pass1_s"] = time.perf_counter() - t
+            alloc, energy_info = method.allocate(specs, stats)
+            keep = [{} for _ in layouts]
+            for sp, k in zip(specs, alloc.units_kept):
+                keep[sp.layer][sp.kind] = int(k)
+            t = time.perf_counter()
+            infos = prune_sequential(stream, calib_ids, keep, method.rule, emit, target=cfg.target) \
+                if method.needs_calibration else method.prune_weights_only(model, adapter, keep)
+            timing["pass2_s"] = time.perf_counter() - t
+            if stats:
+                energy_info["sensitivity"] = [
+                    {"layer": i, "module": k, "delta_loss": v} for i, st in enumerate(stats) for k, v in st.sensitivity.items()]
+                energy_info["residual_energy"] = [st.residual_energy for st in stats]
+        ppl_pruned = evaluate("pruned")
+    except torch.cuda.OutOfMemoryError as exc:  # pragma: no cover - needs a GPU
+        raise DeviceOutOfMemoryError(
+            "the GPU ran out of memory; lower --nsamples, --seqlen or --batch-size, or use --device cpu") from exc
+
+    params_after = count_params(model, adapter)
+    # prunable parameters left, counted with the dense model's unit costs (after pruning, a GQA
+    # layer with one head per group would look like multi-head attention to the layout)
+    kept_units = {(sp.layer, sp.kind): sp.n_units for sp in specs}
+    for info in infos:
+        kept_units[(info["layer"], info["module"])] = info["kept"]
+    prunable_after = sum(kept_units[(sp.layer, sp.kind)] * sp.unit_params for sp in specs)
+    timing["total_s"] = time.perf_counter() - t_start
+    emit("done", -1)
+    record = {
+        "schema": RECORD_SCHEMA,
+        "run_id": uuid.uuid4().hex[:12],
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "status": "finished",
+        "model": {"name": loaded.name, "source": loaded.source, "description": loaded.description,
+                  "architecture": model.config.model_type, "n_layers": len(layouts),
+                  "weights_note": "4-bit GGUF dequantized to fp32" if loaded.source == "builtin" else None},
+        "method": cfg.method,
+        "config": cfg.to_dict(),
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "sparsity": {
+            "target": cfg.sparsity,
+            "achieved_prunable": 1 - prunable_after / params_before.prunable,
+            "achieved_total": 1 - params_after.total / params_before.total,
+            "allocation_target_params": alloc.params_target,
+            "allocation_pruned_params": alloc.params_pruned,
+        },
+        "params": {"before": params_before.to_dict(), "after": {"total": params_after.total, "prunable": prunable_after}},
+        "allocation": [{**r, "energy": (energy_info.get("values") or [None] * len(specs))[j]}
+                       for j, r in enumerate(alloc.to_records())],
+        "energies": {k: v for k, v in energy_info.items() if k != "values"},
+        "ppl": {"dense": ppl_dense, "pruned": ppl_pruned},
+        "calib_loss": calib_loss,
+        "modules": infos,
+        "memory": {"kind": ledger.kind, "peak_bytes": ledger.peak,
+                   "model_weight_bytes": params_before.total * DTYPE_BYTES[dtype],
+                   "timeline": ledger.timeline_records()},
+        "timing": timing,
+        "environment": environment(),
+    }
+    return PruneResult(record, model, loaded.tokenizer)
+
+
+def forward_floor_seconds(model: torch.nn.Module, calib_ids: torch.Tensor, device: torch.device, batch_size: int = 1) -> float:
+    """Wall time of one plain forward pass over the calibration set: the floor pruning is
+    compared with (PROTOCOL.md)."""
+    t = time.perf_counter()
+    perplexity(model, calib_ids, device=device, batch_size=batch_size)
+    return time.perf_counter() - t
+
+
+def is_finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+__all__ = ["PruneResult", "run_prune", "ProgressEvent", "RECORD_SCHEMA"]

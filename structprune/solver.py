@@ -1,0 +1,456 @@
+"""The per-module structured subproblem: choose which units of one output projection to keep and
+refit the kept columns (METHOD.md, "The per-module subproblem", "Closed-form saliency").
+
+Notation (shapes in comments throughout):
+
+- ``Wt``  (d_out, n+1)  the augmented weights ``[W, b]``; the last column is the bias (zeros when
+  the module has none).
+- ``G``   (n+1, n+1)    the *undamped* augmented input Gram ``P~ P~^T / T`` with ``P~ = [P; 1]``;
+  its last row/column belongs to the constant-1 input, ``G[n, n] == 1``.
+- ``groups`` (U, g)     column indices of each unit (a head: ``head_dim`` columns; a channel: 1).
+- ``blocks`` (U,)       optional block id of each unit (KV groups): every block keeps the same count.
+
+The loss of a replacement ``W'`` is ``f(W') = tr((Wt - W') G (Wt - W')^T)``, the mean squared
+output error per token. Every solve uses the damped Gram ``Gd = damped(G)`` and minimizes the
+damped loss ``tr((Wt - W') Gd (Wt - W')^T)``; i.e. damping pulls kept weights towards their
+*original* values (the OBS / SparseGPT convention), not towards zero, so keeping every unit
+returns the original weights and greedy-OBS, ADMM and the refit all minimize one objective.
+Reported losses always use the undamped ``G``. The bias column is never damped (its diagonal is
+exactly 1 and it is always kept), so keeping no unit gives exactly the mean output as the bias.
+
+``allow_bias=False`` holds the bias column fixed at its value in ``Wt`` (zero when the module has
+no bias): the problem then lives on the ``n`` weight columns and ``G[:n, :n]``.
+
+All math runs in float64 on the device of the inputs, whatever their dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from torch import Tensor
+
+from structprune.errors import StructPruneError
+
+if TYPE_CHECKING:
+    from structprune.solver_admm import AdmmTrace
+
+log = logging.getLogger(__name__)
+
+DAMP_REL = 0.01  # damping lambda = DAMP_REL * mean(diag G), the one default for every solve
+
+
+class SolverError(StructPruneError, ValueError):
+    """Non-finite numbers in a module's weights or Gram, or a solve that lost positive
+    definiteness. Raise the damping or check the activations that fed the Gram."""
+
+
+# --------------------------------------------------------------------------------------------
+# validation and shared helpers
+
+
+def damped(G: Tensor, rel: float = DAMP_REL) -> Tensor:
+    """``G + lambda I`` on the weight columns, ``lambda = rel * mean(diag G)``; the last (bias)
+    diagonal entry is left as is. G: (n+1, n+1) -> float64 (n+1, n+1)."""
+    G = G.to(torch.float64)
+    lam = rel * G.diagonal().mean()
+    Gd = G.clone()
+    Gd.diagonal()[:-1] += lam
+    return Gd
+
+
+def check_finite(name: str, t: Tensor) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise SolverError(f"{name} contains NaN or Inf; check the calibration activations "
+                          "(fp16 overflow?) or the weights before pruning")
+
+
+def _cholesky(A: Tensor, what: str) -> Tensor:
+    L, info = torch.linalg.cholesky_ex(A)
+    if int(info) != 0:
+        raise SolverError(f"{what} is not positive definite (leading minor {int(info)}); "
+                          "increase damp_rel")
+    return L
+
+
+def _spd_inverse(A: Tensor, what: str) -> Tensor:
+    # cholesky_solve against I: several times faster than cholesky_inverse on MKL CPUs
+    eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+    return torch.cholesky_solve(eye, _cholesky(A, what))
+
+
+@dataclass
+class _Problem:
+    """A validated float64 problem on its *variable* columns (bias included iff allow_bias)."""
+
+    W: Tensor  # (d_out, m)  m = n+1 with a free bias column, n without
+    G: Tensor  # (m, m) undamped
+    Gd: Tensor  # (m, m) damped
+    groups: Tensor  # (U, g) long, column indices < n
+    block_of: Tensor  # (U,) long in 0..B-1
+    n_blocks: int
+    allow_bias: bool
+
+    @property
+    def n_units(self) -> int:
+        return self.groups.shape[0]
+
+    def support(self, kept: Tensor) -> Tensor:
+        """Variable columns of a kept unit set, sorted, bias column last when free. -> (|S|,)"""
+        cols = self.groups[kept].reshape(-1).sort().values
+        if self.allow_bias:
+            cols = torch.cat([cols, cols.new_tensor([self.W.shape[1] - 1])])
+        return cols
+
+
+def _prepare(Wt: Tensor, G: Tensor, groups: Tensor, blocks: Tensor | None = None,
+             allow_bias: bool = True, damp_rel: float = DAMP_REL) -> _Problem:
+    if Wt.dim() != 2:
+        raise ValueError(f"Wt must be (d_out, n+1), got shape {tuple(Wt.shape)}")
+    m1 = Wt.shape[1]
+    n = m1 - 1
+    if G.shape != (m1, m1):
+        raise ValueError(f"G must be ({m1}, {m1}) to match Wt {tuple(Wt.shape)}, got "
+                         f"{tuple(G.shape)}")
+    if groups.dim() != 2 or groups.dtype not in (torch.int64, torch.int32) or groups.numel() == 0:
+        raise ValueError(f"groups must be a non-empty integer (U, g) tensor, got "
+                         f"{groups.dtype} {tuple(groups.shape)}")
+    groups = groups.to(device=Wt.device, dtype=torch.long)
+    if int(groups.min()) < 0 or int(groups.max()) >= n:
+        raise ValueError(f"groups hold column indices outside [0, {n}) (the bias column {n} is "
+                         "not a unit)")
+    if groups.unique().numel() != groups.numel():
+        raise ValueError("groups overlap: a column belongs to more than one unit")
+    if damp_rel < 0:
+        raise ValueError(f"damp_rel must be >= 0, got {damp_rel}")
+    U = groups.shape[0]
+    if blocks is None:
+        block_of, n_blocks = torch.zeros(U, dtype=torch.long, device=Wt.device), 1
+    else:
+        if blocks.shape != (U,):
+            raise ValueError(f"blocks must be ({U},) like groups' first dim, got "
+                             f"{tuple(blocks.shape)}")
+        _, block_of = torch.unique(blocks.to(Wt.device), return_inverse=True)
+        n_blocks = int(block_of.max()) + 1
+    W64, G64 = Wt.to(torch.float64), G.to(torch.float64)
+    check_finite("Wt", W64)
+    check_finite("G", G64)
+    Gd = damped(G64, damp_rel)
+    if not allow_bias:
+        W64, G64, Gd = W64[:, :n], G64[:n, :n], Gd[:n, :n]
+    return _Problem(W64, G64, Gd, groups, block_of, n_blocks, allow_bias)
+
+
+def _quota(p: _Problem, k_keep: int) -> int:
+    """Units kept per block; raises ValueError when k_keep cannot be split evenly."""
+    if not 0 <= k_keep <= p.n_units:
+        raise ValueError(f"k_keep must be in [0, {p.n_units}], got {k_keep}")
+    if k_keep % p.n_blocks:
+        raise ValueError(f"k_keep={k_keep} is not divisible by the {p.n_blocks} blocks "
+                         "(every block keeps the same number of units)")
+    q = k_keep // p.n_blocks
+    smallest = int(torch.bincount(p.block_of, minlength=p.n_blocks).min())
+    if q > smallest:
+        raise ValueError(f"{q} units per block requested but the smallest block has {smallest}")
+    return q
+
+
+def topk_per_block(score: Tensor, block_of: Tensor, n_blocks: int, quota: int) -> Tensor:
+    """Ids of the ``quota`` highest-scoring units of every block, sorted. score: (U,) -> (k,)"""
+    kept = []
+    for b in range(n_blocks):
+        ids = (block_of == b).nonzero().squeeze(1)
+        kept.append(ids[score[ids].topk(quota).indices])
+    return torch.cat(kept).sort().values
+
+
+def _obs_saliency(W: Tensor, Hinv: Tensor, groups: Tensor) -> Tensor:
+    """tr(W_J [Hinv_JJ]^-1 W_J^T) per unit. W: (d, m), Hinv: (m, m), groups: (U, g) -> (U,)"""
+    if groups.shape[1] == 1:
+        c = groups[:, 0]
+        return W[:, c].pow(2).sum(0) / Hinv.diagonal()[c]
+    HJJ = Hinv[groups[:, :, None], groups[:, None, :]]  # (U, g, g)
+    WJ = W[:, groups]  # (d, U, g)
+    X = torch.linalg.solve(HJJ, WJ.permute(1, 2, 0))  # (U, g, d) = HJJ^-1 W_J^T
+    return torch.einsum("dug,ugd->u", WJ, X)
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+
+
+def reconstruction_error(Wt: Tensor, W_new: Tensor, G: Tensor) -> float:
+    """Mean squared output error per token, ``tr((Wt - W_new) G (Wt - W_new)^T)``, on the
+    undamped G. Wt, W_new: (d_out, n+1); G: (n+1, n+1)."""
+    D = Wt.to(torch.float64) - W_new.to(torch.float64)  # (d_out, n+1)
+    err = float(((D @ G.to(torch.float64)) * D).sum())
+    if err != err or err in (float("inf"), float("-inf")):
+        raise SolverError("reconstruction error is not finite")
+    return max(err, 0.0)
+
+
+def group_saliency(Wt: Tensor, G: Tensor, groups: Tensor, kind: Literal["obs", "diag"] = "obs",
+                   allow_bias: bool = True, damp_rel: float = DAMP_REL) -> Tensor:
+    """Cost of removing each unit alone. ``diag``: ||W_J||_F^2 * mean(diag G)_J (undamped G);
+    ``obs``: tr(W_J [(Gd^-1)_JJ]^-1 W_J^T), the damped loss increase of removing unit J with the
+    optimal compensation by all other columns (bias included iff allow_bias).
+    Wt: (d_out, n+1), G: (n+1, n+1), groups: (U, g) -> float64 (U,)"""
+    p = _prepare(Wt, G, groups, allow_bias=allow_bias, damp_rel=damp_rel)
+    if kind == "diag":
+        dg = p.G.diagonal()[p.groups].mean(1)  # (U,)
+        return p.W[:, p.groups].pow(2).sum((0, 2)) * dg
+    if kind == "obs":
+        return _obs_saliency(p.W, _spd_inverse(p.Gd, "damped G"), p.groups)
+    raise ValueError(f"kind must be 'obs' or 'diag', got {kind!r}")
+
+
+def _refit_on(p: _Problem, kept: Tensor) -> Tensor:
+    """Damped least squares on the support of ``kept`` in problem space -> (d, m), zero off S."""
+    S = p.support(kept)
+    out = torch.zeros_like(p.W)  # (d, m)
+    removed = torch.ones(p.W.shape[1], dtype=torch.bool, device=p.W.device)
+    removed[S] = False
+    R = removed.nonzero().squeeze(1)
+    out[:, S] = p.W[:, S]
+    if S.numel() and R.numel():
+        L = _cholesky(p.Gd[S][:, S], "damped G on the kept support")
+        rhs = (p.W[:, R] @ p.G[R][:, S]).T  # (|S|, d)
+        out[:, S] += torch.cholesky_solve(rhs, L).T
+    check_finite("refit weights", out)
+    return out
+
+
+def _loss(p: _Problem, Wn: Tensor, damped_: bool = True) -> float:
+    """tr((W - Wn) G (W - Wn)^T) in problem space, damped G by default."""
+    D = p.W - Wn  # (d, m)
+    return float(((D @ (p.Gd if damped_ else p.G)) * D).sum())
+
+
+def refit(Wt: Tensor, G: Tensor, kept_units: Tensor, groups: Tensor, allow_bias: bool = True,
+          damp_rel: float = DAMP_REL) -> Tensor:
+    """Exact least squares on the support S (kept columns, plus the bias column iff allow_bias):
+    ``W'_S = Wt_S + Wt_R G_RS (Gd_SS)^-1`` (R: removed columns), which is
+    ``(Wt Gd)_S (Gd_SS)^-1``; removed columns are zero; with allow_bias=False the bias column
+    keeps its value in Wt. An empty kept set with a free bias gives bias = mean output.
+    Wt: (d_out, n+1), kept_units: (k,) unit ids -> float64 (d_out, n+1)"""
+    p = _prepare(Wt, G, groups, allow_bias=allow_bias, damp_rel=damp_rel)
+    kept = torch.as_tensor(kept_units, dtype=torch.long, device=p.W.device)
+    if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= p.n_units):
+        raise ValueError(f"kept_units must be unit ids in [0, {p.n_units})")
+    out = Wt.to(torch.float64).clone()  # (d_out, n+1); the bias column stays when not free
+    out[:, : p.W.shape[1]] = _refit_on(p, kept)
+    return out
+
+
+def greedy_obs_select(Wt: Tensor, G: Tensor, groups: Tensor, k_keep: int,
+                      blocks: Tensor | None = None, per_step: int = 1, allow_bias: bool = True,
+                      damp_rel: float = DAMP_REL) -> Tensor:
+    """Backward elimination by group OBS: remove the unit(s) with the smallest
+    tr(W_J [Hinv_JJ]^-1 W_J^T), then update ``W -= W_J Hinv_JJ^-1 Hinv_J,:`` and
+    ``Hinv -= Hinv_:,J Hinv_JJ^-1 Hinv_J,:`` (Hinv = Gd^-1). Only blocks above their quota lose
+    units. ``per_step`` units leave per update (cheaper for 10k channels, slightly worse).
+    Returns the kept unit ids, sorted: LongTensor (k_keep,)."""
+    p = _prepare(Wt, G, groups, blocks, allow_bias, damp_rel)
+    quota = _quota(p, k_keep)
+    if per_step < 1:
+        raise ValueError(f"per_step must be >= 1, got {per_step}")
+    W = p.W.clone()  # (d, m'), compensated as units leave; m' shrinks by compaction
+    Hinv = _spd_inverse(p.Gd, "damped G")  # (m', m'), zero rows/cols for removed columns
+    cols = p.groups.clone()  # (U, g) positions of each unit's columns in W / Hinv
+    single = cols.shape[1] == 1  # channels: saliency from incrementally kept column norms
+    sq = W.pow(2).sum(0) if single else None  # (m',) squared column norms of W
+    alive = torch.ones(p.n_units, dtype=torch.bool, device=W.device)
+    left = torch.bincount(p.block_of, minlength=p.n_blocks).tolist()  # units alive per block
+    block_of = p.block_of.tolist()
+    n_alive, dead_cols = p.n_units, 0
+    while n_alive > k_keep:
+        live = alive.nonzero().squeeze(1)
+        sal = torch.full((p.n_units,), float("inf"), dtype=W.dtype, device=W.device)
+        if single:
+            c = cols[live, 0]
+            sal[live] = sq[c] / Hinv.diagonal()[c]
+        else:
+            sal[live] = _obs_saliency(W, Hinv, cols[live])
+        picked, want = [], min(per_step, n_alive - k_keep)
+        for u in sal.argsort()[:n_alive].tolist():  # alive units, cheapest first
+            b = block_of[u]
+            if left[b] > quota:
+                picked.append(u)
+                left[b] -= 1
+                if len(picked) == want:
+                    break
+        J = cols[picked].reshape(-1)  # (|J|,)
+        HJJ_inv = _spd_inverse(Hinv[J][:, J], "Hinv block of the removed units")
+        HJ = Hinv[J, :]  # (|J|, m')
+        a = W[:, J] @ HJJ_inv  # (d, |J|)
+        if single:  # ||W_i - a HJ_i||^2 = ||W_i||^2 - 2 HJ_i.(a^T W_i) + HJ_i^T a^T a HJ_i
+            sq += -2.0 * ((a.T @ W) * HJ).sum(0) + ((a.T @ a @ HJ) * HJ).sum(0)
+        W.addmm_(a, HJ, alpha=-1.0)  # in place: the (m', m') update below dominates
+        Hinv.addmm_(HJ.T, HJJ_inv @ HJ, alpha=-1.0)
+        W[:, J] = 0.0
+        Hinv[J, :] = 0.0
+        Hinv[:, J] = 0.0
+        alive[picked] = False
+        n_alive -= len(picked)
+        dead_cols += J.numel()
+        if dead_cols * 8 >= W.shape[1] and n_alive > k_keep:  # compact: drop removed columns
+            keep = torch.ones(W.shape[1], dtype=torch.bool, device=W.device)
+            dead = cols[~alive].reshape(-1)
+            keep[dead[dead >= 0]] = False
+            new_pos = keep.long().cumsum(0) - 1  # old position -> new position
+            W, Hinv = W[:, keep], Hinv[keep][:, keep]
+            cols = torch.where(alive[:, None], new_pos[cols], -1)
+            sq = W.pow(2).sum(0) if single else None  # also resets rounding drift
+            dead_cols = 0
+    check_finite("greedy OBS weights", W)
+    return alive.nonzero().squeeze(1)
+
+
+def local_search(Wt: Tensor, G: Tensor, groups: Tensor, kept: Tensor,
+                 blocks: Tensor | None = None, max_swaps: int = 8, candidates: int = 32,
+                 allow_bias: bool = True, damp_rel: float = DAMP_REL) -> Tensor:
+    """Swap refinement of a kept set: repeatedly apply the best (kept i, removed j, same block)
+    swap that lowers the refit (damped) loss, at most ``max_swaps`` times. Each round ranks the
+    removed units by the exact gain of adding them alone, takes the best ``candidates``, and for
+    each evaluates every kept partner in closed form (add j by a block-inverse update, then the
+    OBS cost of removing i), so a round costs about one (m x m) @ (m x |R|) product.
+    Returns the new kept unit ids, sorted: LongTensor (k,)."""
+    p = _prepare(Wt, G, groups, blocks, allow_bias, damp_rel)
+    kept = torch.as_tensor(kept, dtype=torch.long, device=p.W.device).sort().values
+    quota = _quota(p, kept.numel())
+    if kept.numel() and not bool((torch.bincount(p.block_of[kept], minlength=p.n_blocks)
+                                  == quota).all()):
+        raise ValueError("kept does not hold the same number of units in every block")
+    m = p.W.shape[1]
+    is_kept = torch.zeros(p.n_units, dtype=torch.bool, device=p.W.device)
+    is_kept[kept] = True
+    S = p.support(kept)
+    Hinv = torch.zeros(m, m, dtype=torch.float64, device=p.W.device)  # Gd_SS^-1 embedded
+    if S.numel():
+        Hinv[S[:, None], S[None, :]] = _spd_inverse(p.Gd[S][:, S], "damped G on the support")
+    Wp = p.W @ p.Gd @ Hinv  # (d, m) optimal weights on S, zero elsewhere
+    base = float(((p.W - Wp) @ p.Gd * (p.W - Wp)).sum())
+    swaps = 0
+    while swaps < max_swaps and 0 < int(is_kept.sum()) < p.n_units:
+        rem = (~is_kept).nonzero().squeeze(1)  # removed units
+        JR = p.groups[rem]  # (r, g)
+        X = Hinv @ p.Gd[:, JR.reshape(-1)]  # (m, r*g) = Hinv Gd_:,J
+        X = X.reshape(m, *JR.shape)  # (m, r, g)
+        Rg = (p.W - Wp) @ p.Gd[:, JR.reshape(-1)]  # (d, r*g) gradient residual on J
+        Rg = Rg.reshape(-1, *JR.shape)  # (d, r, g)
+        M = p.Gd[JR[:, :, None], JR[:, None, :]] - torch.einsum(
+            "mrg,mrh->rgh", p.Gd[:, JR.reshape(-1)].reshape(m, *JR.shape), X)  # (r, g, g)
+        Minv = torch.linalg.inv(M)
+        gain = torch.einsum("drg,rgh,drh->r", Rg, Minv, Rg)  # damped loss drop of adding j
+        best = (0.0, -1, -1)
+        for c in gain.topk(min(candidates, rem.numel())).indices.tolist():
+            j = int(rem[c])
+            partners = (is_kept & (p.block_of == p.block_of[j])).nonzero().squeeze(1)
+            if partners.numel() == 0:
+                continue
+            v = -X[:, c, :]  # (m, g)
+            v[p.groups[j]] += torch.eye(v.shape[1], dtype=v.dtype, device=v.device)
+            I_ = p.groups[partners]  # (q, g)
+            W2 = Wp[:, I_] + torch.einsum("dg,gh,qkh->dqk", Rg[:, c], Minv[c], v[I_])
+            H2 = Hinv[I_[:, :, None], I_[:, None, :]] + torch.einsum(
+                "qag,gh,qbh->qab", v[I_], Minv[c], v[I_])  # (q, g, g)
+            cost = torch.einsum("dqa,qab,dqb->q", W2, torch.linalg.inv(H2), W2)
+            delta = float(cost.min()) - float(gain[c])
+            if delta < best[0] - 1e-12 * max(base, 1e-300):
+                best = (delta, j, int(partners[cost.argmin()]))
+        delta, j, i = best
+        if j < 0:
+            break
+        # add j: block-inverse update; then remove i: block OBS
+        c = int((rem == j).nonzero())
+        v = -X[:, c, :]
+        v[p.groups[j]] += torch.eye(v.shape[1], dtype=v.dtype, device=v.device)
+        Wp = Wp + Rg[:, c] @ Minv[c] @ v.T
+        Hinv = Hinv + v @ Minv[c] @ v.T
+        I_ = p.groups[i]
+        HII_inv = torch.linalg.inv(Hinv[I_][:, I_])
+        Wp = Wp - (Wp[:, I_] @ HII_inv) @ Hinv[I_, :]
+        Hinv = Hinv - Hinv[:, I_] @ HII_inv @ Hinv[I_, :]
+        Wp[:, I_] = 0.0
+        Hinv[I_, :] = 0.0
+        Hinv[:, I_] = 0.0
+        is_kept[j], is_kept[i] = True, False
+        base += delta
+        swaps += 1
+        log.debug("local_search swap %d: +%d -%d, damped loss %+.3e -> %.6e", swaps, j, i,
+                  delta, base)
+    return is_kept.nonzero().squeeze(1)
+
+
+@dataclass
+class ModuleSolution:
+    """Result of ``solve_module`` for one output projection."""
+
+    kept: Tensor  # (k,) sorted kept unit ids
+    W_new: Tensor  # (d_out, n) dtype of W; zero columns for removed units
+    b_new: Tensor | None  # (d_out,); None iff allow_bias=False and the module had no bias
+    error_dense_to_masked_no_refit: float  # loss of zeroing the removed columns, undamped G
+    error_after_refit: float  # loss of (W_new, b_new), undamped G
+    trace: AdmmTrace | None  # ADMM diagnostics (selector="admm") else None
+    seconds: float  # wall time of the whole solve
+
+
+def solve_module(W: Tensor, b: Tensor | None, G: Tensor, groups: Tensor, k_keep: int,
+                 blocks: Tensor | None = None,
+                 selector: Literal["admm", "greedy", "saliency"] = "greedy",
+                 saliency: Literal["obs", "diag"] = "obs", refit_weights: bool = True,
+                 allow_bias: bool = True, damp_rel: float = DAMP_REL, local_swaps: int = 0,
+                 per_step: int = 1, **admm_kw) -> ModuleSolution:
+    """Choose ``k_keep`` of the U units of one output projection and refit the kept columns.
+
+    W: (d_out, n), b: (d_out,) or None, G: (n+1, n+1) undamped augmented Gram, groups: (U, g),
+    blocks: (U,) or None. ``selector``: ``greedy`` (group-OBS backward elimination),
+    ``admm`` (see ``solver_admm.admm_select``; ``admm_kw`` go there) or ``saliency`` (one-shot
+    top-k by ``saliency``, no updates: the baselines' rule). ``local_swaps`` > 0 runs
+    ``local_search`` on the selection. ``per_step``: units removed per greedy update.
+    """
+    t0 = time.perf_counter()
+    if W.dim() != 2:
+        raise ValueError(f"W must be (d_out, n), got {tuple(W.shape)}")
+    if b is not None and b.shape != (W.shape[0],):
+        raise ValueError(f"b must be ({W.shape[0]},), got {tuple(b.shape)}")
+    bias = b if b is not None else W.new_zeros(W.shape[0])
+    Wt = torch.cat([W.to(torch.float64), bias.to(torch.float64)[:, None]], 1)  # (d_out, n+1)
+    p = _prepare(Wt, G, groups, blocks, allow_bias, damp_rel)
+    quota = _quota(p, k_keep)
+    ids = torch.arange(p.n_units, device=W.device)
+    trace = None
+    if k_keep == p.n_units:  # nothing to remove: the original weights, exactly
+        return ModuleSolution(ids, W.clone(), None if b is None else b.clone(), 0.0, 0.0, None,
+                              time.perf_counter() - t0)
+    kw = dict(allow_bias=allow_bias, damp_rel=damp_rel)
+    if selector == "greedy":
+        kept = greedy_obs_select(Wt, G, groups, k_keep, blocks, per_step=per_step, **kw)
+    elif selector == "admm":
+        from structprune.solver_admm import admm_select
+        kept, trace = admm_select(Wt, G, groups, k_keep, blocks, saliency=saliency,
+                                  per_step=per_step, **kw, **admm_kw)
+    elif selector == "saliency":
+        sal = group_saliency(Wt, G, groups, saliency, **kw)
+        kept = topk_per_block(sal, p.block_of, p.n_blocks, quota)
+    else:
+        raise ValueError(f"selector must be 'admm', 'greedy' or 'saliency', got {selector!r}")
+    if local_swaps > 0:
+        kept = local_search(Wt, G, groups, kept, blocks, max_swaps=local_swaps, **kw)
+    masked = Wt.clone()
+    keep_col = torch.zeros(Wt.shape[1], dtype=torch.bool, device=W.device)
+    keep_col[p.groups[kept].reshape(-1)] = True
+    keep_col[-1] = True  # the bias stays (masked baseline: simply zero the removed columns)
+    masked[:, ~keep_col] = 0.0
+    err_mask = reconstruction_error(Wt, masked, G)
+    new = refit(Wt, G, kept, groups, **kw) if refit_weights else masked
+    err_new = reconstruction_error(Wt, new, G) if refit_weights else err_mask
+    b_new = None
+    if allow_bias or b is not None:
+        b_new = new[:, -1].to((b if b is not None else W).dtype)
+    return ModuleSolution(kept, new[:, :-1].to(W.dtype), b_new, err_mask, err_new, trace,
+                          time.perf_counter() - t0)

@@ -1,0 +1,226 @@
+"""The memory-bounded loop: one decoder layer on the compute device at a time.
+
+`LayerStream` captures what the model feeds its first decoder layer (the embeddings) and, per
+layer, the keyword arguments the model passes it (position embeddings, masks: built by the model's
+own code, so rotary variants, sliding windows and OPT's learned positions need no special case).
+It does so by running the model's base with every decoder layer replaced by a recorder that
+returns its input. After that, `run_layer` pushes host-resident activations through one layer,
+batch by batch, and the caller decides what to collect with hooks.
+
+Activations live in host memory (pinned on CUDA); only one batch at a time is on the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .adapters import Adapter
+from .memory import DTYPE_BYTES, DeviceLedger, activation_bytes, forward_workspace_bytes, layer_weight_bytes
+
+
+class _Recorder(nn.Module):
+    """Stands in for decoder layer `index`: records its kwargs (and layer 0's input), returns the
+    input unchanged."""
+
+    def __init__(self, index: int, sink: dict) -> None:
+        super().__init__()
+        self.index = index
+        self.sink = sink
+
+    def forward(self, hidden_states, *args, **kwargs):
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values", "use_cache")}
+        self.sink.setdefault("kwargs", {})[self.index] = kwargs
+        if self.index == 0:
+            self.sink["input"] = hidden_states
+        return hidden_states
+
+
+def _to(obj, device):
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+@dataclass
+class Batches:
+    """Host-resident activations of the calibration (or eval) set, in batches of (B, S, d)."""
+
+    tensors: list[torch.Tensor]
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    @property
+    def tokens(self) -> int:
+        return sum(t.shape[0] * t.shape[1] for t in self.tensors)
+
+
+class LayerStream:
+    """Streams a causal LM through its decoder layers, one layer on `device` at a time.
+
+    The model itself stays where it is (host memory); `layer_on_device` moves one layer in and
+    out. `ledger` receives what is held on the device.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: Adapter,
+        device: torch.device | str,
+        ledger: DeviceLedger | None = None,
+        batch_size: int = 1,
+    ) -> None:
+        self.model = model
+        self.adapter = adapter
+        self.device = torch.device(device)
+        self.ledger = ledger or DeviceLedger(self.device)
+        self.batch_size = batch_size
+        self.dtype = next(model.parameters()).dtype
+        self.dtype_bytes = DTYPE_BYTES[self.dtype]
+        self._kwargs: dict[tuple[int, int], dict[int, dict]] = {}
+        self.hidden = adapter.layout(adapter.layers(model)[0]).hidden
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.adapter.layers(self.model))
+
+    # --- capture -------------------------------------------------------------------------
+    @torch.no_grad()
+    def embed(self, input_ids: torch.Tensor) -> Batches:
+        """Layer-0 inputs for `input_ids` (N, S), kept on the host in batches of `batch_size`.
+        Also records each layer's kwargs for this batch shape."""
+        layers = self.adapter.layers(self.model)
+        originals = list(layers)
+        sink: dict = {}
+        for i in range(len(layers)):
+            layers[i] = _Recorder(i, sink)
+        base = self.adapter.base(self.model)
+        outs = []
+        try:
+            base.to(self.device)  # embeddings, rotary tables, final norm: not the layers
+            self.ledger.hold("embedding", sum(p.numel() for p in base.parameters()) * self.dtype_bytes)
+            for start in range(0, input_ids.shape[0], self.batch_size):
+                ids = input_ids[start : start + self.batch_size].to(self.device)
+                base(input_ids=ids, use_cache=False)
+                key = tuple(ids.shape)
+                if key not in self._kwargs:
+                    self._kwargs[key] = sink["kwargs"]
+                outs.append(self._to_host(sink["input"]))
+                sink.clear()
+        finally:
+            for i, layer in enumerate(originals):
+                layers[i] = layer
+            base.to("cpu")
+            self.ledger.release("embedding")
+        return Batches(outs)
+
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().to("cpu")
+        if self.device.type == "cuda":
+            t = t.pin_memory()
+        return t
+
+    def layer_kwargs(self, index: int, batch: torch.Tensor) -> dict:
+        return self._kwargs[tuple(batch.shape[:2])][index]
+
+    # --- one layer -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def layer_on_device(self, index: int) -> Iterator[nn.Module]:
+        """Moves decoder layer `index` to the device for the duration of the block."""
+        layer = self.adapter.layers(self.model)[index]
+        lay = self.adapter.layout(layer)
+        layer.to(self.device)
+        self.ledger.hold("layer", layer_weight_bytes(lay, self.dtype_bytes))
+        try:
+            yield layer
+        finally:
+            layer.to("cpu")
+            self.ledger.release("layer")
+
+    @torch.no_grad()
+    def run_layer(
+        self,
+        index: int,
+        layer: nn.Module,
+        inputs: Batches,
+        keep_outputs: bool = True,
+        on_batch: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    ) -> Batches | None:
+        """Pushes every batch of `inputs` through `layer` (already on the device).
+
+        Stops a batch early, without error, if a hook raises `StopLayer` (used to collect the
+        attention output projection's inputs without running the MLP).
+        """
+        lay = self.adapter.layout(layer)
+        outs = []
+        for b, x_host in enumerate(inputs.tensors):
+            bsz, seqlen = x_host.shape[:2]
+            self.ledger.hold("batch-in", activation_bytes(bsz, seqlen, self.hidden, self.dtype_bytes))
+            self.ledger.hold("workspace", forward_workspace_bytes(lay, bsz, seqlen, self.dtype_bytes))
+            x = x_host.to(self.device, non_blocking=True)
+            kwargs = _to(self.layer_kwargs(index, x), self.device)
+            try:
+                y = layer(x, **kwargs)
+            except StopLayer:
+                y = None
+            self.ledger.release("workspace")
+            if y is not None:
+                y = y[0] if isinstance(y, tuple) else y
+                self.ledger.hold("batch-out", activation_bytes(bsz, seqlen, self.hidden, self.dtype_bytes))
+                if on_batch is not None:
+                    on_batch(b, x, y)
+                if keep_outputs:
+                    outs.append(self._to_host(y))
+                self.ledger.release("batch-out")
+            self.ledger.release("batch-in")
+        return Batches(outs) if keep_outputs else None
+
+    # --- the head ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def logits_nll(self, hidden: Batches, input_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Final norm + LM head on the streamed last-layer outputs; returns per-window summed
+        NLL (N,) in fp64 and the number of predicted tokens."""
+        mods = self.adapter.final_modules(self.model) + [self.adapter.lm_head(self.model)]
+        for m in mods:
+            m.to(self.device)
+        head_bytes = sum(p.numel() for m in mods for p in m.parameters()) * self.dtype_bytes
+        self.ledger.hold("head", head_bytes)
+        nll = []
+        try:
+            start = 0
+            for h in hidden.tensors:
+                ids = input_ids[start : start + h.shape[0]].to(self.device)
+                start += h.shape[0]
+                z = h.to(self.device)
+                for m in mods:
+                    z = m(z)
+                nll.append(window_nll(z, ids))
+        finally:
+            for m in mods:
+                m.to("cpu")
+            self.ledger.release("head")
+        tokens = input_ids.shape[0] * (input_ids.shape[1] - 1)
+        return torch.cat(nll), tokens
+
+
+class StopLayer(Exception):
+    """Raised by a hook to end a layer's forward early (its remaining output is not needed)."""
+
+
+def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL per window: logits (B, S, V), ids (B, S) -> (B,) fp64.
+    Positions 1..S-1 are predicted from the ones before (PROTOCOL.md)."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    tok = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return (-tok.double()).sum(dim=1).cpu()

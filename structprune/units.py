@@ -1,0 +1,55 @@
+"""Structured units of a model: which heads and channels each module has and what they cost.
+
+Prunable parameters are the parameters of units (METHOD.md): per query head its q rows and o
+columns (with MHA also its k/v rows), per MLP channel its gate/up/down (or fc1/fc2) slices. Under
+grouped-query attention k/v are not part of any unit, so they are not counted as prunable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .adapters import Adapter, LayerLayout
+from .allocation import ModuleSpec
+
+
+def module_specs(layouts: list[LayerLayout]) -> list[ModuleSpec]:
+    """Two allocation units per layer, attention then MLP, in layer order."""
+    specs = []
+    for i, lay in enumerate(layouts):
+        specs.append(ModuleSpec(layer=i, kind="attn", n_units=lay.n_heads, unit_params=lay.head_params,
+                                step=lay.head_step, min_keep=lay.head_step if not lay.mha else 1))
+        specs.append(ModuleSpec(layer=i, kind="mlp", n_units=lay.intermediate,
+                                unit_params=lay.channel_params, step=1, min_keep=1))
+    return specs
+
+
+def layouts_of(model: nn.Module, adapter: Adapter) -> list[LayerLayout]:
+    return [adapter.layout(layer) for layer in adapter.layers(model)]
+
+
+def unit_groups(lay: LayerLayout, kind: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Columns of the output projection per unit (U, g) and the KV block of each unit (or None)."""
+    if kind == "attn":
+        groups = torch.arange(lay.n_heads * lay.head_dim).view(lay.n_heads, lay.head_dim)
+        blocks = None if lay.mha else torch.arange(lay.n_heads) // (lay.n_heads // lay.n_kv_heads)
+        return groups, blocks
+    return torch.arange(lay.intermediate).view(-1, 1), None
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    total: int  # every parameter of the model (embeddings, norms, head included; tied counted once)
+    prunable: int  # parameters of units
+
+    def to_dict(self) -> dict:
+        return {"total": self.total, "prunable": self.prunable}
+
+
+def count_params(model: nn.Module, adapter: Adapter) -> ParamCount:
+    total = sum(p.numel() for p in model.parameters())  # parameters() yields tied weights once
+    prunable = sum(s.n_units * s.unit_params for s in module_specs(layouts_of(model, adapter)))
+    return ParamCount(total, prunable)
