@@ -412,7 +412,37 @@ def allocate_uniform(specs: Sequence[ModuleSpec], s: float, s_max: float = DEFAU
     overflow is spread evenly over the others (the T = infinity softmax)."""
     pb = _prepare(specs, s, 0.0, s_max)
     s_cont = _fill_scaled(pb.n_params, np.zeros((1, len(pb.specs))), *pb.bounds, pb.budget)[0]
+    same = _identical_shapes(pb, s)
+    if same is not None:  # every layer pruned alike: the model keeps one shape (plain-HF loadable)
+        return Allocation(pb.specs, same, "uniform", pb.budget, s_cont)
     return _finish(pb, s_cont, "uniform")
+
+
+def _identical_shapes(pb: _Problem, s: float) -> np.ndarray | None:
+    """Equal unit counts for modules of equal shape, when that still meets the budget to one
+    step per module. The class with the smallest chunk (MLP channels) absorbs the rounding of
+    the others (whole heads per KV group)."""
+    a = pb.a
+    keys = [(sp.kind, sp.n_units, sp.unit_params, sp.step, sp.min_keep) for sp in pb.specs]
+    classes: dict[tuple, list[int]] = {}
+    for m, key in enumerate(keys):
+        classes.setdefault(key, []).append(m)
+    if len(classes) > 2 or min(len(idx) for idx in classes.values()) < 2:
+        return None  # not a stack of repeated layers
+    order = sorted(classes.values(), key=lambda idx: -(a.q[idx[0]] * a.p[idx[0]]))
+    k = np.zeros(len(keys), dtype=np.int64)
+    for n_class, idx in enumerate(order):
+        m0 = idx[0]
+        if n_class < len(order) - 1:
+            x = s * a.n[m0]
+        else:
+            rest = pb.budget - float(k @ a.p)
+            x = rest / (len(idx) * a.p[m0])
+        kc = int(np.clip(a.q[m0] * np.round(x / a.q[m0]), pb.lo_units[m0], pb.hi_units[m0]))
+        k[idx] = kc
+    if abs(pb.budget - float(k @ a.p)) > float((a.q * a.p).max()) / 2:  # the common guarantee
+        return None
+    return k
 
 
 def allocate_threshold(

@@ -50,6 +50,11 @@ def forward_workspace_bytes(lay: LayerLayout, batch: int, seqlen: int, dtype_byt
     return (qkv + scores + mlp + 2 * tokens * lay.hidden) * dtype_bytes
 
 
+def logits_bytes(batch: int, seqlen: int, vocab: int) -> int:
+    """Logits and their log-softmax for one batch, in fp32 (the NLL is taken in fp32)."""
+    return 2 * batch * seqlen * vocab * 4
+
+
 def gram_bytes(n: int) -> int:
     """Augmented Gram matrix ((n+1) x (n+1)) in fp32."""
     return (n + 1) * (n + 1) * GRAM_DTYPE_BYTES

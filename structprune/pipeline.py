@@ -26,6 +26,7 @@ from torch import nn
 from .adapters import LayerLayout, set_output_bias
 from .errors import RunCancelledError
 from .gram import GramHook, InputCapture
+from .memory import gram_bytes, solver_bytes
 from .streaming import Batches, LayerStream
 
 log = logging.getLogger(__name__)
@@ -153,8 +154,7 @@ def collect_stats(
                 acc[1] += xin.shape[0] * xin.shape[1]
 
             with hooks["attn"], hooks["mlp"]:
-                gram_bytes = sum((h.module.in_features + 1) ** 2 * 4 for h in hooks.values())
-                stream.ledger.hold("grams", gram_bytes)
+                stream.ledger.hold("grams", sum(gram_bytes(h.module.in_features) for h in hooks.values()))
                 x = stream.run_layer(i, layer, x, on_batch=residual)
             grams = {k: h.gram for k, h in hooks.items()}
             st = LayerStats(lay, {}, {}, energy[0] / max(energy[1], 1))
@@ -170,7 +170,9 @@ def collect_stats(
                     perturbed[key] = stream.run_layer(i, layer, perturbed[key])
                 for kind in ("attn", "mlp"):
                     W, b = weight_with_bias(stream.adapter.out_proj(layer, kind))
+                    stream.ledger.hold("solver", solver_bytes(W.shape[0], W.shape[1]))
                     res = sensitivity_rule(kind, i, W, b, grams[kind], lay)
+                    stream.ledger.release("solver")
                     perturbed[(i, kind)] = _masked_forward_outputs(stream, i, layer, kind, res, dense_sub)
                 dense_sub = stream.run_layer(i, layer, dense_sub)
             stream.ledger.release("grams")
@@ -220,7 +222,7 @@ def prune_sequential(
                 if k_keep >= n_units:
                     infos.append({"layer": i, "module": kind, "kept": n_units, "skipped": True})
                     continue
-                stream.ledger.hold("grams", (lin.in_features + 1) ** 2 * 4)
+                stream.ledger.hold("grams", gram_bytes(lin.in_features))
                 if target == "dense":
                     G, W_target = _dense_target_gram(stream, i, layer, dense_layer, kind, x, xd)
                     W, b = W_target[:, :-1], W_target[:, -1]
@@ -229,8 +231,9 @@ def prune_sequential(
                     with hook:
                         stream.run_layer(i, layer, x, keep_outputs=False)
                     G = hook.gram
+                stream.ledger.hold("solver", solver_bytes(W.shape[0], W.shape[1]))
                 res = rule(kind, i, W, b, G, lay, k_keep)
-                stream.ledger.release("grams")
+                stream.ledger.release("grams", "solver")
                 apply_result(stream, layer, kind, res)
                 lay = ad.layout(layer)
                 infos.append({"layer": i, "module": kind, "kept": int(len(res.kept)), **res.info})
@@ -238,6 +241,7 @@ def prune_sequential(
             if dense_layer is not None:
                 xd = stream.run_layer(i, dense_layer, xd)
                 del dense_layer
+                stream.ledger.release("dense-layer")
         emit("pass2", i)
     return infos
 

@@ -8,7 +8,7 @@ Notation (shapes in comments throughout):
 - ``G``   (n+1, n+1)    the *undamped* augmented input Gram ``P~ P~^T / T`` with ``P~ = [P; 1]``;
   its last row/column belongs to the constant-1 input, ``G[n, n] == 1``.
 - ``groups`` (U, g)     column indices of each unit (a head: ``head_dim`` columns; a channel: 1).
-- ``blocks`` (U,)       optional block id of each unit (KV groups): every block keeps the same count.
+- ``blocks`` (U,)       optional block id of each unit (KV groups); every block keeps as many.
 
 The loss of a replacement ``W'`` is ``f(W') = tr((Wt - W') G (Wt - W')^T)``, the mean squared
 output error per token. Every solve uses the damped Gram ``Gd = damped(G)`` and minimizes the
@@ -21,7 +21,8 @@ exactly 1 and it is always kept), so keeping no unit gives exactly the mean outp
 ``allow_bias=False`` holds the bias column fixed at its value in ``Wt`` (zero when the module has
 no bias): the problem then lives on the ``n`` weight columns and ``G[:n, :n]``.
 
-All math runs in float64 on the device of the inputs, whatever their dtype.
+All math runs in float64 on the device of the inputs, whatever their dtype. ADMM and the swap
+local search live in ``structprune.solver_admm``.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DAMP_REL = 0.01  # damping lambda = DAMP_REL * mean(diag G), the one default for every solve
+LOCAL_SWAPS = 8  # solve_module's default swap budget after greedy / ADMM (none after saliency)
 
 
 class SolverError(StructPruneError, ValueError):
@@ -139,6 +141,9 @@ def _prepare(Wt: Tensor, G: Tensor, groups: Tensor, blocks: Tensor | None = None
     W64, G64 = Wt.to(torch.float64), G.to(torch.float64)
     check_finite("Wt", W64)
     check_finite("G", G64)
+    if abs(float(G64[n, n]) - 1.0) > 1e-3:
+        raise ValueError(f"G[n, n] = {float(G64[n, n]):.4g}, expected 1: G must be the augmented "
+                         "Gram of [P; 1] (last row/column = the constant input)")
     Gd = damped(G64, damp_rel)
     if not allow_bias:
         W64, G64, Gd = W64[:, :n], G64[:n, :n], Gd[:n, :n]
@@ -310,82 +315,6 @@ def greedy_obs_select(Wt: Tensor, G: Tensor, groups: Tensor, k_keep: int,
     return alive.nonzero().squeeze(1)
 
 
-def local_search(Wt: Tensor, G: Tensor, groups: Tensor, kept: Tensor,
-                 blocks: Tensor | None = None, max_swaps: int = 8, candidates: int = 32,
-                 allow_bias: bool = True, damp_rel: float = DAMP_REL) -> Tensor:
-    """Swap refinement of a kept set: repeatedly apply the best (kept i, removed j, same block)
-    swap that lowers the refit (damped) loss, at most ``max_swaps`` times. Each round ranks the
-    removed units by the exact gain of adding them alone, takes the best ``candidates``, and for
-    each evaluates every kept partner in closed form (add j by a block-inverse update, then the
-    OBS cost of removing i), so a round costs about one (m x m) @ (m x |R|) product.
-    Returns the new kept unit ids, sorted: LongTensor (k,)."""
-    p = _prepare(Wt, G, groups, blocks, allow_bias, damp_rel)
-    kept = torch.as_tensor(kept, dtype=torch.long, device=p.W.device).sort().values
-    quota = _quota(p, kept.numel())
-    if kept.numel() and not bool((torch.bincount(p.block_of[kept], minlength=p.n_blocks)
-                                  == quota).all()):
-        raise ValueError("kept does not hold the same number of units in every block")
-    m = p.W.shape[1]
-    is_kept = torch.zeros(p.n_units, dtype=torch.bool, device=p.W.device)
-    is_kept[kept] = True
-    S = p.support(kept)
-    Hinv = torch.zeros(m, m, dtype=torch.float64, device=p.W.device)  # Gd_SS^-1 embedded
-    if S.numel():
-        Hinv[S[:, None], S[None, :]] = _spd_inverse(p.Gd[S][:, S], "damped G on the support")
-    Wp = p.W @ p.Gd @ Hinv  # (d, m) optimal weights on S, zero elsewhere
-    base = float(((p.W - Wp) @ p.Gd * (p.W - Wp)).sum())
-    swaps = 0
-    while swaps < max_swaps and 0 < int(is_kept.sum()) < p.n_units:
-        rem = (~is_kept).nonzero().squeeze(1)  # removed units
-        JR = p.groups[rem]  # (r, g)
-        X = Hinv @ p.Gd[:, JR.reshape(-1)]  # (m, r*g) = Hinv Gd_:,J
-        X = X.reshape(m, *JR.shape)  # (m, r, g)
-        Rg = (p.W - Wp) @ p.Gd[:, JR.reshape(-1)]  # (d, r*g) gradient residual on J
-        Rg = Rg.reshape(-1, *JR.shape)  # (d, r, g)
-        M = p.Gd[JR[:, :, None], JR[:, None, :]] - torch.einsum(
-            "mrg,mrh->rgh", p.Gd[:, JR.reshape(-1)].reshape(m, *JR.shape), X)  # (r, g, g)
-        Minv = torch.linalg.inv(M)
-        gain = torch.einsum("drg,rgh,drh->r", Rg, Minv, Rg)  # damped loss drop of adding j
-        best = (0.0, -1, -1)
-        for c in gain.topk(min(candidates, rem.numel())).indices.tolist():
-            j = int(rem[c])
-            partners = (is_kept & (p.block_of == p.block_of[j])).nonzero().squeeze(1)
-            if partners.numel() == 0:
-                continue
-            v = -X[:, c, :]  # (m, g)
-            v[p.groups[j]] += torch.eye(v.shape[1], dtype=v.dtype, device=v.device)
-            I_ = p.groups[partners]  # (q, g)
-            W2 = Wp[:, I_] + torch.einsum("dg,gh,qkh->dqk", Rg[:, c], Minv[c], v[I_])
-            H2 = Hinv[I_[:, :, None], I_[:, None, :]] + torch.einsum(
-                "qag,gh,qbh->qab", v[I_], Minv[c], v[I_])  # (q, g, g)
-            cost = torch.einsum("dqa,qab,dqb->q", W2, torch.linalg.inv(H2), W2)
-            delta = float(cost.min()) - float(gain[c])
-            if delta < best[0] - 1e-12 * max(base, 1e-300):
-                best = (delta, j, int(partners[cost.argmin()]))
-        delta, j, i = best
-        if j < 0:
-            break
-        # add j: block-inverse update; then remove i: block OBS
-        c = int((rem == j).nonzero())
-        v = -X[:, c, :]
-        v[p.groups[j]] += torch.eye(v.shape[1], dtype=v.dtype, device=v.device)
-        Wp = Wp + Rg[:, c] @ Minv[c] @ v.T
-        Hinv = Hinv + v @ Minv[c] @ v.T
-        I_ = p.groups[i]
-        HII_inv = torch.linalg.inv(Hinv[I_][:, I_])
-        Wp = Wp - (Wp[:, I_] @ HII_inv) @ Hinv[I_, :]
-        Hinv = Hinv - Hinv[:, I_] @ HII_inv @ Hinv[I_, :]
-        Wp[:, I_] = 0.0
-        Hinv[I_, :] = 0.0
-        Hinv[:, I_] = 0.0
-        is_kept[j], is_kept[i] = True, False
-        base += delta
-        swaps += 1
-        log.debug("local_search swap %d: +%d -%d, damped loss %+.3e -> %.6e", swaps, j, i,
-                  delta, base)
-    return is_kept.nonzero().squeeze(1)
-
-
 @dataclass
 class ModuleSolution:
     """Result of ``solve_module`` for one output projection."""
@@ -403,17 +332,23 @@ def solve_module(W: Tensor, b: Tensor | None, G: Tensor, groups: Tensor, k_keep:
                  blocks: Tensor | None = None,
                  selector: Literal["admm", "greedy", "saliency"] = "greedy",
                  saliency: Literal["obs", "diag"] = "obs", refit_weights: bool = True,
-                 allow_bias: bool = True, damp_rel: float = DAMP_REL, local_swaps: int = 0,
-                 per_step: int = 1, **admm_kw) -> ModuleSolution:
+                 allow_bias: bool = True, damp_rel: float = DAMP_REL,
+                 local_swaps: int | None = None, per_step: int = 1, **admm_kw) -> ModuleSolution:
     """Choose ``k_keep`` of the U units of one output projection and refit the kept columns.
 
     W: (d_out, n), b: (d_out,) or None, G: (n+1, n+1) undamped augmented Gram, groups: (U, g),
     blocks: (U,) or None. ``selector``: ``greedy`` (group-OBS backward elimination),
     ``admm`` (see ``solver_admm.admm_select``; ``admm_kw`` go there) or ``saliency`` (one-shot
-    top-k by ``saliency``, no updates: the baselines' rule). ``local_swaps`` > 0 runs
-    ``local_search`` on the selection. ``per_step``: units removed per greedy update.
+    top-k by ``saliency``, no updates: the baselines' rule). ``local_swaps``: swap budget of
+    ``solver_admm.local_search`` on the selection; None = ``LOCAL_SWAPS`` after greedy / ADMM and
+    0 after saliency (baselines stay one-shot). ``per_step``: units removed per greedy update
+    (raise it for modules with thousands of channels). Errors are undamped losses.
     """
     t0 = time.perf_counter()
+    if selector not in ("admm", "greedy", "saliency"):
+        raise ValueError(f"selector must be 'admm', 'greedy' or 'saliency', got {selector!r}")
+    if saliency not in ("obs", "diag"):
+        raise ValueError(f"saliency must be 'obs' or 'diag', got {saliency!r}")
     if W.dim() != 2:
         raise ValueError(f"W must be (d_out, n), got {tuple(W.shape)}")
     if b is not None and b.shape != (W.shape[0],):
@@ -428,18 +363,19 @@ def solve_module(W: Tensor, b: Tensor | None, G: Tensor, groups: Tensor, k_keep:
         return ModuleSolution(ids, W.clone(), None if b is None else b.clone(), 0.0, 0.0, None,
                               time.perf_counter() - t0)
     kw = dict(allow_bias=allow_bias, damp_rel=damp_rel)
+    if local_swaps is None:
+        local_swaps = 0 if selector == "saliency" else LOCAL_SWAPS
     if selector == "greedy":
         kept = greedy_obs_select(Wt, G, groups, k_keep, blocks, per_step=per_step, **kw)
     elif selector == "admm":
         from structprune.solver_admm import admm_select
         kept, trace = admm_select(Wt, G, groups, k_keep, blocks, saliency=saliency,
                                   per_step=per_step, **kw, **admm_kw)
-    elif selector == "saliency":
+    else:  # one-shot saliency top-k
         sal = group_saliency(Wt, G, groups, saliency, **kw)
         kept = topk_per_block(sal, p.block_of, p.n_blocks, quota)
-    else:
-        raise ValueError(f"selector must be 'admm', 'greedy' or 'saliency', got {selector!r}")
     if local_swaps > 0:
+        from structprune.solver_admm import local_search
         kept = local_search(Wt, G, groups, kept, blocks, max_swaps=local_swaps, **kw)
     masked = Wt.clone()
     keep_col = torch.zeros(Wt.shape[1], dtype=torch.bool, device=W.device)
@@ -452,5 +388,7 @@ def solve_module(W: Tensor, b: Tensor | None, G: Tensor, groups: Tensor, k_keep:
     b_new = None
     if allow_bias or b is not None:
         b_new = new[:, -1].to((b if b is not None else W).dtype)
-    return ModuleSolution(kept, new[:, :-1].to(W.dtype), b_new, err_mask, err_new, trace,
-                          time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    log.debug("solve_module %s: kept %d/%d units, error masked %.4e -> refit %.4e, %.2f s",
+              selector, k_keep, p.n_units, err_mask, err_new, seconds)
+    return ModuleSolution(kept, new[:, :-1].to(W.dtype), b_new, err_mask, err_new, trace, seconds)

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from .adapters import Adapter
-from .memory import DTYPE_BYTES, DeviceLedger, activation_bytes, forward_workspace_bytes, layer_weight_bytes
+from .memory import (DTYPE_BYTES, DeviceLedger, activation_bytes, forward_workspace_bytes, layer_weight_bytes,
+                     logits_bytes)
 
 
 class _Recorder(nn.Module):
@@ -90,6 +91,7 @@ class LayerStream:
         self.dtype_bytes = DTYPE_BYTES[self.dtype]
         self._kwargs: dict[tuple[int, int], dict[int, dict]] = {}
         self.hidden = adapter.layout(adapter.layers(model)[0]).hidden
+        self.vocab = adapter.lm_head(model).out_features
 
     @property
     def n_layers(self) -> int:
@@ -112,7 +114,9 @@ class LayerStream:
             self.ledger.hold("embedding", sum(p.numel() for p in base.parameters()) * self.dtype_bytes)
             for start in range(0, input_ids.shape[0], self.batch_size):
                 ids = input_ids[start : start + self.batch_size].to(self.device)
+                self.ledger.hold("batch-out", activation_bytes(*ids.shape, self.hidden, self.dtype_bytes))
                 base(input_ids=ids, use_cache=False)
+                self.ledger.release("batch-out")
                 key = tuple(ids.shape)
                 if key not in self._kwargs:
                     self._kwargs[key] = sink["kwargs"]
@@ -202,10 +206,13 @@ class LayerStream:
             for h in hidden.tensors:
                 ids = input_ids[start : start + h.shape[0]].to(self.device)
                 start += h.shape[0]
+                self.ledger.hold("batch-in", activation_bytes(h.shape[0], h.shape[1], self.hidden, self.dtype_bytes))
+                self.ledger.hold("logits", logits_bytes(h.shape[0], h.shape[1], self.vocab))
                 z = h.to(self.device)
                 for m in mods:
                     z = m(z)
                 nll.append(window_nll(z, ids))
+                self.ledger.release("batch-in", "logits")
         finally:
             for m in mods:
                 m.to("cpu")
