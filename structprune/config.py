@@ -39,7 +39,7 @@ class PruneConfig:
         "module energy for softmax/threshold: measured calibration-loss sensitivity, "
         "residual-stream-normalized cost, or module-normalized cost",
         choices=ENERGIES)
-    selector: str = _f("admm", "unit selection inside a module: ADMM, greedy group-OBS, or one-shot saliency",
+    selector: str = _f("greedy", "unit selection inside a module: greedy group-OBS (+ swap search), ADMM, or one-shot saliency",
                        choices=SELECTORS)
     saliency: str = _f("obs", "unit saliency: exact group OBS or diagonal (Wanda-like)", choices=SALIENCIES)
     target: str = _f("local", "reconstruction target: the dense layer on pruned inputs (local) or the dense "
