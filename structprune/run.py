@@ -33,6 +33,7 @@ from .units import count_params, layouts_of, module_specs
 log = logging.getLogger(__name__)
 
 RECORD_SCHEMA = "structprune.run/1"
+CALIB_LOSS_WINDOWS = 8  # calibration windows of the pruned model's calibration loss (calib_loss["pruned"])
 
 
 @dataclass
@@ -74,6 +75,13 @@ def prepare_data(cfg: PruneConfig, tokenizer, model) -> tuple[torch.Tensor, dict
     return calib_ids, evals, protocols
 
 
+def _stats_key(cfg: PruneConfig, loaded: LoadedModel, sensitivity: bool) -> tuple:
+    """What pass-1 statistics depend on (the model object, its data and the scoring rule)."""
+    sens = (cfg.sparsity, cfg.selector, cfg.refit, cfg.sensitivity_windows) if sensitivity else None
+    return (id(loaded.model), cfg.method, cfg.saliency, cfg.bias, cfg.calib_data, cfg.nsamples, cfg.seqlen,
+            cfg.seed, cfg.owl_m, cfg.dtype, cfg.batch_size, sens)
+
+
 def random_token_data(cfg: PruneConfig, vocab: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
     """Tiny demo models have no tokenizer: random token windows (labelled as such)."""
     g = torch.Generator().manual_seed(cfg.seed)
@@ -90,8 +98,12 @@ def run_prune(
     on_event=None,
     cancel=None,
     evaluate_dense: bool = True,
+    stats_cache: dict | None = None,
 ) -> PruneResult:
     """Prunes a copy of `loaded` (or of `cfg.model`, loaded here) and evaluates it.
+
+    stats_cache: a dict shared across runs; pass-1 statistics are kept in it under a key of
+    everything they depend on, so sweeps over allocations and temperatures stream pass 1 once.
 
     on_event(ProgressEvent) is called per layer and stage; cancel (a threading.Event) is checked at
     every layer boundary and raises RunCancelledError. The loaded model is never modified.
@@ -135,6 +147,8 @@ def run_prune(
 
     try:
         ppl_dense = evaluate("dense") if evaluate_dense else {}
+        if ledger.measured:  # the dense evaluation may hold the whole model: not pruning's peak
+            torch.cuda.reset_peak_memory_stats(device)
         t = time.perf_counter()
         if method.whole_model:
             alloc, energy_info, infos, calib_loss = method.prune_whole(model, adapter, calib_ids, specs, stream, emit)
@@ -152,10 +166,16 @@ def run_prune(
                     return method.rule(kind, i, W, b, G, lay, uniform_keep[(i, kind)])
 
             stats, calib_loss = [], {}
-            if method.needs_calibration:
+            key = _stats_key(cfg, loaded, sens_rule is not None)
+            if stats_cache is not None and key in stats_cache:
+                stats, calib_loss = stats_cache[key]
+                calib_loss = dict(calib_loss)
+            elif method.needs_calibration:
                 stats, calib_loss = collect_stats(
                     stream, calib_ids, method.score, emit, sensitivity_rule=sens_rule,
                     sensitivity_windows=cfg.sensitivity_windows, owl_m=cfg.owl_m)
+                if stats_cache is not None:
+                    stats_cache[key] = (stats, dict(calib_loss))
             timing["pass1_s"] = time.perf_counter() - t
             alloc, energy_info = method.allocate(specs, stats)
             keep = [{} for _ in layouts]
@@ -169,6 +189,8 @@ def run_prune(
                 energy_info["sensitivity"] = [
                     {"layer": i, "module": k, "delta_loss": v} for i, st in enumerate(stats) for k, v in st.sensitivity.items()]
                 energy_info["residual_energy"] = [st.residual_energy for st in stats]
+        prune_peak = ledger.peak  # before the evaluations, which may hold the whole model
+        calib_loss["pruned"], calib_loss["pruned_windows"] = calibration_nll(model, calib_ids, device, cfg.batch_size)
         ppl_pruned = evaluate("pruned")
     except torch.cuda.OutOfMemoryError as exc:  # pragma: no cover - needs a GPU
         raise DeviceOutOfMemoryError(
@@ -192,6 +214,7 @@ def run_prune(
                   "architecture": model.config.model_type, "n_layers": len(layouts),
                   "weights_note": "4-bit GGUF dequantized to fp32" if loaded.source == "builtin" else None},
         "method": cfg.method,
+        "allocation_scheme": alloc.scheme,  # what ran (baselines fix their own; cfg.allocation may not apply)
         "config": cfg.to_dict(),
         "device": str(device),
         "dtype": str(dtype).replace("torch.", ""),
@@ -209,13 +232,23 @@ def run_prune(
         "ppl": {"dense": ppl_dense, "pruned": ppl_pruned},
         "calib_loss": calib_loss,
         "modules": infos,
-        "memory": {"kind": ledger.kind, "peak_bytes": ledger.peak,
+        "memory": {"kind": ledger.kind, "peak_bytes": prune_peak,
                    "model_weight_bytes": params_before.total * DTYPE_BYTES[dtype],
                    "timeline": ledger.timeline_records()},
         "timing": timing,
         "environment": environment(),
     }
     return PruneResult(record, model, loaded.tokenizer)
+
+
+def calibration_nll(model: torch.nn.Module, calib_ids: torch.Tensor, device: torch.device,
+                    batch_size: int = 1) -> tuple[float, int]:
+    """Mean next-token NLL (nats/token) of `model` on the first CALIB_LOSS_WINDOWS calibration
+    windows, and how many were used: the held-out-free loss that allocations and temperatures are
+    chosen by (never test perplexity)."""
+    win = calib_ids[:CALIB_LOSS_WINDOWS]
+    res = perplexity(model, win, device=device, batch_size=batch_size)
+    return res.nll / res.tokens, int(win.shape[0])
 
 
 def forward_floor_seconds(model: torch.nn.Module, calib_ids: torch.Tensor, device: torch.device, batch_size: int = 1) -> float:
