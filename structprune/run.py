@@ -163,7 +163,9 @@ def run_prune(
                 uniform_keep = {(sp.layer, sp.kind): int(k) for sp, k in zip(specs, u.units_kept)}
 
                 def sens_rule(kind, i, W, b, G, lay):
-                    return method.rule(kind, i, W, b, G, lay, uniform_keep[(i, kind)])
+                    # one-shot OBS selection + refit: the measured loss only ranks modules, and
+                    # this is the pass's most frequent solve
+                    return method.rule(kind, i, W, b, G, lay, uniform_keep[(i, kind)], selector="saliency")
 
             stats, calib_loss = [], {}
             key = _stats_key(cfg, loaded, sens_rule is not None)

@@ -27,13 +27,13 @@ class StructPruneMethod(Method):
         return group_saliency(_wt(W, b).to(G.device), G, groups.to(G.device), self.cfg.saliency,
                               allow_bias=self.cfg.bias)
 
-    def rule(self, kind, layer, W, b, G, lay, k_keep) -> ModuleResult:
+    def rule(self, kind, layer, W, b, G, lay, k_keep, selector: str | None = None) -> ModuleResult:
         cfg = self.cfg
         groups, blocks = unit_groups(lay, kind)
         dev = G.device
         per_step = max(1, groups.shape[0] // 256)  # big MLPs: several channels per OBS update
         sol = solve_module(W.to(dev), None if b is None else b.to(dev), G, groups.to(dev), k_keep,
-                           None if blocks is None else blocks.to(dev), selector=cfg.selector,
+                           None if blocks is None else blocks.to(dev), selector=selector or cfg.selector,
                            saliency=cfg.saliency, refit_weights=cfg.refit, allow_bias=cfg.bias,
                            per_step=per_step)
         info = {
