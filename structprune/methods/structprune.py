@@ -31,11 +31,16 @@ class StructPruneMethod(Method):
         cfg = self.cfg
         groups, blocks = unit_groups(lay, kind)
         dev = G.device
-        per_step = max(1, groups.shape[0] // 256)  # big MLPs: several channels per OBS update
+        # Measured on SmolLM2's MLPs (1536 channels, 30%): 24 channels per OBS update loses 0.1%
+        # of reconstruction error against 1 at a third of the time; swap search gains < 0.1% there
+        # but is cheap on a layer's few heads.
+        n_units = groups.shape[0]
+        per_step = max(1, n_units // 64)
+        swaps = 8 if n_units <= 64 else 0
         sol = solve_module(W.to(dev), None if b is None else b.to(dev), G, groups.to(dev), k_keep,
                            None if blocks is None else blocks.to(dev), selector=selector or cfg.selector,
                            saliency=cfg.saliency, refit_weights=cfg.refit, allow_bias=cfg.bias,
-                           per_step=per_step)
+                           per_step=per_step, local_swaps=swaps)
         info = {
             "err_no_refit": sol.error_dense_to_masked_no_refit,
             "err_after_refit": sol.error_after_refit,
