@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .adapters import LayerLayout, adapter_for
 from .memory import (DTYPE_BYTES, activation_bytes, forward_workspace_bytes, gram_bytes, layer_weight_bytes,
-                     logits_bytes, solver_bytes)
+                     logits_bytes, saliency_bytes, solver_bytes)
 
 _DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
 LAYERWISE_METHODS = ("structprune", "magnitude", "wanda-sp", "flap", "owl")
@@ -93,13 +93,16 @@ def estimate_memory(config, method: str = "structprune", nsamples: int = 64, seq
     if method in LAYERWISE_METHODS:
         phases["embed"] = _embedding_params(config) * db + act
         run = act + work
+        solver = method == "structprune"  # the methods whose scores and rules run OBS solves
         pass1 = layer + g_attn + g_mlp + run
-        if sensitivity and method == "structprune":
+        if solver:
+            sal = max(saliency_bytes(lay.hidden, lay.n_heads * lay.head_dim), saliency_bytes(lay.hidden, lay.intermediate))
+            pass1 = max(pass1, layer + g_attn + g_mlp + sal)
+        if sensitivity and solver:
             pass1 = max(pass1, layer + g_attn + g_mlp + max(solve_attn, solve_mlp))
         phases["pass1"] = pass1
         head_params = _head_params(config)
         phases["head"] = head_params * db + act + logits_bytes(B, S, config.vocab_size)
-        solver = method == "structprune"
         extra = layer if target == "dense" else 0
         p2 = [layer + extra + g + max(run, s if solver else 0) for g, s in ((g_attn, solve_attn), (g_mlp, solve_mlp))]
         phases["pass2"] = max(p2)

@@ -34,8 +34,11 @@ class GramHook:
         self.sum = torch.zeros(n + 1, n + 1, device=module.weight.device, dtype=torch.float32)
         self.tokens = 0
         self._handle = None
+        self._final = False
 
     def _hook(self, _module, args):
+        if self._final:
+            raise RuntimeError("the Gram was already read; start a new GramHook")
         xa = _augmented(args[0])
         self.sum.addmm_(xa.T, xa)
         self.tokens += xa.shape[0]
@@ -51,13 +54,15 @@ class GramHook:
 
     @property
     def gram(self) -> torch.Tensor:
-        """G = P~ P~^T / T."""
-        if self.tokens == 0:
-            raise RuntimeError("no tokens were accumulated")
-        g = self.sum / self.tokens
-        if not torch.isfinite(g).all():
-            raise FloatingPointError("non-finite values in a Gram matrix (activations overflowed)")
-        return g
+        """G = P~ P~^T / T (the running sum is divided in place: one (n+1)^2 buffer, not two)."""
+        if not self._final:
+            if self.tokens == 0:
+                raise RuntimeError("no tokens were accumulated")
+            self.sum.div_(self.tokens)
+            if not torch.isfinite(self.sum).all():
+                raise FloatingPointError("non-finite values in a Gram matrix (activations overflowed)")
+            self._final = True
+        return self.sum
 
 
 class InputCapture:

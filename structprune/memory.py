@@ -19,7 +19,6 @@ from .adapters import LayerLayout
 
 DTYPE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, torch.float64: 8}
 GRAM_DTYPE_BYTES = 4  # Grams accumulate in fp32 on the device
-SOLVE_DTYPE_BYTES = 8  # solves run in fp64
 
 
 def layer_weight_bytes(lay: LayerLayout, dtype_bytes: int) -> int:
@@ -60,11 +59,25 @@ def gram_bytes(n: int) -> int:
     return (n + 1) * (n + 1) * GRAM_DTYPE_BYTES
 
 
-def solver_bytes(d_out: int, n: int) -> int:
-    """Peak state of one module's solve in fp64: W~, W' , Z, U (d_out x (n+1)) and three
-    (n+1)^2 matrices (damped G, its inverse or eigenvectors, a work copy)."""
+FP64_MAX_COLUMNS = 4096  # solver.py: wider problems solve in fp32
+
+
+def solve_dtype_bytes(n: int) -> int:
+    return 8 if n + 1 <= FP64_MAX_COLUMNS else 4
+
+
+def saliency_bytes(d_out: int, n: int) -> int:
+    """OBS saliencies of one module: the damped Gram, then its Cholesky factor and inverse (the
+    damped copy is dropped once factored: two (n+1)^2 matrices at most), and the weights."""
     m = n + 1
-    return (4 * d_out * m + 3 * m * m) * SOLVE_DTYPE_BYTES
+    return (2 * m * m + d_out * m) * solve_dtype_bytes(n)
+
+
+def solver_bytes(d_out: int, n: int) -> int:
+    """One module's solve (greedy OBS, then the refit): two (n+1)^2 matrices at a time (damped
+    Gram / its factor / the running inverse) and four d_out x (n+1) weight copies."""
+    m = n + 1
+    return (2 * m * m + 4 * d_out * m) * solve_dtype_bytes(n)
 
 
 @dataclass

@@ -26,7 +26,7 @@ from torch import nn
 from .adapters import LayerLayout, set_output_bias
 from .errors import RunCancelledError
 from .gram import GramHook, InputCapture
-from .memory import gram_bytes, solver_bytes
+from .memory import gram_bytes, saliency_bytes, solver_bytes
 from .streaming import Batches, LayerStream
 
 log = logging.getLogger(__name__)
@@ -87,9 +87,10 @@ def weight_with_bias(lin: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]
 
 
 def module_output_energy(W: torch.Tensor, b: torch.Tensor | None, G: torch.Tensor) -> float:
-    Wt = torch.cat([W.double(), (b.double() if b is not None else torch.zeros(W.shape[0], dtype=torch.float64,
-                                                                            device=W.device))[:, None]], 1)
-    return float(torch.einsum("ij,jk,ik->", Wt, G.double(), Wt))
+    """tr(W~ G W~^T): the module's mean squared output, in G's dtype (no fp64 copy of G)."""
+    bias = b if b is not None else W.new_zeros(W.shape[0])
+    Wt = torch.cat([W, bias[:, None]], 1).to(G.dtype)  # (d_out, n+1)
+    return float(((Wt @ G) * Wt).sum(dtype=torch.float64))
 
 
 def apply_result(stream: LayerStream, layer: nn.Module, kind: str, res: ModuleResult) -> None:
@@ -132,6 +133,7 @@ def collect_stats(
     sensitivity_rule: Callable[..., ModuleResult] | None = None,
     owl_m: float = 5.0,
     sensitivity_windows: int = 4,
+    solves: bool = True,
 ) -> tuple[list[LayerStats], dict]:
     """Pass 1 over the dense model. With `sensitivity_rule`, each module is also pruned alone (by
     that rule, on this layer's dense Gram) and the first `sensitivity_windows` calibration windows
@@ -158,13 +160,16 @@ def collect_stats(
                 x = stream.run_layer(i, layer, x, on_batch=residual)
             grams = {k: h.gram for k, h in hooks.items()}
             st = LayerStats(lay, {}, {}, energy[0] / max(energy[1], 1))
-            wanda = []
+            wanda = []  # (W, G) per module, for OWL's outlier ratio
             for kind in ("attn", "mlp"):
                 W, b = weight_with_bias(stream.adapter.out_proj(layer, kind))
+                if solves:
+                    stream.ledger.hold("solver", saliency_bytes(W.shape[0], W.shape[1]))
                 st.scores[kind] = score_fn(kind, W, b, grams[kind], lay).double().cpu()
+                stream.ledger.release("solver")
                 st.out_energy[kind] = module_output_energy(W, b, grams[kind])
-                wanda.append((W.abs().float() * grams[kind].diagonal()[:-1].clamp_min(0).sqrt()[None, :]).flatten())
-            st.outlier_ratio = outlier_ratio(torch.cat(wanda), owl_m)
+                wanda.append((W, grams[kind]))
+            st.outlier_ratio = outlier_ratio(wanda, owl_m)
             if sensitivity_rule is not None:
                 for key in list(perturbed):
                     perturbed[key] = stream.run_layer(i, layer, perturbed[key])
@@ -199,6 +204,7 @@ def prune_sequential(
     rule: RuleFn,
     emit: Emitter,
     target: str = "local",
+    solves: bool = True,
 ) -> list[dict]:
     """Pass 2: prunes every layer with `keep_counts[i][kind]` units kept. target="dense" also
     streams the dense model's activations and fits each module to the dense model's output of that
@@ -231,7 +237,8 @@ def prune_sequential(
                     with hook:
                         stream.run_layer(i, layer, x, keep_outputs=False)
                     G = hook.gram
-                stream.ledger.hold("solver", solver_bytes(W.shape[0], W.shape[1]))
+                if solves:
+                    stream.ledger.hold("solver", solver_bytes(W.shape[0], W.shape[1]))
                 res = rule(kind, i, W, b, G, lay, k_keep)
                 stream.ledger.release("grams", "solver")
                 apply_result(stream, layer, kind, res)
@@ -274,7 +281,15 @@ def _dense_target_gram(stream, i, layer, dense_layer, kind, x: Batches, xd: Batc
     return G, W_target
 
 
-def outlier_ratio(scores: torch.Tensor, m: float) -> float:
-    """OWL's layer outlier distribution: share of element scores |W_ij| ||X_j|| above m x mean
-    (here over the two output projections, whose input norms the Grams carry)."""
-    return float((scores > m * scores.mean()).double().mean())
+def outlier_ratio(modules: list[tuple[torch.Tensor, torch.Tensor]], m: float) -> float:
+    """OWL's layer outlier distribution: share of element scores |W_ij| ||X_j|| above m x their
+    mean, over the layer's two output projections (whose input norms the Grams carry). Two passes
+    over each module instead of one concatenated score matrix."""
+
+    def scores(W, G):
+        return W.abs().float() * G.diagonal()[:-1].clamp_min(0).sqrt().float()[None, :]
+
+    total = sum(float(scores(W, G).sum(dtype=torch.float64)) for W, G in modules)
+    count = sum(W.numel() for W, _ in modules)
+    thresh = m * total / count
+    return sum(int((scores(W, G) > thresh).sum()) for W, G in modules) / count

@@ -92,6 +92,56 @@ def random_token_data(cfg: PruneConfig, vocab: int) -> tuple[torch.Tensor, dict[
     return calib, {"random": win}, {"random": proto}
 
 
+def prune_layerwise(method, stream: LayerStream, calib_ids: torch.Tensor, specs, emit: Emitter,
+                    stats_cache: dict | None = None, stats_key: tuple | None = None):
+    """A layer-wise method end to end on a stream: pass 1 (statistics; sensitivities when the
+    method wants them, measured with a one-shot selector), allocation, pass 2. Returns
+    (allocation, energy info, per-module infos, calibration losses, pass timings). The model in
+    the stream is pruned in place."""
+    cfg = method.cfg
+    timing = {}
+    t = time.perf_counter()
+    sens_rule = None
+    if method.wants_sensitivity():
+        from .allocation import allocate_uniform
+
+        u = allocate_uniform(specs, cfg.sparsity, s_max=cfg.s_max)
+        uniform_keep = {(sp.layer, sp.kind): int(k) for sp, k in zip(specs, u.units_kept)}
+
+        def sens_rule(kind, i, W, b, G, lay):
+            # one-shot OBS selection + refit: the measured loss only ranks modules, and this is
+            # the pass's most frequent solve
+            return method.rule(kind, i, W, b, G, lay, uniform_keep[(i, kind)], selector="saliency")
+
+    stats, calib_loss = [], {}
+    if stats_cache is not None and stats_key in stats_cache:
+        stats, calib_loss = stats_cache[stats_key]
+        calib_loss = dict(calib_loss)
+    elif method.needs_calibration:
+        stats, calib_loss = collect_stats(
+            stream, calib_ids, method.score, emit, sensitivity_rule=sens_rule,
+            sensitivity_windows=cfg.sensitivity_windows, owl_m=cfg.owl_m, solves=method.solves)
+        if stats_cache is not None:
+            stats_cache[stats_key] = (stats, dict(calib_loss))
+    timing["pass1_s"] = time.perf_counter() - t
+    alloc, energy_info = method.allocate(specs, stats)
+    keep = [{} for _ in range(stream.n_layers)]
+    for sp, k in zip(specs, alloc.units_kept):
+        keep[sp.layer][sp.kind] = int(k)
+    t = time.perf_counter()
+    if method.needs_calibration:
+        infos = prune_sequential(stream, calib_ids, keep, method.rule, emit, target=cfg.target,
+                                 solves=method.solves)
+    else:
+        infos = method.prune_weights_only(stream.model, stream.adapter, keep)
+    timing["pass2_s"] = time.perf_counter() - t
+    if stats:
+        energy_info["sensitivity"] = [
+            {"layer": i, "module": k, "delta_loss": v} for i, st in enumerate(stats) for k, v in st.sensitivity.items()]
+        energy_info["residual_energy"] = [st.residual_energy for st in stats]
+    return alloc, energy_info, infos, calib_loss, timing
+
+
 def run_prune(
     cfg: PruneConfig,
     loaded: LoadedModel | None = None,
@@ -154,43 +204,10 @@ def run_prune(
             alloc, energy_info, infos, calib_loss = method.prune_whole(model, adapter, calib_ids, specs, stream, emit)
             timing["pass1_s"] = time.perf_counter() - t
         else:
-            sens_rule = None
-            uniform_keep = None
-            if method.wants_sensitivity():
-                from .allocation import allocate_uniform
-
-                u = allocate_uniform(specs, cfg.sparsity, s_max=cfg.s_max)
-                uniform_keep = {(sp.layer, sp.kind): int(k) for sp, k in zip(specs, u.units_kept)}
-
-                def sens_rule(kind, i, W, b, G, lay):
-                    # one-shot OBS selection + refit: the measured loss only ranks modules, and
-                    # this is the pass's most frequent solve
-                    return method.rule(kind, i, W, b, G, lay, uniform_keep[(i, kind)], selector="saliency")
-
-            stats, calib_loss = [], {}
-            key = _stats_key(cfg, loaded, sens_rule is not None)
-            if stats_cache is not None and key in stats_cache:
-                stats, calib_loss = stats_cache[key]
-                calib_loss = dict(calib_loss)
-            elif method.needs_calibration:
-                stats, calib_loss = collect_stats(
-                    stream, calib_ids, method.score, emit, sensitivity_rule=sens_rule,
-                    sensitivity_windows=cfg.sensitivity_windows, owl_m=cfg.owl_m)
-                if stats_cache is not None:
-                    stats_cache[key] = (stats, dict(calib_loss))
-            timing["pass1_s"] = time.perf_counter() - t
-            alloc, energy_info = method.allocate(specs, stats)
-            keep = [{} for _ in layouts]
-            for sp, k in zip(specs, alloc.units_kept):
-                keep[sp.layer][sp.kind] = int(k)
-            t = time.perf_counter()
-            infos = prune_sequential(stream, calib_ids, keep, method.rule, emit, target=cfg.target) \
-                if method.needs_calibration else method.prune_weights_only(model, adapter, keep)
-            timing["pass2_s"] = time.perf_counter() - t
-            if stats:
-                energy_info["sensitivity"] = [
-                    {"layer": i, "module": k, "delta_loss": v} for i, st in enumerate(stats) for k, v in st.sensitivity.items()]
-                energy_info["residual_energy"] = [st.residual_energy for st in stats]
+            key = _stats_key(cfg, loaded, method.wants_sensitivity())
+            alloc, energy_info, infos, calib_loss, passes = prune_layerwise(
+                method, stream, calib_ids, specs, emit, stats_cache=stats_cache, stats_key=key)
+            timing.update(passes)
         prune_peak = ledger.peak  # before the evaluations, which may hold the whole model
         calib_loss["pruned"], calib_loss["pruned_windows"] = calibration_nll(model, calib_ids, device, cfg.batch_size)
         ppl_pruned = evaluate("pruned")

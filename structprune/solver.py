@@ -21,8 +21,11 @@ exactly 1 and it is always kept), so keeping no unit gives exactly the mean outp
 ``allow_bias=False`` holds the bias column fixed at its value in ``Wt`` (zero when the module has
 no bias): the problem then lives on the ``n`` weight columns and ``G[:n, :n]``.
 
-All math runs in float64 on the device of the inputs, whatever their dtype. ADMM and the swap
-local search live in ``structprune.solver_admm``.
+Math runs on the device of the inputs in float64, or in float32 for modules wider than
+``FP64_MAX_COLUMNS`` (a 7B model's MLP: 11008 columns), where fp64 copies of the Gram would cost
+more device memory than the layer itself; with the damping below fp32 Cholesky solves are sound
+there (SparseGPT solves in fp32 too). The problem holds one damped copy of G and frees it as soon
+as its inverse exists. ADMM and the swap local search live in ``structprune.solver_admm``.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+FP64_MAX_COLUMNS = 4096  # wider problems solve in float32 (memory; see the module docstring)
 DAMP_REL = 0.01  # damping lambda = DAMP_REL * mean(diag G), the one default for every solve
 LOCAL_SWAPS = 8  # solve_module's default swap budget after greedy / ADMM (none after saliency)
 
@@ -55,13 +59,15 @@ class SolverError(StructPruneError, ValueError):
 # validation and shared helpers
 
 
-def damped(G: Tensor, rel: float = DAMP_REL) -> Tensor:
+def solve_dtype(columns: int) -> torch.dtype:
+    return torch.float64 if columns <= FP64_MAX_COLUMNS else torch.float32
+
+
+def damped(G: Tensor, rel: float = DAMP_REL, dtype: torch.dtype = torch.float64) -> Tensor:
     """``G + lambda I`` on the weight columns, ``lambda = rel * mean(diag G)``; the last (bias)
-    diagonal entry is left as is. G: (n+1, n+1) -> float64 (n+1, n+1)."""
-    G = G.to(torch.float64)
-    lam = rel * G.diagonal().mean()
-    Gd = G.clone()
-    Gd.diagonal()[:-1] += lam
+    diagonal entry is left as is. G: (n+1, n+1) -> a new (n+1, n+1) tensor of `dtype`."""
+    Gd = G.to(dtype, copy=True)
+    Gd.diagonal()[:-1] += rel * Gd.diagonal().mean()
     return Gd
 
 
@@ -80,9 +86,18 @@ def _cholesky(A: Tensor, what: str) -> Tensor:
 
 
 def _spd_inverse(A: Tensor, what: str) -> Tensor:
+    L = _cholesky(A, what)
+    if L.is_cuda:  # no identity matrix: one m x m buffer less on the device
+        return torch.cholesky_inverse(L)
     # cholesky_solve against I: several times faster than cholesky_inverse on MKL CPUs
-    eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
-    return torch.cholesky_solve(eye, _cholesky(A, what))
+    return torch.cholesky_solve(torch.eye(A.shape[0], dtype=A.dtype, device=A.device), L)
+
+
+def _take_inverse(p: "_Problem") -> Tensor:
+    """Gd^-1, dropping the problem's reference to Gd first (callers that need only the inverse
+    then hold one m x m matrix, not two)."""
+    Gd, p.Gd = p.Gd, None
+    return _spd_inverse(Gd, "damped G")
 
 
 @dataclass
@@ -90,8 +105,8 @@ class _Problem:
     """A validated float64 problem on its *variable* columns (bias included iff allow_bias)."""
 
     W: Tensor  # (d_out, m)  m = n+1 with a free bias column, n without
-    G: Tensor  # (m, m) undamped
-    Gd: Tensor  # (m, m) damped
+    Gd: Tensor | None  # (m, m) damped; G = Gd - lam on the weight columns' diagonal
+    lam: float  # the damping added to the weight columns' diagonal
     groups: Tensor  # (U, g) long, column indices < n
     block_of: Tensor  # (U,) long in 0..B-1
     n_blocks: int
@@ -100,6 +115,19 @@ class _Problem:
     @property
     def n_units(self) -> int:
         return self.groups.shape[0]
+
+    def weight_diag(self) -> Tensor:
+        """The undamped diagonal of G on the variable columns. -> (m,)"""
+        d = self.Gd.diagonal().clone()
+        d[: self.W.shape[1] - (1 if self.allow_bias else 0)] -= self.lam
+        return d
+
+    def undamped_times(self, D: Tensor) -> Tensor:
+        """D @ G without a second m x m matrix. D: (d, m) -> (d, m)"""
+        out = D @ self.Gd
+        n_w = self.W.shape[1] - (1 if self.allow_bias else 0)
+        out[:, :n_w] -= self.lam * D[:, :n_w]
+        return out
 
     def support(self, kept: Tensor) -> Tensor:
         """Variable columns of a kept unit set, sorted, bias column last when free. -> (|S|,)"""
@@ -138,16 +166,19 @@ def _prepare(Wt: Tensor, G: Tensor, groups: Tensor, blocks: Tensor | None = None
                              f"{tuple(blocks.shape)}")
         _, block_of = torch.unique(blocks.to(Wt.device), return_inverse=True)
         n_blocks = int(block_of.max()) + 1
-    W64, G64 = Wt.to(torch.float64), G.to(torch.float64)
+    dt = solve_dtype(m1)
+    W64 = Wt.to(dt)
     check_finite("Wt", W64)
-    check_finite("G", G64)
-    if abs(float(G64[n, n]) - 1.0) > 1e-3:
-        raise ValueError(f"G[n, n] = {float(G64[n, n]):.4g}, expected 1: G must be the augmented "
+    check_finite("G", G)
+    if abs(float(G[n, n]) - 1.0) > 1e-3:
+        raise ValueError(f"G[n, n] = {float(G[n, n]):.4g}, expected 1: G must be the augmented "
                          "Gram of [P; 1] (last row/column = the constant input)")
-    Gd = damped(G64, damp_rel)
+    lam = damp_rel * float(G.diagonal().to(torch.float64).mean())  # as damped(G) computes it
+    Gd = (G if allow_bias else G[:n, :n]).to(dt, copy=True)
+    Gd.diagonal()[:n] += lam  # the n weight columns; never the bias column
     if not allow_bias:
-        W64, G64, Gd = W64[:, :n], G64[:n, :n], Gd[:n, :n]
-    return _Problem(W64, G64, Gd, groups, block_of, n_blocks, allow_bias)
+        W64 = W64[:, :n]
+    return _Problem(W64, Gd, lam, groups, block_of, n_blocks, allow_bias)
 
 
 def _quota(p: _Problem, k_keep: int) -> int:
@@ -191,8 +222,8 @@ def _obs_saliency(W: Tensor, Hinv: Tensor, groups: Tensor) -> Tensor:
 def reconstruction_error(Wt: Tensor, W_new: Tensor, G: Tensor) -> float:
     """Mean squared output error per token, ``tr((Wt - W_new) G (Wt - W_new)^T)``, on the
     undamped G. Wt, W_new: (d_out, n+1); G: (n+1, n+1)."""
-    D = Wt.to(torch.float64) - W_new.to(torch.float64)  # (d_out, n+1)
-    err = float(((D @ G.to(torch.float64)) * D).sum())
+    D = (Wt.to(torch.float64) - W_new.to(torch.float64)).to(G.dtype)  # (d_out, n+1)
+    err = float(((D @ G) * D).sum(dtype=torch.float64))  # no fp64 copy of G
     if err != err or err in (float("inf"), float("-inf")):
         raise SolverError("reconstruction error is not finite")
     return max(err, 0.0)
@@ -206,10 +237,10 @@ def group_saliency(Wt: Tensor, G: Tensor, groups: Tensor, kind: Literal["obs", "
     Wt: (d_out, n+1), G: (n+1, n+1), groups: (U, g) -> float64 (U,)"""
     p = _prepare(Wt, G, groups, allow_bias=allow_bias, damp_rel=damp_rel)
     if kind == "diag":
-        dg = p.G.diagonal()[p.groups].mean(1)  # (U,)
+        dg = p.weight_diag()[p.groups].mean(1)  # (U,)
         return p.W[:, p.groups].pow(2).sum((0, 2)) * dg
     if kind == "obs":
-        return _obs_saliency(p.W, _spd_inverse(p.Gd, "damped G"), p.groups)
+        return _obs_saliency(p.W, _take_inverse(p), p.groups)
     raise ValueError(f"kind must be 'obs' or 'diag', got {kind!r}")
 
 
@@ -223,7 +254,7 @@ def _refit_on(p: _Problem, kept: Tensor) -> Tensor:
     out[:, S] = p.W[:, S]
     if S.numel() and R.numel():
         L = _cholesky(p.Gd[S][:, S], "damped G on the kept support")
-        rhs = (p.W[:, R] @ p.G[R][:, S]).T  # (|S|, d)
+        rhs = (p.W[:, R] @ p.Gd[R][:, S]).T  # (|S|, d); off-diagonal block: G == Gd there
         out[:, S] += torch.cholesky_solve(rhs, L).T
     check_finite("refit weights", out)
     return out
@@ -232,7 +263,7 @@ def _refit_on(p: _Problem, kept: Tensor) -> Tensor:
 def _loss(p: _Problem, Wn: Tensor, damped_: bool = True) -> float:
     """tr((W - Wn) G (W - Wn)^T) in problem space, damped G by default."""
     D = p.W - Wn  # (d, m)
-    return float(((D @ (p.Gd if damped_ else p.G)) * D).sum())
+    return float(((D @ p.Gd if damped_ else p.undamped_times(D)) * D).sum())
 
 
 def refit(Wt: Tensor, G: Tensor, kept_units: Tensor, groups: Tensor, allow_bias: bool = True,
@@ -246,7 +277,7 @@ def refit(Wt: Tensor, G: Tensor, kept_units: Tensor, groups: Tensor, allow_bias:
     kept = torch.as_tensor(kept_units, dtype=torch.long, device=p.W.device)
     if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= p.n_units):
         raise ValueError(f"kept_units must be unit ids in [0, {p.n_units})")
-    out = Wt.to(torch.float64).clone()  # (d_out, n+1); the bias column stays when not free
+    out = Wt.to(p.W.dtype).clone()  # (d_out, n+1); the bias column stays when not free
     out[:, : p.W.shape[1]] = _refit_on(p, kept)
     return out
 
@@ -264,7 +295,7 @@ def greedy_obs_select(Wt: Tensor, G: Tensor, groups: Tensor, k_keep: int,
     if per_step < 1:
         raise ValueError(f"per_step must be >= 1, got {per_step}")
     W = p.W.clone()  # (d, m'), compensated as units leave; m' shrinks by compaction
-    Hinv = _spd_inverse(p.Gd, "damped G")  # (m', m'), zero rows/cols for removed columns
+    Hinv = _take_inverse(p)  # (m', m'), zero rows/cols for removed columns
     cols = p.groups.clone()  # (U, g) positions of each unit's columns in W / Hinv
     single = cols.shape[1] == 1  # channels: saliency from incrementally kept column norms
     sq = W.pow(2).sum(0) if single else None  # (m',) squared column norms of W

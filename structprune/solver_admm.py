@@ -105,7 +105,7 @@ def admm_select(Wt: Tensor, G: Tensor, groups: Tensor, k_keep: int,
     lam, Q = torch.linalg.eigh(p.Gd)  # (m,), (m, m)
     sal_of = _saliency_fn(p, saliency, (lam, Q))
     AQ = (p.W @ Q) * lam  # (d, m): Wt Gd Q, i.e. Wt Gd in the eigenbasis
-    scale = float(p.G.diagonal().mean())
+    scale = float(p.weight_diag().mean())
     rho, rho_max = rho0_rel * scale, rho_max_rel * scale
     Z = _refit_on(p, kept)  # (d, m)
     U = torch.zeros_like(Z)
@@ -150,7 +150,7 @@ def _unit_mask(p, kept: Tensor) -> Tensor:
 
 def _col_mask(p, kept: Tensor, m: int) -> Tensor:
     """(m,) float64 1 on the support of kept (bias column included when free), else 0."""
-    mask = torch.zeros(m, dtype=torch.float64, device=p.W.device)
+    mask = torch.zeros(m, dtype=p.W.dtype, device=p.W.device)
     mask[p.support(kept)] = 1.0
     return mask
 
@@ -160,7 +160,7 @@ def _saliency_fn(p, kind: str, eig: tuple[Tensor, Tensor] | None = None):
     (Gd^-1)_JJ blocks come from the eigendecomposition ``eig`` = (lam, Q) when given."""
     g = p.groups
     if kind == "diag":
-        dg = p.G.diagonal()[g].mean(1)  # (U,)
+        dg = p.weight_diag()[g].mean(1)  # (U,)
         return lambda V: V[:, g].pow(2).sum((0, 2)) * dg
     if kind != "obs":
         raise ValueError(f"saliency must be 'obs' or 'diag', got {kind!r}")
@@ -225,7 +225,7 @@ def local_search(Wt: Tensor, G: Tensor, groups: Tensor, kept: Tensor,
     is_kept = torch.zeros(p.n_units, dtype=torch.bool, device=p.W.device)
     is_kept[kept] = True
     S = p.support(kept)
-    Hinv = torch.zeros(m, m, dtype=torch.float64, device=p.W.device)  # Gd_SS^-1 embedded
+    Hinv = torch.zeros(m, m, dtype=p.W.dtype, device=p.W.device)  # Gd_SS^-1 embedded
     if S.numel():
         Hinv[S[:, None], S[None, :]] = _spd_inverse(p.Gd[S][:, S], "damped G on the support")
     Wp = p.W @ p.Gd @ Hinv  # (d, m) optimal weights on S, zero elsewhere

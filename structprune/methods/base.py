@@ -17,6 +17,7 @@ class Method:
     name = "base"
     needs_calibration = True  # False: scores from weights only (magnitude)
     whole_model = False  # True: not layer-wise (global-taylor); runs its own `prune_whole`
+    solves = False  # True: scores and rules run OBS solves (their device memory is accounted)
 
     def __init__(self, cfg: PruneConfig) -> None:
         self.cfg = cfg

@@ -21,6 +21,7 @@ def _wt(W, b):
 
 class StructPruneMethod(Method):
     name = "structprune"
+    solves = True
 
     def score(self, kind, W, b, G, lay):
         groups, _ = unit_groups(lay, kind)
