@@ -302,7 +302,7 @@ def prune_core(pc: PruneConfig, model: torch.nn.Module, calib: torch.Tensor, dev
         def sens_rule(kind, i, W, b, G, lay):
             return method.rule(kind, i, W, b, G, lay, uniform_keep[(i, kind)], **one_shot)
     stats, _ = collect_stats(stream, calib, method.score, emit, sensitivity_rule=sens_rule,
-                             sensitivity_windows=pc.sensitivity_windows, owl_m=pc.owl_m)
+                             sensitivity_windows=pc.sensitivity_windows, owl_m=pc.owl_m, solves=method.solves)
     _sync(device)
     t1 = time.perf_counter()
     out.update(pass1_s=t1 - t0, pass1_peak=meter.segment())
@@ -310,7 +310,7 @@ def prune_core(pc: PruneConfig, model: torch.nn.Module, calib: torch.Tensor, dev
     keep = [{} for _ in range(stream.n_layers)]
     for sp, k in zip(specs, alloc.units_kept):
         keep[sp.layer][sp.kind] = int(k)
-    infos = prune_sequential(stream, calib, keep, rule, emit, target=pc.target)
+    infos = prune_sequential(stream, calib, keep, rule, emit, target=pc.target, solves=method.solves)
     _sync(device)
     out.update(pass2_s=time.perf_counter() - t1, pass2_peak=meter.segment(), accounted_peak=max(meter.accounted),
                solve_s=sum(float(i.get("solve_s", 0.0)) for i in infos))
