@@ -97,7 +97,11 @@ def _take_inverse(p: "_Problem") -> Tensor:
     """Gd^-1, dropping the problem's reference to Gd first (callers that need only the inverse
     then hold one m x m matrix, not two)."""
     Gd, p.Gd = p.Gd, None
-    return _spd_inverse(Gd, "damped G")
+    L = _cholesky(Gd, "damped G")
+    del Gd  # the factor replaces it
+    if L.is_cuda:
+        return torch.cholesky_inverse(L)
+    return torch.cholesky_solve(torch.eye(L.shape[0], dtype=L.dtype, device=L.device), L)
 
 
 @dataclass
@@ -253,8 +257,9 @@ def _refit_on(p: _Problem, kept: Tensor) -> Tensor:
     R = removed.nonzero().squeeze(1)
     out[:, S] = p.W[:, S]
     if S.numel() and R.numel():
-        L = _cholesky(p.Gd[S][:, S], "damped G on the kept support")
-        rhs = (p.W[:, R] @ p.Gd[R][:, S]).T  # (|S|, d); off-diagonal block: G == Gd there
+        # one advanced index per block: no (|S| x m) intermediate copies of the Gram
+        L = _cholesky(p.Gd[S[:, None], S[None, :]], "damped G on the kept support")
+        rhs = (p.W[:, R] @ p.Gd[R[:, None], S[None, :]]).T  # (|S|, d); off-diagonal: G == Gd there
         out[:, S] += torch.cholesky_solve(rhs, L).T
     check_finite("refit weights", out)
     return out
@@ -338,7 +343,8 @@ def greedy_obs_select(Wt: Tensor, G: Tensor, groups: Tensor, k_keep: int,
             dead = cols[~alive].reshape(-1)
             keep[dead[dead >= 0]] = False
             new_pos = keep.long().cumsum(0) - 1  # old position -> new position
-            W, Hinv = W[:, keep], Hinv[keep][:, keep]
+            idx = keep.nonzero().squeeze(1)
+            W, Hinv = W[:, idx], Hinv[idx[:, None], idx[None, :]]  # one copy, not two
             cols = torch.where(alive[:, None], new_pos[cols], -1)
             sq = W.pow(2).sum(0) if single else None  # also resets rounding drift
             dead_cols = 0
