@@ -1,0 +1,263 @@
+"""Long work off the page: one background thread per job, one job at a time per process.
+
+The app submits a prune run (or an energy-profile pass) and returns at once; the worker thread
+calls the library, appends every `ProgressEvent` to the job, and checks the job's cancel flag at
+each layer boundary (through run_prune's `cancel`). The page polls `JobRunner.current()` from a
+timer fragment. The worker makes no Streamlit calls.
+
+A second submission while a job runs is refused with `JobBusyError` (never interleaved: two runs
+would share the CPU and the device and both would be slow). Prune runs are written to the run
+store: "running" with a heartbeat at the start, then the record (or the error) when they end.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import PruneConfig
+from .errors import RunCancelledError, StructPruneError
+from .pipeline import ProgressEvent
+from .store import RunStore
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 5.0
+
+
+class JobBusyError(StructPruneError):
+    """A job is already running in this app process."""
+
+
+@dataclass
+class Job:
+    """One unit of background work and everything the page shows about it."""
+
+    kind: str  # "prune" | "profile"
+    label: str
+    config: dict
+    job_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # = the run id in the store
+    status: str = "running"  # running | finished | failed | cancelled
+    events: list[ProgressEvent] = field(default_factory=list)
+    error: str | None = None
+    result: Any = None  # PruneResult (prune) or EnergyProfile (profile)
+    started: float = field(default_factory=time.time)
+    ended: float | None = None
+    cancel_event: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def active(self) -> bool:
+        return self.status == "running"
+
+    @property
+    def record(self) -> dict | None:
+        return getattr(self.result, "record", None)
+
+    @property
+    def elapsed_s(self) -> float:
+        return (self.ended or time.time()) - self.started
+
+    def progress(self) -> tuple[float, str]:
+        """(fraction done in [0, 1], a line saying where the run is)."""
+        if not self.events:
+            return 0.0, "starting (copying the model, preparing the data)"
+        ev = self.events[-1]
+        n = max(ev.n_layers, 1)
+        done_layers = {s: 0 for s in ("pass1", "pass2")}
+        stages = set()
+        for e in self.events:
+            stages.add(e.stage)
+            if e.stage in done_layers and e.layer >= 0:
+                done_layers[e.stage] = max(done_layers[e.stage], e.layer + 1)
+        total = (2 * n + 3) if self.kind == "prune" else (n + 1)
+        steps = done_layers["pass1"] + done_layers["pass2"] + sum(
+            s in stages for s in ("eval-dense", "sensitivity", "eval-pruned"))
+        if ev.stage == "done":
+            return 1.0, "done"
+        where = f"{ev.stage}, layer {ev.layer + 1}/{n}" if ev.layer >= 0 else ev.stage
+        if ev.message:
+            where += f" ({ev.message})"
+        return min(steps / total, 1.0), where
+
+    def memory_points(self) -> list[dict]:
+        """[{t (s), mib, peak_mib, label}] from the events so far: the live memory timeline."""
+        return [{"t": e.elapsed_s, "mib": e.device_bytes / 2**20, "peak_mib": e.peak_bytes / 2**20,
+                 "label": e.stage if e.layer < 0 else f"{e.stage} layer {e.layer + 1}"} for e in list(self.events)]
+
+
+class JobRunner:
+    """Runs at most one job at a time in a daemon thread. Shared by every session of the app."""
+
+    def __init__(self, keep: int = 20) -> None:
+        self._lock = threading.Lock()
+        self._jobs: list[Job] = []
+        self._keep = keep
+        self.stats_cache: dict = {}  # run_prune's pass-1 statistics, shared by runs and profiles
+
+    def current(self) -> Job | None:
+        """The running job, else the most recent one (None before the first)."""
+        with self._lock:
+            running = [j for j in self._jobs if j.active]
+            return running[-1] if running else (self._jobs[-1] if self._jobs else None)
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            return next((j for j in self._jobs if j.job_id == job_id), None)
+
+    def jobs(self) -> list[Job]:
+        with self._lock:
+            return list(self._jobs)
+
+    @property
+    def busy(self) -> bool:
+        job = self.current()
+        return job is not None and job.active
+
+    def cancel(self) -> bool:
+        """Asks the running job to stop at its next layer boundary; False when none runs."""
+        job = self.current()
+        if job is None or not job.active:
+            return False
+        job.cancel_event.set()
+        return True
+
+    # --- submitting -----------------------------------------------------------------------
+    def submit_prune(self, cfg: PruneConfig, loaded, store: RunStore | None = None,
+                     on_done: Callable[[Job], None] | None = None) -> Job:
+        """Starts `run_prune(cfg, loaded)` in the background; the run is stored in `store`."""
+        from .run import run_prune
+
+        job = Job("prune", f"{cfg.method} · {cfg.allocation} · s={cfg.sparsity:g} · {loaded.name}", cfg.to_dict())
+
+        def work():
+            before = set(self.stats_cache)
+            res = run_prune(cfg, loaded, on_event=job.events.append, cancel=job.cancel_event,
+                            stats_cache=self.stats_cache)
+            res.record["run_id"] = job.job_id
+            if store is not None:
+                store.finish(job.job_id, res.record)
+                try:
+                    self._store_new_profiles(store, cfg, loaded, before)
+                except Exception:  # noqa: BLE001 - the run itself is stored; the profile is a bonus
+                    log.warning("could not store the energy profile of run %s", job.job_id, exc_info=True)
+            return res
+
+        return self._start(job, work, store, on_done)
+
+    def submit_profile(self, cfg: PruneConfig, loaded, store: RunStore | None = None,
+                       on_done: Callable[[Job], None] | None = None) -> Job:
+        """Computes an energy profile (pass 1 alone) in the background and caches it in `store`."""
+        from .explorer import compute_energy_profile, profile_key
+
+        job = Job("profile", f"energies · {loaded.name} · {cfg.nsamples}x{cfg.seqlen}", cfg.to_dict())
+
+        def work():
+            prof = compute_energy_profile(cfg, loaded, on_event=job.events.append, cancel=job.cancel_event,
+                                          stats_cache=self.stats_cache)
+            if store is not None:
+                store.cache_put(profile_key(loaded.name, cfg), prof.to_dict())
+            return prof
+
+        return self._start(job, work, None, on_done)
+
+    def submit_call(self, kind: str, label: str, config: dict, fn: Callable[..., Any],
+                    on_done: Callable[[Job], None] | None = None) -> Job:
+        """Runs `fn(on_event, cancel)` in the background (any other library call with progress)."""
+        job = Job(kind, label, config)
+        return self._start(job, lambda: fn(job.events.append, job.cancel_event), None, on_done)
+
+    def _store_new_profiles(self, store: RunStore, cfg: PruneConfig, loaded, before: set) -> None:
+        """A structprune run's pass-1 statistics also make an energy profile for the explorer."""
+        from .adapters import adapter_for
+        from .explorer import profile_from_stats, profile_key
+        from .units import layouts_of, module_specs
+
+        if cfg.method != "structprune":
+            return
+        for key in set(self.stats_cache) - before:
+            stats = self.stats_cache[key][0]
+            if stats:
+                specs = module_specs(layouts_of(loaded.model, adapter_for(loaded.model)))
+                prof = profile_from_stats(stats, specs, loaded.name, cfg)
+                store.cache_put(profile_key(loaded.name, cfg, prof.sensitivity is not None), prof.to_dict())
+
+    def _start(self, job: Job, work: Callable[[], Any], store: RunStore | None,
+               on_done: Callable[[Job], None] | None) -> Job:
+        with self._lock:
+            running = next((j for j in self._jobs if j.active), None)
+            if running is not None:
+                raise JobBusyError(
+                    f"a run is already in progress ({running.label}, {running.elapsed_s:.0f} s so far); "
+                    "wait for it to finish or cancel it first")
+            self._jobs = (self._jobs + [job])[-self._keep:]
+        if store is not None:
+            store.start(job.config, run_id=job.job_id)
+        threading.Thread(target=self._run, args=(job, work, store, on_done), name=f"structprune-{job.kind}",
+                         daemon=True).start()
+        return job
+
+    def _run(self, job: Job, work, store: RunStore | None, on_done) -> None:
+        stop_beat = threading.Event()
+        if store is not None:
+            def beat():
+                while not stop_beat.wait(HEARTBEAT_S):
+                    try:
+                        store.beat(job.job_id)
+                    except Exception:  # noqa: BLE001 - a missed heartbeat must not kill the run
+                        log.warning("heartbeat of run %s failed", job.job_id, exc_info=True)
+
+            threading.Thread(target=beat, name="structprune-heartbeat", daemon=True).start()
+        try:
+            job.result = work()
+            job.status = "finished"
+        except RunCancelledError:
+            job.status, job.error = "cancelled", "cancelled by the user"
+        except StructPruneError as exc:  # the library's own messages say what to do
+            job.status, job.error = "failed", str(exc)
+        except MemoryError:
+            job.status, job.error = "failed", "the host ran out of memory; lower nsamples / seqlen"
+        except Exception as exc:  # noqa: BLE001 - anything else: shown in the page, logged in full
+            log.exception("job %s failed", job.job_id)
+            job.status, job.error = "failed", f"{type(exc).__name__}: {exc}"
+        finally:
+            stop_beat.set()
+            job.ended = time.time()
+            if store is not None and job.status != "finished":
+                try:
+                    store.fail(job.job_id, job.error or "failed", cancelled=job.status == "cancelled")
+                except Exception:  # noqa: BLE001
+                    log.exception("could not record the end of run %s", job.job_id)
+            if on_done is not None:
+                on_done(job)
+
+
+def export_checkpoint_zip(result, folder: str | Path) -> Path:
+    """The pruned model of a finished run (PruneResult) as `<folder>/<run_id>.zip`, written with
+    `checkpoint.save_pruned` (loadable with `load_model(<unzipped folder>)`)."""
+    import shutil
+    import tempfile
+
+    from .checkpoint import save_pruned
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rec = result.record
+    target = folder / f"{rec['run_id']}.zip"
+    if target.exists():
+        return target
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        model_dir = Path(tmp) / f"structprune-{rec['run_id']}"
+        provenance = {k: rec.get(k) for k in ("run_id", "method", "config", "sparsity", "created")}
+        save_pruned(result.model, result.tokenizer, model_dir, provenance=provenance)
+        archive = shutil.make_archive(str(Path(tmp) / rec["run_id"]), "zip", root_dir=tmp, base_dir=model_dir.name)
+        Path(archive).replace(target)
+    return target
+
+
+__all__ = ["Job", "JobRunner", "JobBusyError", "HEARTBEAT_S", "export_checkpoint_zip"]

@@ -1,0 +1,226 @@
+"""The run store: every run the app starts, in one SQLite file in `paths.data_dir()`.
+
+A run is inserted as "running" when it starts and carries a heartbeat (and its process id); it is
+rewritten once, in one transaction, when it ends: "finished" with its record, or "failed" /
+"cancelled" with the error. A process killed mid-run leaves a "running" row whose process is gone
+(or whose heartbeat stopped); opening the store marks such rows "failed", so no run is left
+looking alive and every finished run stays readable.
+
+The same file keeps small JSON caches (`cache_put` / `cache_get`): the allocation explorer's energy
+profiles and the Method page's solver step-through, so they survive a restart.
+
+Every call opens its own connection, so any thread may use a `RunStore` (the app's worker does).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .paths import data_dir
+
+log = logging.getLogger(__name__)
+
+DB_NAME = "runs.sqlite"
+HEARTBEAT_TIMEOUT_S = 120.0  # a running row whose heartbeat is older than this is dead
+STATUSES = ("running", "finished", "failed", "cancelled")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id     TEXT PRIMARY KEY,
+    created    TEXT NOT NULL,
+    status     TEXT NOT NULL,
+    model      TEXT,
+    method     TEXT,
+    allocation TEXT,
+    sparsity   REAL,
+    config     TEXT NOT NULL,
+    record     TEXT,
+    error      TEXT,
+    host       TEXT,
+    pid        INTEGER,
+    heartbeat  REAL,
+    ended      TEXT
+);
+CREATE INDEX IF NOT EXISTS runs_created ON runs(created);
+CREATE TABLE IF NOT EXISTS cache (
+    key     TEXT PRIMARY KEY,
+    created TEXT NOT NULL,
+    value   TEXT NOT NULL
+);
+"""
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _json(obj) -> str:
+    """JSON without NaN/Infinity (not JSON): non-finite floats become null."""
+
+    def clean(o):
+        if isinstance(o, float) and not math.isfinite(o):
+            return None
+        if isinstance(o, dict):
+            return {k: clean(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [clean(v) for v in o]
+        return o
+
+    return json.dumps(clean(obj), allow_nan=False)
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether `pid` runs on this host (a zombie counts as dead)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+class RunStore:
+    """Runs and caches in `<folder>/runs.sqlite` (folder: `paths.data_dir()` by default).
+
+    Opening it marks runs left "running" by a dead process as failed (`recover`).
+    """
+
+    def __init__(self, folder: str | Path | None = None, heartbeat_timeout: float = HEARTBEAT_TIMEOUT_S) -> None:
+        self.folder = Path(folder).expanduser() if folder is not None else data_dir()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.path = self.folder / DB_NAME
+        self.heartbeat_timeout = heartbeat_timeout
+        with self._connect() as con:
+            con.executescript(_SCHEMA)
+        self.recovered = self.recover()
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        con = sqlite3.connect(self.path, timeout=30.0)
+        try:
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("PRAGMA synchronous=NORMAL")
+            con.row_factory = sqlite3.Row
+            with con:  # one transaction: committed on success, rolled back on an exception
+                yield con
+        finally:
+            con.close()
+
+    # --- a run's life ---------------------------------------------------------------------
+    def start(self, config: dict, run_id: str | None = None) -> str:
+        """Inserts a "running" row for a run about to start; returns its id."""
+        run_id = run_id or uuid.uuid4().hex[:12]
+        with self._connect() as con:
+            con.execute(
+                "INSERT INTO runs (run_id, created, status, model, method, allocation, sparsity, config, host, pid, "
+                "heartbeat) VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?, ?, ?)",
+                (run_id, _now(), config.get("model"), config.get("method"), config.get("allocation"),
+                 config.get("sparsity"), _json(config), socket.gethostname(), os.getpid(), time.time()))
+        return run_id
+
+    def beat(self, run_id: str) -> None:
+        """Refreshes a running run's heartbeat."""
+        with self._connect() as con:
+            con.execute("UPDATE runs SET heartbeat = ? WHERE run_id = ? AND status = 'running'", (time.time(), run_id))
+
+    def finish(self, run_id: str, record: dict) -> None:
+        """Stores the finished run's record (one transaction: all of it or nothing)."""
+        rec = {**record, "run_id": run_id, "status": "finished"}
+        with self._connect() as con:
+            con.execute(
+                "UPDATE runs SET status = 'finished', record = ?, error = NULL, ended = ?, heartbeat = ?, "
+                "allocation = COALESCE(?, allocation) WHERE run_id = ?",
+                (_json(rec), _now(), time.time(), record.get("allocation_scheme"), run_id))
+
+    def fail(self, run_id: str, error: str, cancelled: bool = False) -> None:
+        """Marks a run failed (or cancelled) with the error message."""
+        with self._connect() as con:
+            con.execute("UPDATE runs SET status = ?, error = ?, ended = ?, heartbeat = ? WHERE run_id = ?",
+                        ("cancelled" if cancelled else "failed", error, _now(), time.time(), run_id))
+
+    def recover(self) -> list[str]:
+        """Marks as failed every "running" row whose process is gone (same host) or whose heartbeat
+        is older than `heartbeat_timeout`; returns their ids."""
+        host, now = socket.gethostname(), time.time()
+        dead = []
+        with self._connect() as con:
+            for row in con.execute("SELECT run_id, host, pid, heartbeat FROM runs WHERE status = 'running'"):
+                stale = row["heartbeat"] is None or now - row["heartbeat"] > self.heartbeat_timeout
+                gone = row["host"] == host and row["pid"] is not None and not _process_alive(row["pid"])
+                if gone or stale:
+                    dead.append(row["run_id"])
+            for run_id in dead:
+                con.execute(
+                    "UPDATE runs SET status = 'failed', ended = ?, error = ? WHERE run_id = ?",
+                    (_now(), "the process running this run stopped (killed or crashed) before it finished",
+                     run_id))
+        if dead:
+            log.warning("marked %d interrupted run(s) failed: %s", len(dead), ", ".join(dead))
+        return dead
+
+    # --- reading --------------------------------------------------------------------------
+    def runs(self, status: str | None = None) -> list[dict]:
+        """Summaries (no record), newest first: run_id, created, status, model, method,
+        allocation, sparsity, error, ended."""
+        q = "SELECT run_id, created, status, model, method, allocation, sparsity, error, ended FROM runs"
+        args: tuple = ()
+        if status is not None:
+            q, args = q + " WHERE status = ?", (status,)
+        with self._connect() as con:
+            return [dict(r) for r in con.execute(q + " ORDER BY created DESC, rowid DESC", args)]
+
+    def get(self, run_id: str) -> dict | None:
+        """One run: its summary plus `config` and `record` (dicts; record None unless finished)."""
+        with self._connect() as con:
+            row = con.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        if row is None:
+            return None
+        out = dict(row)
+        out["config"] = json.loads(out["config"])
+        out["record"] = json.loads(out["record"]) if out["record"] else None
+        return out
+
+    def records(self) -> list[dict]:
+        """Records of every finished run, newest first."""
+        with self._connect() as con:
+            rows = con.execute("SELECT record FROM runs WHERE status = 'finished' ORDER BY created DESC, rowid DESC")
+            return [json.loads(r["record"]) for r in rows]
+
+    def delete(self, run_id: str) -> None:
+        with self._connect() as con:
+            con.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
+
+    # --- small JSON caches ---------------------------------------------------------------------
+    def cache_put(self, key: str, value: dict) -> None:
+        with self._connect() as con:
+            con.execute("INSERT OR REPLACE INTO cache (key, created, value) VALUES (?, ?, ?)",
+                        (key, _now(), _json(value)))
+
+    def cache_get(self, key: str) -> dict | None:
+        with self._connect() as con:
+            row = con.execute("SELECT value FROM cache WHERE key = ?", (key,)).fetchone()
+        return json.loads(row["value"]) if row else None
+
+    def cache_keys(self, prefix: str = "") -> list[str]:
+        with self._connect() as con:
+            rows = con.execute("SELECT key FROM cache WHERE key LIKE ? ORDER BY created DESC", (prefix + "%",))
+            return [r["key"] for r in rows]
+
+
+__all__ = ["RunStore", "STATUSES", "DB_NAME", "HEARTBEAT_TIMEOUT_S"]
