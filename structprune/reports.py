@@ -1,0 +1,200 @@
+"""Run records (run.py's JSON, PROTOCOL.md) as tidy DataFrames for plots, tables and CSV export,
+and the benchmark records under `benchmarks/results/`.
+
+Every perplexity row keeps its protocol string; `eval_protocol` is the part that decides whether
+two numbers are comparable (eval split, seqlen, windows), the rest (calibration) describes the run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+RUN_SCHEMA_PREFIX = "structprune.run/"
+MIB = 2**20
+
+
+def allocation_frame(record: dict) -> pd.DataFrame:
+    """One row per module: layer, module, units and parameters total/kept/pruned, sparsity, energy."""
+    df = pd.DataFrame(record.get("allocation") or [])
+    if df.empty:
+        return df
+    sens = {(r["layer"], r["module"]): r["delta_loss"] for r in record.get("energies", {}).get("sensitivity", [])}
+    df["sensitivity"] = [sens.get((la, m)) for la, m in zip(df["layer"], df["module"])]
+    return df
+
+
+def ppl_frame(record: dict) -> pd.DataFrame:
+    """Rows (corpus, label, model = dense | pruned, value, protocol, windows, seqlen)."""
+    rows = []
+    for which in ("dense", "pruned"):
+        for corpus, r in (record.get("ppl", {}).get(which) or {}).items():
+            value = r.get("value")
+            rows.append({"corpus": corpus, "label": r.get("label", corpus), "model": which,
+                         "value": value if value is not None else math.inf, "protocol": r.get("protocol", ""),
+                         "windows": r.get("windows"), "seqlen": r.get("seqlen")})
+    return pd.DataFrame(rows)
+
+
+def params_frame(record: dict) -> pd.DataFrame:
+    """Rows (count = all | prunable, model = dense | pruned, params)."""
+    p = record.get("params", {})
+    rows = []
+    for which, key in (("dense", "before"), ("pruned", "after")):
+        for count in ("total", "prunable"):
+            rows.append({"count": "all parameters" if count == "total" else "prunable (heads + channels)",
+                         "model": which, "params": p.get(key, {}).get(count)})
+    return pd.DataFrame(rows)
+
+
+def timeline_frame(record: dict, bins: int = 300) -> pd.DataFrame:
+    """The run's device-memory timeline: t (s), mib, peak_mib (running maximum), label; plus the
+    kind (measured / accounted). Long timelines are reduced to the maximum per time bin (the
+    envelope a reader needs: hold/release pairs every few milliseconds are unreadable)."""
+    mem = record.get("memory", {})
+    df = pd.DataFrame(mem.get("timeline") or [], columns=["t", "bytes", "label"])
+    if len(df) > bins:
+        b = pd.cut(df["t"], bins, labels=False)
+        df = df.loc[df.groupby(b)["bytes"].idxmax().dropna().astype(int)].sort_values("t")
+    df = df.reset_index(drop=True)
+    df["mib"] = df["bytes"] / MIB
+    df["peak_mib"] = df["mib"].cummax()
+    df["kind"] = mem.get("kind", "")
+    return df
+
+
+def refit_frame(record: dict) -> pd.DataFrame:
+    """Per pruned module: reconstruction error of the kept units before (masked) and after the
+    least-squares refit, as logged by the solver (mean squared output error per token)."""
+    rows = [{"layer": m["layer"], "module": m["module"], "kept": m.get("kept"),
+             "err_no_refit": m["err_no_refit"], "err_after_refit": m["err_after_refit"]}
+            for m in record.get("modules", []) if "err_no_refit" in m and "err_after_refit" in m]
+    return pd.DataFrame(rows, columns=["layer", "module", "kept", "err_no_refit", "err_after_refit"])
+
+
+def admm_frame(record: dict) -> pd.DataFrame:
+    """Long rows (layer, module, iteration, rho, primal_residual, dual_residual, support_changes)
+    of every module solved by ADMM (selector="admm")."""
+    rows = []
+    for m in record.get("modules", []):
+        tr = m.get("trace")
+        if not tr:
+            continue
+        for it, (rho, pr, du, ch) in enumerate(zip(tr["rho"], tr["primal_residual"], tr["dual_residual"],
+                                                   tr["support_changes"]), start=1):
+            rows.append({"layer": m["layer"], "module": m["module"], "iteration": it, "rho": rho,
+                         "primal_residual": pr, "dual_residual": du, "support_changes": ch,
+                         "converged": tr.get("converged"), "kept_from": tr.get("kept_from")})
+    return pd.DataFrame(rows, columns=["layer", "module", "iteration", "rho", "primal_residual", "dual_residual",
+                                       "support_changes", "converged", "kept_from"])
+
+
+def allocation_overlay_frame(records: dict[str, dict]) -> pd.DataFrame:
+    """Long frame (run, layer, module, sparsity) of several runs, keyed by a display label."""
+    frames = []
+    for label, rec in records.items():
+        df = allocation_frame(rec)
+        if not df.empty:
+            frames.append(df.assign(run=label)[["run", "layer", "module", "sparsity"]])
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["run", "layer", "module", "sparsity"])
+
+
+def eval_protocol(protocol: str) -> str:
+    """'sotu-test · seqlen 512 · 4 windows · calib ...' -> 'sotu-test · seqlen 512 · 4 windows'."""
+    return protocol.split(" · calib")[0]
+
+
+def _temperature(cfg: dict, scheme: str) -> float:
+    if scheme != "softmax":
+        return math.nan
+    t = cfg.get("temperature", math.nan)
+    return math.inf if t in ("inf", None) else float(t)
+
+
+RUN_COLUMNS = ["run_id", "source", "created", "model", "method", "allocation", "method_allocation", "energy",
+               "temperature", "selector", "seed", "sparsity_target", "sparsity_achieved", "sparsity_total",
+               "calib_loss_pruned", "peak_mib", "memory_kind", "device", "total_s", "corpus", "corpus_label",
+               "ppl_pruned", "ppl_dense", "eval_protocol", "protocol"]
+
+
+def runs_frame(records: list[dict], source: str = "app") -> pd.DataFrame:
+    """One row per (run, evaluation corpus): the settings, sparsity, perplexities and protocol
+    (columns RUN_COLUMNS, also when there are no records)."""
+    rows = []
+    for rec in records:
+        cfg = rec.get("config", {})
+        scheme = rec.get("allocation_scheme") or cfg.get("allocation")
+        label = scheme if scheme != "softmax" else f"softmax ({cfg.get('energy', '')})"
+        base = {
+            "run_id": rec.get("run_id"), "source": source, "created": rec.get("created"),
+            "model": (rec.get("model") or {}).get("name"), "method": rec.get("method"),
+            "allocation": scheme, "method_allocation": f"{rec.get('method')} · {label}",
+            "energy": cfg.get("energy"), "temperature": _temperature(cfg, scheme), "selector": cfg.get("selector"),
+            "seed": cfg.get("seed"), "sparsity_target": rec.get("sparsity", {}).get("target"),
+            "sparsity_achieved": rec.get("sparsity", {}).get("achieved_prunable"),
+            "sparsity_total": rec.get("sparsity", {}).get("achieved_total"),
+            "calib_loss_pruned": (rec.get("calib_loss") or {}).get("pruned"),
+            "peak_mib": (rec.get("memory") or {}).get("peak_bytes", 0) / MIB,
+            "memory_kind": (rec.get("memory") or {}).get("kind"), "device": rec.get("device"),
+            "total_s": (rec.get("timing") or {}).get("total_s"),
+        }
+        pruned = (rec.get("ppl") or {}).get("pruned") or {}
+        dense = (rec.get("ppl") or {}).get("dense") or {}
+        for corpus, r in pruned.items():
+            proto = r.get("protocol", "")
+            d = dense.get(corpus, {})
+            rows.append({**base, "corpus": corpus, "corpus_label": r.get("label", corpus),
+                         "ppl_pruned": r.get("value") if r.get("value") is not None else math.inf,
+                         "ppl_dense": d.get("value"), "eval_protocol": eval_protocol(proto), "protocol": proto})
+        if not pruned:
+            rows.append({**base, "corpus": None, "corpus_label": None, "ppl_pruned": None, "ppl_dense": None,
+                         "eval_protocol": None, "protocol": None})
+    return pd.DataFrame(rows, columns=RUN_COLUMNS)
+
+
+def load_result_records(folder: str | Path) -> tuple[list[dict], list[dict]]:
+    """(run records, gpu-scaling records) from every *.json under `folder` (a file may hold one
+    record or a list). Unreadable files are skipped with a warning."""
+    runs, gpu = [], []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return runs, gpu
+    for path in sorted(folder.rglob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            log.warning("skipping %s: %s", path, exc)
+            continue
+        for rec in data if isinstance(data, list) else [data]:
+            if not isinstance(rec, dict):
+                continue
+            if str(rec.get("schema", "")).startswith(RUN_SCHEMA_PREFIX):
+                runs.append(rec)
+            elif rec.get("kind") == "gpu-scaling":
+                gpu.append({**rec, "file": path.name})
+    return runs, gpu
+
+
+def gpu_frame(records: list[dict]) -> pd.DataFrame:
+    """Measured GPU peaks (kind "gpu-scaling"): config_name, n_params, method, peak/estimate GiB,
+    nsamples x seqlen, oom; rows without a peak (skipped, out of memory) keep peak NaN."""
+    rows = []
+    for r in records:
+        peak, est = r.get("peak_bytes"), r.get("estimate_bytes")
+        rows.append({"config_name": r.get("config_name"), "n_params": r.get("n_params"), "method": r.get("method"),
+                     "peak_gib": peak / 2**30 if peak else math.nan, "estimate_gib": est / 2**30 if est else math.nan,
+                     "nsamples": r.get("nsamples"), "seqlen": r.get("seqlen"),
+                     "oom": bool(r.get("oom") or r.get("status") == "oom"), "status": r.get("status"),
+                     "memory_kind": r.get("memory_kind"), "file": r.get("file")})
+    return pd.DataFrame(rows, columns=["config_name", "n_params", "method", "peak_gib", "estimate_gib", "nsamples",
+                                       "seqlen", "oom", "status", "memory_kind", "file"])
+
+
+__all__ = ["allocation_frame", "allocation_overlay_frame", "ppl_frame", "params_frame", "timeline_frame", "refit_frame", "admm_frame",
+           "runs_frame", "load_result_records", "gpu_frame", "eval_protocol"]
