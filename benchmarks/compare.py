@@ -1,0 +1,371 @@
+"""The quality benchmark of PROTOCOL.md: every method on one model, one JSON record per run.
+
+    .venv/bin/python -m benchmarks.compare                      # the full grid (hours on 2 CPU cores)
+    .venv/bin/python -m benchmarks.compare --quick              # smoke run: minutes
+    .venv/bin/python -m benchmarks.compare --sweep-temperature  # structprune's T, chosen by calibration loss
+    .venv/bin/python -m benchmarks.compare --report-only        # tables and plots from existing records
+
+Grid: `smollm2-135m`; the baselines, structprune with its default config and its ablations
+(allocation uniform / threshold, selector admm / saliency, target dense, saliency diag); prunable
+sparsity 0.1..0.5; eval on the `sotu` test split (all windows unless --eval-windows) and the first
+64 windows of `brown`; seqlen 512; calibration 64 x 512 seed 0, and seeds 1 and 2 for structprune,
+flap and wanda-sp.
+
+Resumable: each run is written to `<results>/<key>.json`, the key naming everything the run depends
+on (model, method, allocation, temperature, energy, selector, saliency, target, sparsity, seed,
+calibration size, eval windows, any other non-default setting); finished keys are skipped. The dense
+perplexities, the dense calibration loss and the forward floor (one plain forward pass over the
+calibration set, the yardstick for CPU speed) are computed once and cached in `<results>/dense.json`.
+Afterwards `benchmarks.report` writes SUMMARY.md and ppl_vs_sparsity.html (and, for the sweep,
+TEMPERATURE_SWEEP.md) next to the records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+from structprune.config import PruneConfig
+from structprune.data.corpora import corpus_id, corpus_label
+from structprune.data.windows import (CalibrationSpec, calibration_windows, corpus_token_ids, eval_windows,
+                                      protocol_string)
+from structprune.estimate import estimate_memory
+from structprune.evaluation import perplexity, resolve_device
+from structprune.models import LoadedModel, load_model
+from structprune.run import CALIB_LOSS_WINDOWS, calibration_nll, forward_floor_seconds, run_prune
+
+RESULTS = Path(__file__).parent / "results"
+SPARSITIES = (0.1, 0.2, 0.3, 0.4, 0.5)
+SWEEP_SPARSITIES = (0.3, 0.5)
+SWEEP_TEMPERATURES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+BROWN_WINDOWS = 64
+TIMELINE_POINTS = 200  # memory timeline points kept per benchmark record
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One line of the comparison: a method with some settings changed from PruneConfig's defaults."""
+
+    label: str
+    method: str
+    overrides: tuple[tuple[str, object], ...] = ()
+    main: bool = False  # also run the extra seeds
+
+    def config(self, **kw) -> PruneConfig:
+        return PruneConfig(method=self.method, **{**dict(self.overrides), **kw})
+
+
+GRID: tuple[Variant, ...] = (
+    Variant("magnitude", "magnitude"),
+    Variant("wanda-sp", "wanda-sp", main=True),
+    Variant("flap", "flap", main=True),
+    Variant("owl", "owl"),
+    Variant("global-taylor", "global-taylor"),
+    Variant("structprune", "structprune", main=True),
+    Variant("structprune alloc=uniform", "structprune", (("allocation", "uniform"),)),
+    Variant("structprune alloc=threshold", "structprune", (("allocation", "threshold"),)),
+    Variant("structprune selector=admm", "structprune", (("selector", "admm"),)),
+    Variant("structprune selector=saliency", "structprune", (("selector", "saliency"),)),
+    Variant("structprune target=dense", "structprune", (("target", "dense"),)),
+    Variant("structprune saliency=diag", "structprune", (("saliency", "diag"),)),
+)
+QUICK = ("wanda-sp", "flap", "structprune")
+
+
+def sweep_variants(temperatures=SWEEP_TEMPERATURES) -> tuple[Variant, ...]:
+    soft = tuple(Variant(f"structprune softmax T={t:g}", "structprune",
+                         (("allocation", "softmax"), ("temperature", float(t)))) for t in temperatures)
+    return soft + (Variant("structprune alloc=uniform", "structprune", (("allocation", "uniform"),)),
+                   Variant("structprune alloc=threshold", "structprune", (("allocation", "threshold"),)))
+
+
+# --------------------------------------------------------------------------------------------- keys
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """Evaluation corpora and how many windows of each (None = all)."""
+
+    windows: tuple[tuple[str, int | None], ...]
+
+    @property
+    def tag(self) -> str:
+        return "_".join(f"{name}-{'all' if n is None else n}" for name, n in self.windows)
+
+
+_KEYED = {"model", "method", "allocation", "temperature", "energy", "selector", "saliency", "target", "sparsity",
+          "seed", "nsamples", "seqlen"}
+_NOT_KEYED = {"eval_data", "eval_windows", "device", "batch_size"}  # do not change the pruned model
+
+
+def _num(x: float) -> str:
+    return "inf" if math.isinf(x) else f"{x:g}"
+
+
+def run_key(cfg: PruneConfig, ev: EvalSpec) -> str:
+    """A stable file name for one run. Settings a method ignores are left out (baselines fix their
+    own allocation); other settings appear only when they differ from PruneConfig's defaults, so
+    adding a config field does not rename finished runs."""
+    parts = [cfg.model, cfg.method]
+    if cfg.method == "structprune":
+        alloc = cfg.allocation
+        if alloc == "softmax":
+            alloc += f"-T{_num(cfg.temperature)}"
+        if cfg.allocation in ("softmax", "threshold"):
+            alloc += f"-{cfg.energy}"
+        parts += [alloc, f"{cfg.selector}-{cfg.saliency}", cfg.target]
+    defaults = PruneConfig()
+    for f in fields(PruneConfig):
+        if f.name in _KEYED | _NOT_KEYED:
+            continue
+        value = getattr(cfg, f.name)
+        if value != getattr(defaults, f.name):
+            parts.append(f"{f.name}={value}")
+    parts += [f"s{cfg.sparsity:.2f}", f"seed{cfg.seed}", f"calib{cfg.nsamples}x{cfg.seqlen}", ev.tag]
+    return "__".join(str(p).replace("/", "-").replace(" ", "") for p in parts)
+
+
+# --------------------------------------------------------------------------------------------- cache
+
+
+class DenseCache:
+    """Dense perplexities, dense calibration losses and forward floors, in one JSON file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.exists() else {}
+
+    def get(self, key: str, compute):
+        if key not in self.data:
+            self.data[key] = compute()
+            _write_json(self.path, self.data)
+        return self.data[key]
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(obj, fh, indent=1)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------- runs
+
+
+class Bench:
+    """Runs variants on one loaded model and writes their records."""
+
+    def __init__(self, args) -> None:
+        self.args = args
+        self.out = Path(args.results)
+        self.device = resolve_device(args.device)
+        self.loaded: LoadedModel = load_model(args.model)
+        if self.loaded.tokenizer is None:
+            raise SystemExit(f"{args.model} has no tokenizer; the benchmark needs a real model")
+        self.ev = EvalSpec((("sotu", args.eval_windows), ("brown", args.brown_windows)))
+        self.cache = DenseCache(self.out / "dense.json")
+        self.stats_cache: dict | None = {} if args.share_pass1 else None
+        tok = self.loaded.tokenizer
+        self.windows = {name: eval_windows(corpus_token_ids(tok, name, "test"), args.seqlen, n)
+                        for name, n in self.ev.windows}
+
+    def protocol(self, name: str, seed: int) -> str:
+        a = self.args
+        calib = CalibrationSpec(corpus_id("sotu", "calib"), a.nsamples, a.seqlen, seed)
+        return protocol_string(corpus_id(name, "test"), a.seqlen, self.windows[name].shape[0], calib)
+
+    def dense_ppl(self, name: str) -> dict:
+        a, win = self.args, self.windows[name]
+        key = f"ppl|{a.model}|{name}|seqlen{a.seqlen}|windows{win.shape[0]}"
+        return self.cache.get(key, lambda: perplexity(self.loaded.model, win, device=self.device,
+                                                      batch_size=a.eval_batch_size).to_dict())
+
+    def calib_reference(self, seed: int) -> dict:
+        """Dense calibration loss on the windows calib_loss["pruned"] uses, and the forward floor."""
+        a = self.args
+        key = f"calib|{a.model}|sotu|{a.nsamples}x{a.seqlen}|seed{seed}|{self.device.type}"
+
+        def compute():
+            ids = calibration_windows(corpus_token_ids(self.loaded.tokenizer, "sotu", "calib"), a.nsamples,
+                                      a.seqlen, seed)
+            nll, n = calibration_nll(self.loaded.model, ids, self.device)
+            floor = forward_floor_seconds(self.loaded.model, ids, self.device)
+            return {"dense_calib_nll": nll, "calib_nll_windows": n, "forward_floor_s": floor,
+                    "threads": torch.get_num_threads(), "measured": time.strftime("%Y-%m-%d %H:%M")}
+
+        return self.cache.get(key, compute)
+
+    def run(self, variant: Variant, sparsity: float, seed: int) -> Path | None:
+        a = self.args
+        cfg = variant.config(model=a.model, sparsity=sparsity, seed=seed, nsamples=a.nsamples, seqlen=a.seqlen,
+                             eval_data=(), device=a.device)
+        key = run_key(cfg, self.ev)
+        path = self.out / f"{key}.json"
+        if path.exists():
+            print(f"skip   {key}", file=sys.stderr)
+            return path
+        if a.dry_run:
+            print(f"todo   {key}", file=sys.stderr)
+            return None
+        print(f"run    {key}", file=sys.stderr)
+        ref = self.calib_reference(seed)
+        dense = {name: self.dense_ppl(name) for name in self.windows}
+        n_cached = len(self.stats_cache) if self.stats_cache is not None else 0
+        res = run_prune(cfg, self.loaded, evaluate_dense=False, stats_cache=self.stats_cache,
+                        on_event=_progress if a.progress else None)
+        shared = self.stats_cache is not None and cfg.method not in ("magnitude", "global-taylor") \
+            and len(self.stats_cache) == n_cached
+        rec = res.record
+        t = time.perf_counter()
+        for name, win in self.windows.items():
+            proto = self.protocol(name, seed)
+            r = perplexity(res.model, win, device=self.device, batch_size=a.eval_batch_size, protocol=proto)
+            label = corpus_label(name, "test")
+            rec["ppl"]["pruned"][name] = {**r.to_dict(), "label": label}
+            rec["ppl"]["dense"][name] = {**dense[name], "protocol": proto, "label": label}
+        rec["timing"]["eval_pruned_s"] = time.perf_counter() - t
+        rec["config"]["eval_data"] = [name for name, _ in self.ev.windows]
+        tl = rec["memory"]["timeline"]
+        rec["memory"]["timeline"] = tl[:: max(1, len(tl) // TIMELINE_POINTS)]
+        est = estimate_memory(self.loaded.model.config, cfg.method, cfg.nsamples,
+                              cfg.seqlen, cfg.dtype, cfg.batch_size,
+                              sensitivity=cfg.method == "structprune" and cfg.allocation in ("softmax", "threshold"),
+                              target=cfg.target)
+        prune_s = rec["timing"].get("pass1_s", 0.0) + rec["timing"].get("pass2_s", 0.0)
+        rec["benchmark"] = {
+            "key": key, "variant": variant.label, "main": variant.main,
+            "eval_windows": {name: n for name, n in self.ev.windows},
+            "estimated_peak_bytes": est["peak_bytes"],
+            "forward_floor_s": ref["forward_floor_s"],
+            "prune_over_floor": prune_s / ref["forward_floor_s"] if ref["forward_floor_s"] > 0 else None,
+            "pass1_shared": shared,
+            "dense_calib_nll": ref["dense_calib_nll"],
+            "threads": torch.get_num_threads(),
+        }
+        _write_json(path, rec)
+        ppl = "  ".join(f"{n} {rec['ppl']['pruned'][n]['value']:.4g}" for n in self.windows
+                        if rec["ppl"]["pruned"][n]["value"] is not None)
+        print(f"done   {key}: {ppl}  calib {rec['calib_loss']['pruned']:.4f}  "
+              f"({rec['timing']['total_s'] + rec['timing']['eval_pruned_s']:.0f} s)", file=sys.stderr)
+        return path
+
+
+def _progress(event) -> None:
+    where = f"layer {event.layer + 1}/{event.n_layers}" if event.layer >= 0 else event.message
+    sys.stderr.write(f"\r  {event.stage:<12} {where:<40} {event.elapsed_s:7.1f} s")
+    if event.layer < 0 or event.layer + 1 == event.n_layers:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true",
+                   help=f"smoke run: sparsity 0.3 and 0.5, {', '.join(QUICK)}, 16 calibration and 16 eval windows, "
+                        "results in <results>/quick")
+    p.add_argument("--sweep-temperature", action="store_true",
+                   help="structprune softmax over a log grid of T plus uniform and threshold at 30%% and 50%%; "
+                        "the default T is chosen by calibration loss")
+    p.add_argument("--report-only", action="store_true", help="only regenerate the tables and plots")
+    p.add_argument("--dry-run", action="store_true", help="list the runs (todo / skip) without running")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--methods", nargs="+", default=None, metavar="LABEL",
+                   help="variant labels to run (default: all of the grid); e.g. flap 'structprune alloc=uniform'")
+    p.add_argument("--sparsities", nargs="+", type=float, default=None)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds for every variant")
+    p.add_argument("--extra-seeds", nargs="*", type=int, default=None,
+                   help="seeds for the main variants only (default 1 2; none with --quick / --sweep-temperature)")
+    p.add_argument("--temperatures", nargs="+", type=float, default=list(SWEEP_TEMPERATURES))
+    p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 64; 16 with --quick)")
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--eval-windows", type=int, default=None, help="sotu test windows (default all; 16 with --quick)")
+    p.add_argument("--brown-windows", type=int, default=None, help=f"brown windows (default {BROWN_WINDOWS}; 16 with --quick)")
+    p.add_argument("--eval-batch-size", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--share-pass1", action=argparse.BooleanOptionalAction, default=None,
+                   help="reuse pass-1 statistics across runs that share them (default: on for the sweep only, "
+                        "so the grid's pass-1 times stay honest)")
+    p.add_argument("--results", default=None, help="results folder (default benchmarks/results[/quick])")
+    p.add_argument("--progress", action="store_true", help="per-layer progress on stderr")
+    return p
+
+
+def resolve_args(args) -> argparse.Namespace:
+    q = args.quick
+    args.nsamples = args.nsamples or (16 if q else 64)
+    if args.eval_windows is None and q:
+        args.eval_windows = 16
+    args.brown_windows = args.brown_windows or (16 if q else BROWN_WINDOWS)
+    if args.sweep_temperature:
+        args.sparsities = args.sparsities or list(SWEEP_SPARSITIES)
+    else:
+        args.sparsities = args.sparsities or ([0.3, 0.5] if q else list(SPARSITIES))
+    if args.extra_seeds is None:
+        args.extra_seeds = [] if (q or args.sweep_temperature) else [1, 2]
+    if args.share_pass1 is None:
+        args.share_pass1 = args.sweep_temperature
+    args.results = args.results or str(RESULTS / "quick" if q else RESULTS)
+    return args
+
+
+def plan(args) -> list[tuple[Variant, float, int]]:
+    if args.sweep_temperature:
+        variants = sweep_variants(args.temperatures)
+    else:
+        variants = GRID if not args.quick else tuple(v for v in GRID if v.label in QUICK)
+    if args.methods:
+        known = {v.label for v in variants}
+        unknown = set(args.methods) - known
+        if unknown:
+            raise SystemExit(f"unknown variant(s) {sorted(unknown)}; known: {sorted(known)}")
+        variants = tuple(v for v in variants if v.label in args.methods)
+    runs = []
+    for seed in list(args.seeds) + [s for s in args.extra_seeds if s not in args.seeds]:
+        for s in args.sparsities:
+            for v in variants:
+                if seed in args.seeds or v.main:
+                    runs.append((v, s, seed))
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = resolve_args(build_parser().parse_args(argv))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    from . import report
+
+    if not args.report_only:
+        runs = plan(args)
+        print(f"{len(runs)} runs in {args.results}", file=sys.stderr)
+        bench = Bench(args)
+        for v, s, seed in runs:
+            bench.run(v, s, seed)
+        if args.dry_run:
+            return 0
+    written = report.write_all(Path(args.results), sweep=args.sweep_temperature, temperatures=args.temperatures)
+    for path in written:
+        print(f"wrote  {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,413 @@
+"""Tables and plots from the comparison records in a results folder (see compare.py).
+
+- SUMMARY.md: perplexity per method x sparsity for each eval set (with protocol, machine, date,
+  commit), StructPrune's ratios against the issue's bar, calibration losses, and device memory
+  (measured on CUDA / accounted on CPU, labelled) and pruning time over the forward floor.
+- ppl_vs_sparsity.html: plotly, ppl vs sparsity per method (log y, Okabe-Ito colours plus distinct
+  markers and dashes, so it reads without colour), then memory and time per method.
+- TEMPERATURE_SWEEP.md + temperature_sweep.json (with --sweep-temperature): calibration loss per
+  candidate allocation; the default T is the one with the lowest calibration loss, never test ppl.
+
+Records are matched to variants by their configuration, not by the label they were written under
+(the sweep's softmax T=1 run and the grid's default structprune run are one record).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import subprocess
+from collections import defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+from statistics import mean
+
+from structprune.config import PruneConfig
+
+from .compare import GRID, Variant, sweep_variants
+
+# Okabe & Ito (2008): distinguishable with every common colour-vision deficiency
+OKABE_ITO = ("#000000", "#E69F00", "#56B4E9", "#009E73", "#D55E00", "#0072B2", "#CC79A7", "#F0E442")
+SYMBOLS = ("circle", "square", "diamond", "triangle-up", "x", "cross", "triangle-down", "star", "hexagon",
+           "pentagon", "star-square", "hourglass")
+_STRUCTPRUNE_FIELDS = ("allocation", "temperature", "energy", "selector", "saliency", "target", "refit", "bias")
+
+
+def load_records(folder: Path) -> list[dict]:
+    recs = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            rec = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and rec.get("schema", "").startswith("structprune.run") and "benchmark" in rec:
+            recs.append(rec)
+    return recs
+
+
+def matches(rec: dict, v: Variant) -> bool:
+    if rec["method"] != v.method:
+        return False
+    if v.method != "structprune":
+        return True
+    want = v.config().to_dict()
+    return all(rec["config"].get(k) == want[k] for k in _STRUCTPRUNE_FIELDS)
+
+
+def _ppl(rec: dict, name: str) -> float | None:
+    r = rec["ppl"]["pruned"].get(name)
+    if r is None:
+        return None
+    return r["value"] if r["value"] is not None else math.inf
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    if x is None:
+        return "–"
+    if math.isinf(x):
+        return "inf"
+    return f"{x:.{digits}g}" if abs(x) < 10 ** digits else f"{x:,.0f}"
+
+
+def _grid(recs: list[dict], variants) -> dict[str, dict[float, list[dict]]]:
+    """label -> sparsity -> records (all seeds)."""
+    out: dict[str, dict[float, list[dict]]] = {}
+    for v in variants:
+        by_s = defaultdict(list)
+        for rec in recs:
+            if matches(rec, v):
+                by_s[round(rec["sparsity"]["target"], 4)].append(rec)
+        if by_s:
+            out[v.label] = dict(by_s)
+    return out
+
+
+def _seed0(runs: list[dict]) -> dict | None:
+    return next((r for r in runs if r["config"]["seed"] == 0), runs[0] if runs else None)
+
+
+def _eval_sets(recs: list[dict]) -> list[str]:
+    names = []
+    for rec in recs:
+        for n in rec["ppl"]["pruned"]:
+            if n not in names:
+                names.append(n)
+    return names
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# --------------------------------------------------------------------------------------------- SUMMARY.md
+
+
+def summary_markdown(recs: list[dict], variants=GRID) -> str:
+    grid = _grid(recs, variants)
+    if not grid:
+        return "# Comparison benchmark\n\nNo records yet.\n"
+    sparsities = sorted({s for by_s in grid.values() for s in by_s})
+    any_rec = recs[0]
+    env = any_rec["environment"]
+    commits = sorted({r["environment"].get("git_commit") or "?" for r in recs})
+    seeds = sorted({r["config"]["seed"] for r in recs})
+    lines = [
+        f"# Comparison benchmark: {any_rec['model']['name']}",
+        "",
+        f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by `benchmarks/compare.py` "
+        f"(report at commit {_git_commit() or '?'}; records from commit(s) {', '.join(commits)}).",
+        f"Machine: {platform.machine()}, {env.get('cpus')} torch threads, device {any_rec['device']}, "
+        f"{any_rec['dtype']}; torch {env.get('torch')}, transformers {env.get('transformers')}. "
+        f"Model: {any_rec['model']['description']}.",
+        f"{len(recs)} runs; seeds {', '.join(map(str, seeds))} (extra seeds for the main methods only). "
+        "Sparsity = fraction of prunable parameters (attention heads + MLP channels) removed.",
+        "",
+    ]
+    for name in _eval_sets(recs):
+        protos = sorted({r["ppl"]["pruned"][name]["protocol"] for r in recs if name in r["ppl"]["pruned"]})
+        label = next(r["ppl"]["pruned"][name].get("label", name) for r in recs if name in r["ppl"]["pruned"])
+        dense = next((r["ppl"]["dense"].get(name, {}).get("value") for r in recs if r["ppl"]["dense"].get(name)), None)
+        lines += [f"## Perplexity: {label} (dense {_fmt(dense)})", "", "Protocol: " + "; ".join(f"`{p}`" for p in protos),
+                  "", "| method | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |",
+                  "|---|" + "---:|" * len(sparsities)]
+        best = {s: min((_ppl(_seed0(by_s[s]), name) or math.inf) for by_s in grid.values() if s in by_s)
+                for s in sparsities}
+        for label_v, by_s in grid.items():
+            cells = []
+            for s in sparsities:
+                runs = by_s.get(s, [])
+                if not runs:
+                    cells.append("–")
+                    continue
+                v0 = _ppl(_seed0(runs), name)
+                cell = _fmt(v0)
+                if v0 is not None and v0 == best[s]:
+                    cell = f"**{cell}**"
+                vals = [_ppl(r, name) for r in runs if _ppl(r, name) is not None]
+                if len(vals) > 1:
+                    cell += f" ({_fmt(min(vals))}–{_fmt(max(vals))}, {len(vals)} seeds)"
+                cells.append(cell)
+            lines.append(f"| {label_v} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += _bar_section(grid, sparsities, _eval_sets(recs))
+    lines += _calib_section(grid, sparsities, recs)
+    lines += _cost_section(grid)
+    return "\n".join(lines) + "\n"
+
+
+def _ratio(grid, a: str, b: str, s: float, name: str) -> float | None:
+    ra, rb = grid.get(a, {}).get(s), grid.get(b, {}).get(s)
+    if not ra or not rb:
+        return None
+    pa, pb = _ppl(_seed0(ra), name), _ppl(_seed0(rb), name)
+    if pa is None or pb is None or pb == 0 or math.isinf(pb):
+        return None
+    return pa / pb
+
+
+def _bar_section(grid, sparsities, names) -> list[str]:
+    if "structprune" not in grid:
+        return []
+    lines = ["## StructPrune against the bar (seed 0; ratio of perplexities, lower is better)", "",
+             "Bar (issue 4): lowest ppl of all methods from 20% to 50%; <= 0.7x FLAP at 30% and <= 0.5x at 50%; "
+             "no worse than global-taylor; default allocation beats uniform by >= 5% at 50%.", "",
+             "| sparsity | eval | / flap | / global-taylor | / alloc=uniform | lowest of all |",
+             "|---|---|---:|---:|---:|---|"]
+    for s in sparsities:
+        for name in names:
+            sp = grid["structprune"].get(s)
+            if not sp:
+                continue
+            mine = _ppl(_seed0(sp), name)
+            others = [_ppl(_seed0(by_s[s]), name) for label, by_s in grid.items()
+                      if s in by_s and label != "structprune" and not label.startswith("structprune ")]
+            lowest = "yes" if mine is not None and all(o is None or mine <= o for o in others) else "no"
+            cells = [_fmt(_ratio(grid, "structprune", b, s, name), 3)
+                     for b in ("flap", "global-taylor", "structprune alloc=uniform")]
+            lines.append(f"| {s:.0%} | {name} | " + " | ".join(cells) + f" | {lowest} |")
+    return lines + [""]
+
+
+def _calib_section(grid, sparsities, recs) -> list[str]:
+    dense = next((r["benchmark"].get("dense_calib_nll") for r in recs), None)
+    windows = next((r["calib_loss"].get("pruned_windows") for r in recs), None)
+    lines = [f"## Calibration loss (nats/token, first {windows} calibration windows; dense {_fmt(dense, 5)})", "",
+             "The held-out-free loss allocations are chosen by (seed 0).", "",
+             "| method | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |",
+             "|---|" + "---:|" * len(sparsities)]
+    for label, by_s in grid.items():
+        cells = [_fmt(_seed0(by_s[s])["calib_loss"].get("pruned"), 5) if s in by_s else "–" for s in sparsities]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def cost_rows(grid) -> list[dict]:
+    """Per variant: peak device bytes (max over its seed-0 runs), estimate, time ratios (mean)."""
+    rows = []
+    for label, by_s in grid.items():
+        runs = [_seed0(r) for r in by_s.values()]
+        timed = [r for r in runs if not r["benchmark"].get("pass1_shared")]
+        rows.append({
+            "label": label,
+            "peak_bytes": max(r["memory"]["peak_bytes"] for r in runs),
+            "kind": "/".join(sorted({r["memory"]["kind"] for r in runs})),
+            "estimated_bytes": max(r["benchmark"]["estimated_peak_bytes"] for r in runs),
+            "prune_over_floor": mean(r["benchmark"]["prune_over_floor"] for r in timed) if timed else None,
+            "pass1_s": mean(r["timing"].get("pass1_s", 0.0) for r in timed) if timed else None,
+            "pass2_s": mean(r["timing"].get("pass2_s", 0.0) for r in timed) if timed else None,
+            "floor_s": mean(r["benchmark"]["forward_floor_s"] for r in runs),
+        })
+    return rows
+
+
+def _cost_section(grid) -> list[str]:
+    lines = ["## Device memory and pruning time (seed 0)", "",
+             "Peak bytes on the compute device while pruning: `measured-cuda` = torch.cuda.max_memory_allocated, "
+             "`accounted-cpu` = the pipeline's own accounting of what it would hold on a device (weights-only "
+             "magnitude holds nothing). Time as a ratio: (pass 1 + pass 2) / one plain forward pass over the "
+             "calibration set, measured on the same machine; runs that reused pass-1 statistics are left out.", "",
+             "| method | peak MiB | kind | estimate MiB | prune / forward floor | pass 1 s | pass 2 s |",
+             "|---|---:|---|---:|---:|---:|---:|"]
+    for r in cost_rows(grid):
+        lines.append(f"| {r['label']} | {r['peak_bytes'] / 2**20:.1f} | {r['kind']} | "
+                     f"{r['estimated_bytes'] / 2**20:.1f} | {_fmt(r['prune_over_floor'], 3)} | "
+                     f"{_fmt(r['pass1_s'], 3)} | {_fmt(r['pass2_s'], 3)} |")
+    return lines + [""]
+
+
+# --------------------------------------------------------------------------------------------- plots
+
+
+def _style(i: int, label: str) -> dict:
+    ablation = label.startswith("structprune ")
+    return {"color": OKABE_ITO[i % len(OKABE_ITO)], "symbol": SYMBOLS[i % len(SYMBOLS)],
+            "dash": "dash" if ablation else "solid", "width": 3 if label == "structprune" else 1.8}
+
+
+def plot_html(recs: list[dict], variants=GRID) -> str:
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    grid = _grid(recs, variants)
+    names = _eval_sets(recs)
+    titles = []
+    for n in names:
+        proto = next(r["ppl"]["pruned"][n]["protocol"] for r in recs if n in r["ppl"]["pruned"])
+        titles.append(proto)
+    fig = make_subplots(rows=1, cols=len(names), subplot_titles=titles, shared_yaxes=False)
+    for i, (label, by_s) in enumerate(grid.items()):
+        st = _style(i, label)
+        for c, name in enumerate(names, start=1):
+            xs = sorted(by_s)
+            ys, lo, hi = [], [], []
+            for s in xs:
+                v0 = _ppl(_seed0(by_s[s]), name)
+                vals = [v for v in (_ppl(r, name) for r in by_s[s]) if v is not None and math.isfinite(v)]
+                ys.append(v0 if v0 is not None and math.isfinite(v0) else None)
+                lo.append((v0 - min(vals)) if vals and ys[-1] else 0)
+                hi.append((max(vals) - v0) if vals and ys[-1] else 0)
+            fig.add_trace(go.Scatter(
+                x=[100 * s for s in xs], y=ys, name=label, legendgroup=label, showlegend=c == 1,
+                mode="lines+markers", line={"color": st["color"], "dash": st["dash"], "width": st["width"]},
+                marker={"symbol": st["symbol"], "size": 8},
+                error_y={"type": "data", "array": hi, "arrayminus": lo, "visible": any(hi) or any(lo)},
+                hovertemplate=f"{label}<br>sparsity %{{x}}%<br>ppl %{{y:.4g}}<extra></extra>"), row=1, col=c)
+    for c, name in enumerate(names, start=1):
+        dense = next((r["ppl"]["dense"][name]["value"] for r in recs if r["ppl"]["dense"].get(name)), None)
+        if dense:
+            fig.add_hline(y=dense, line={"color": "#777777", "dash": "dot"}, annotation_text="dense", row=1, col=c)
+        fig.update_yaxes(type="log", title_text="perplexity (log)", row=1, col=c)
+        fig.update_xaxes(title_text="prunable sparsity (%)", row=1, col=c)
+    fig.update_layout(title="Perplexity vs sparsity (error bars: range over seeds)", template="simple_white",
+                      height=560, legend={"orientation": "v"})
+
+    rows = cost_rows(grid)
+    labels = [r["label"] for r in rows]
+    mem = make_subplots(rows=1, cols=2, subplot_titles=(
+        "Peak compute-device memory while pruning (MiB; " + "/".join(sorted({r["kind"] for r in rows})) + ")",
+        "Pruning time / one forward pass over the calibration set"))
+    mem.add_trace(go.Bar(x=labels, y=[r["peak_bytes"] / 2**20 for r in rows], name="peak",
+                         marker_color=OKABE_ITO[5]), row=1, col=1)
+    mem.add_trace(go.Bar(x=labels, y=[r["estimated_bytes"] / 2**20 for r in rows], name="estimate",
+                         marker_color=OKABE_ITO[1], marker_pattern_shape="/"), row=1, col=1)
+    mem.add_trace(go.Bar(x=labels, y=[r["prune_over_floor"] for r in rows], name="prune / floor",
+                         marker_color=OKABE_ITO[3], showlegend=True), row=1, col=2)
+    mem.update_yaxes(type="log", row=1, col=1)
+    mem.update_layout(template="simple_white", height=480, barmode="group")
+    return ("<html><head><meta charset='utf-8'><title>StructPrune comparison</title></head><body>"
+            + fig.to_html(full_html=False, include_plotlyjs="cdn")
+            + mem.to_html(full_html=False, include_plotlyjs=False) + "</body></html>")
+
+
+# --------------------------------------------------------------------------------------------- sweep
+
+
+def sweep_summary(recs: list[dict], temperatures=None) -> dict:
+    """Per sparsity: every candidate's calibration loss (and test ppl, for information only); the
+    chosen candidate is the lowest calibration loss. The recommended default T is the softmax
+    temperature with the lowest mean calibration loss over the swept sparsities."""
+    variants = sweep_variants(temperatures) if temperatures else sweep_variants()
+    grid = _grid(recs, variants)
+    sparsities = sorted({s for by_s in grid.values() for s in by_s})
+    out = {"sparsities": sparsities, "rows": [], "chosen": {}, "criterion": "calib_loss.pruned (nats/token)"}
+    for s in sparsities:
+        cands = []
+        for v in variants:
+            runs = grid.get(v.label, {}).get(s)
+            if not runs:
+                continue
+            r = _seed0(runs)
+            cfg = r["config"]
+            cands.append({"sparsity": s, "label": v.label, "allocation": cfg["allocation"],
+                          "temperature": cfg["temperature"] if cfg["allocation"] == "softmax" else None,
+                          "calib_loss": r["calib_loss"]["pruned"],
+                          "ppl": {n: _ppl(r, n) for n in r["ppl"]["pruned"]}})
+        if not cands:
+            continue
+        best = min(cands, key=lambda c: c["calib_loss"])
+        uni = next((c for c in cands if c["allocation"] == "uniform"), None)
+        out["rows"] += cands
+        out["chosen"][str(s)] = {"label": best["label"], "calib_loss": best["calib_loss"],
+                                 "uniform_calib_loss": uni["calib_loss"] if uni else None}
+    temps = defaultdict(list)
+    for c in out["rows"]:
+        if c["allocation"] == "softmax":
+            temps[c["temperature"]].append(c["calib_loss"])
+    complete = {t: mean(v) for t, v in temps.items() if len(v) == len(out["chosen"])}
+    if complete:
+        t_best = min(complete, key=complete.get)
+        out["recommended_temperature"] = t_best
+        out["recommended_beats_uniform"] = {
+            s: next(c["calib_loss"] for c in out["rows"] if c["sparsity"] == float(s) and c["temperature"] == t_best)
+            <= (ch["uniform_calib_loss"] if ch["uniform_calib_loss"] is not None else math.inf)
+            for s, ch in out["chosen"].items()}
+    out["config_default_temperature"] = PruneConfig().temperature
+    return out
+
+
+def sweep_markdown(summary: dict, recs: list[dict]) -> str:
+    if not summary["rows"]:
+        return "# Temperature sweep\n\nNo sweep records yet.\n"
+    r0 = recs[0]
+    dense = next((r["benchmark"].get("dense_calib_nll") for r in recs), None)
+    names = sorted({n for c in summary["rows"] for n in c["ppl"]})
+    lines = ["# Temperature sweep: structprune softmax(T) vs uniform vs threshold", "",
+             f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; model {r0['model']['name']}; "
+             f"calibration {r0['config']['nsamples']}x{r0['config']['seqlen']} seed 0, energy "
+             f"`{r0['config']['energy']}`; machine {platform.machine()}; commit {_git_commit() or '?'}.", "",
+             f"Choice by **calibration loss** (mean NLL of the pruned model on the first "
+             f"{r0['calib_loss'].get('pruned_windows')} calibration windows; dense {_fmt(dense, 5)}), never by test "
+             "perplexity; test perplexities are shown for information only.", ""]
+    for s in summary["sparsities"]:
+        if str(s) not in summary["chosen"]:
+            continue
+        lines += [f"## {s:.0%}", "", "| candidate | calib loss | " + " | ".join(f"ppl {n}" for n in names) + " |",
+                  "|---|---:|" + "---:|" * len(names)]
+        for c in summary["rows"]:
+            if c["sparsity"] != s:
+                continue
+            mark = " (chosen)" if c["label"] == summary["chosen"][str(s)]["label"] else ""
+            lines.append(f"| {c['label']}{mark} | {c['calib_loss']:.5f} | "
+                         + " | ".join(_fmt(c["ppl"].get(n)) for n in names) + " |")
+        lines.append("")
+    if "recommended_temperature" in summary:
+        t = summary["recommended_temperature"]
+        beats = summary["recommended_beats_uniform"]
+        lines += [f"**Recommended default T = {t:g}** (lowest mean calibration loss over "
+                  f"{', '.join(f'{float(s):.0%}' for s in summary['chosen'])}; PruneConfig's default is "
+                  f"{summary['config_default_temperature']:g}). Not worse than uniform on calibration loss at: "
+                  + ", ".join(f"{float(s):.0%} {'yes' if ok else 'NO'}" for s, ok in beats.items()) + ".", ""]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------- all
+
+
+def write_all(folder: Path, sweep: bool = False, temperatures=None) -> list[Path]:
+    recs = load_records(folder)
+    written = []
+    if sweep:
+        summary = sweep_summary(recs, temperatures)
+        (folder / "temperature_sweep.json").write_text(json.dumps(summary, indent=1))
+        (folder / "TEMPERATURE_SWEEP.md").write_text(sweep_markdown(summary, recs))
+        written += [folder / "temperature_sweep.json", folder / "TEMPERATURE_SWEEP.md"]
+        return written
+    (folder / "SUMMARY.md").write_text(summary_markdown(recs))
+    written.append(folder / "SUMMARY.md")
+    if _grid(recs, GRID):
+        (folder / "ppl_vs_sparsity.html").write_text(plot_html(recs))
+        written.append(folder / "ppl_vs_sparsity.html")
+    return written
+
+
+if __name__ == "__main__":
+    import sys
+
+    folder = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "results"
+    for p in write_all(folder, sweep="--sweep" in sys.argv):
+        print(p)
