@@ -101,8 +101,8 @@ def estimate_memory(config, method: str = "structprune", nsamples: int = 64, seq
         if sensitivity and solver:
             pass1 = max(pass1, layer + g_attn + g_mlp + max(solve_attn, solve_mlp))
         phases["pass1"] = pass1
-        head_params = _head_params(config)
-        phases["head"] = head_params * db + act + logits_bytes(B, S, config.vocab_size)
+        if sensitivity and solver:  # only the sensitivity streams run the LM head during pruning
+            phases["head"] = _head_params(config) * db + act + logits_bytes(B, S, config.vocab_size)
         extra = layer if target == "dense" else 0
         p2 = [layer + extra + g + max(run, s if solver else 0) for g, s in ((g_attn, solve_attn), (g_mlp, solve_mlp))]
         phases["pass2"] = max(p2)

@@ -210,3 +210,11 @@ def test_module_specs_count_units():
     assert specs[0].unit_params == 1024 and specs[0].step == 2 and specs[0].min_keep == 2
     assert specs[1].unit_params == 192 and specs[1].n_units == 96
     assert count_params(model, ad).prunable == 4 * (8 * 1024 + 96 * 192)
+
+
+@pytest.mark.parametrize("method", ["wanda-sp", "flap"])
+def test_estimator_equals_accounted_peak_for_layerwise_baselines(method):
+    peak, cfg, pc = _accounted_peak("tiny-llama", 2, method=method)
+    est = estimate_memory(cfg, method, pc.nsamples, pc.seqlen, "float32", batch_size=pc.batch_size,
+                          sensitivity=False)
+    assert est["peak_bytes"] == peak
