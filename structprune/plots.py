@@ -271,7 +271,7 @@ def schemes_figure(df: pd.DataFrame, target: float, title: str = "Allocation sch
                              xaxis=f"x{ax}", yaxis=f"y{ax}", name=scheme, legendgroup=scheme, showlegend=r == 0,
                              line=dict(color=SCHEME_COLORS.get(base, color(i)), dash="dot" if base == "uniform" else "solid"),
                              hovertemplate=f"{scheme}<br>layer %{{x}}<br>sparsity %{{y:.1%}}<extra></extra>"))
-    text = f"every scheme removes {target:.0%} of the prunable parameters (rounded to whole heads / channels)"
+    text = f"same budget: {target:.0%} of the prunable parameters, in whole heads / channels"
     layout = _layout(title, 560, meta={"caption": text}, annotations=[_caption_parts(text)] + [
         _subplot_title(MODULE_NAMES[k], domains[r][1]) for r, k in enumerate(kinds)])
     for r in range(rows):
@@ -326,7 +326,7 @@ def ppl_vs_sparsity_figure(df: pd.DataFrame, protocol: str, group: str = "method
     if len(dense) == 1:
         _hline(fig, float(dense[0]), f"dense {float(dense[0]):.4g}", log_y=True)
     fig.update_layout(yaxis_type="log", yaxis_title="perplexity (log)", xaxis_tickformat=".0%",
-                      xaxis_title="sparsity target (share of prunable parameters)")
+                      xaxis_range=[-0.02, 0.92], xaxis_title="sparsity target (share of prunable parameters)")
     caption(fig, f"protocol: {protocol}")
     return _base(fig, title, height=440)
 
@@ -458,21 +458,23 @@ def residuals_figure(df: pd.DataFrame, title: str = "Residuals and penalty") -> 
     fig.add_bar(x=df["iteration"], y=df["support_changes"], name="support changes (units in + out)",
                 marker_color=color(4), opacity=0.5, secondary_y=True)
     fig.update_yaxes(type="log", title_text="residual (log)", secondary_y=False)
-    fig.update_yaxes(title_text="support changes", secondary_y=True, rangemode="tozero")
+    fig.update_yaxes(title_text="support changes", secondary_y=True, rangemode="tozero", dtick=1)
     fig.update_xaxes(title_text="ADMM iteration")
-    return _base(fig, title)
+    _base(fig, title)
+    fig.update_layout(legend=dict(y=-0.25, yanchor="top"), margin=dict(b=110))
+    return fig
 
 
 def refit_selectors_figure(df: pd.DataFrame, title: str = "Error of the kept units: zeroed vs refit") -> go.Figure:
     """Per selector, the module's output error with removed units zeroed and after the refit, as a
-    share of the module's output energy (log y). df: selector, err_no_refit, err_after_refit, energy."""
+    share of the module's output energy. df: selector, err_no_refit, err_after_refit, energy."""
     fig = _figure()
     for i, (col, name) in enumerate((("err_no_refit", "removed units zeroed"), ("err_after_refit", "least-squares refit"))):
         rel = df[col] / df["energy"]
         fig.add_bar(x=df["selector"], y=rel, name=name, marker_color=color(3 if i == 0 else 2),
                     text=[f"{v:.2%}" for v in rel], textposition="outside",
                     hovertemplate="%{x}<br>%{y:.3%} of the output energy<extra>" + name + "</extra>")
-    fig.update_layout(barmode="group", yaxis_type="log", yaxis_title="error / output energy (log)",
+    fig.update_layout(barmode="group", yaxis_tickformat=".0%", yaxis_title="error / output energy",
                       xaxis_title="unit selector")
     return _base(fig, title)
 

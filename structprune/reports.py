@@ -53,7 +53,7 @@ def params_frame(record: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def timeline_frame(record: dict, bins: int = 300) -> pd.DataFrame:
+def timeline_frame(record: dict, bins: int = 150) -> pd.DataFrame:
     """The run's device-memory timeline: t (s), mib, peak_mib (running maximum), label; plus the
     kind (measured / accounted). Long timelines are reduced to the maximum per time bin (the
     envelope a reader needs: hold/release pairs every few milliseconds are unreadable)."""

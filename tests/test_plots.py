@@ -100,7 +100,7 @@ def test_explorer_figures():
     schemes = pd.DataFrame({"scheme": ["uniform"] * 2 + ["softmax (T=1)"] * 2, "layer": [0, 1, 0, 1],
                             "module": ["mlp"] * 4, "sparsity": [0.3, 0.3, 0.5, 0.1]})
     fig = plots.schemes_figure(schemes, 0.3)
-    assert list(_trace(fig, "softmax (T=1)").y) == [0.5, 0.1] and "30%" in fig.layout.meta["caption"]
+    assert list(_trace(fig, "softmax (T=1)").y) == [0.5, 0.1] and "30% of the prunable" in fig.layout.meta["caption"]
     ent = pd.DataFrame({"temperature": [0.1, 1.0, 10.0], "entropy": [1.0, 2.0, 2.9], "uniform": 3.0})
     fig = plots.entropy_figure(ent, temperature=1.0)
     assert fig.layout.xaxis.type == "log" and list(fig.data[0].y) == [1.0, 2.0, 2.9]
@@ -174,4 +174,4 @@ def test_method_figures():
                         "err_after_refit": [2.0, 1.5], "energy": [100.0, 100.0]})
     fig = plots.refit_selectors_figure(err)
     assert list(_trace(fig, "least-squares refit").y) == pytest.approx([0.02, 0.015])
-    assert fig.layout.yaxis.type == "log"
+    assert fig.layout.yaxis.tickformat == ".0%"
