@@ -1,0 +1,118 @@
+"""What every page shares: the run store, the background worker, the cached models, errors.
+
+Not a page (st.navigation in app.py lists the pages). Only Streamlit glue: the work is in the
+structprune package.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import fields
+from pathlib import Path
+
+import streamlit as st
+
+from structprune.config import PruneConfig, choices_for, help_for
+from structprune.paths import data_dir
+
+RESULTS_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+DEFAULTS = {f.name: f.default for f in fields(PruneConfig)}
+
+
+def init(values: dict) -> None:
+    """Initial widget values (set once per session, before the widgets: no `value=` arguments, so
+    Streamlit never sees two sources for one widget)."""
+    for key, value in values.items():
+        st.session_state.setdefault(key, value)
+    PERSISTENT_KEYS.update(values)
+
+
+PERSISTENT_KEYS: set[str] = set()  # widget keys whose values survive a switch to another page
+
+
+def keep_widget_values() -> None:
+    """Called by app.py on every run: re-assigning a widget's value makes it session state, which
+    Streamlit keeps while the widget's page is not shown (its documented multipage pattern)."""
+    for key in PERSISTENT_KEYS:
+        if key in st.session_state:
+            st.session_state[key] = st.session_state[key]
+
+
+def default(name: str):
+    """A run setting's default, from PruneConfig (the one source of truth)."""
+    return DEFAULTS[name]
+
+
+def tip(name: str) -> str:
+    return help_for(name)
+
+
+def options(name: str) -> list[str]:
+    return list(choices_for(name) or [])
+
+
+@st.cache_resource(show_spinner=False)
+def _store(folder: str):
+    from structprune.store import RunStore
+
+    return RunStore(folder)
+
+
+def store():
+    """The run store in the data folder chosen in the sidebar (opened once per folder)."""
+    return _store(st.session_state.get("data_dir") or str(data_dir()))
+
+
+@st.cache_resource(show_spinner=False)
+def runner():
+    """The process-wide background worker (one job at a time, shared by every session)."""
+    from structprune.jobs import JobRunner
+
+    return JobRunner()
+
+
+@st.cache_resource(show_spinner="Loading the model (once per app process)...", max_entries=3)
+def model(name: str):
+    """A loaded model, cached for the app's life and never mutated (runs prune a deep copy)."""
+    from structprune.models import load_model
+
+    return load_model(name.strip())
+
+
+@st.cache_resource(show_spinner=False)
+def model_config(name: str):
+    """The model's config (shapes only) for the estimates; built-in, tiny, folder or preset."""
+    from structprune.estimate import load_config
+
+    return load_config(name.strip())
+
+
+def show_error(exc: BaseException, what: str = "") -> None:
+    """The library's message (it says what to do), never a traceback."""
+    msg = str(exc) or type(exc).__name__
+    st.error(f"{what}: {msg}" if what else msg, icon=":material/error:")
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None or (isinstance(n, float) and not math.isfinite(n)):
+        return "n/a"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+def fmt_seconds(s: float) -> str:
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 5400:
+        return f"{s / 60:.0f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def run_label(summary: dict) -> str:
+    """One line for a stored run in a select box."""
+    sp = summary.get("sparsity")
+    sp = f"{sp:.0%}" if isinstance(sp, (int, float)) else "?"
+    return (f"{summary['created'][:16].replace('T', ' ')} · {summary.get('model')} · {summary.get('method')} · "
+            f"{summary.get('allocation')} · {sp} · {summary['status']} · {summary['run_id']}")

@@ -1,0 +1,128 @@
+"""Allocation explorer: how the budget moves across layers as the temperature changes, redrawn from
+cached pass-1 energies without touching the model."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import streamlit as st
+
+from pages import _ui as ui
+from structprune import plots
+from structprune.config import PruneConfig
+from structprune.explorer import (EnergyProfile, entropy_frame, scheme_frame, softmax_frame,
+                                  temperature_grid, temperature_ladder)
+from structprune.planning import available_models
+
+LADDER = [float(t) for t in temperature_ladder()]
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def load_profile(folder: str, key: str) -> EnergyProfile | None:
+    """A stored profile, kept in memory (with its energies memo) for instant redraws."""
+    data = ui.store().cache_get(key)
+    return EnergyProfile.from_dict(data) if data else None
+
+
+def profile_label(key: str) -> str:
+    parts = key.split("|")  # profile|model|calib|NxS|seed|s|sens|...
+    sens = f"sensitivities at {parts[5]}" if parts[6].startswith("sens") else f"{parts[5]}, no sensitivities"
+    return f"{parts[1]} · {parts[2]} {parts[3]} · {parts[4]} · {sens}"
+
+
+st.title("Allocation explorer")
+st.caption("Pass 1 of the engine measures every module's energy once; every chart here is recomputed from those "
+           "numbers alone (no model run), so moving the temperature redraws in milliseconds.")
+
+store, runner = ui.store(), ui.runner()
+keys = store.cache_keys("profile|")
+
+with st.expander("Compute an energy profile", expanded=not keys):
+    models = available_models()
+    ui.init({"ex_model": ui.default("model") if ui.default("model") in models else models[0],
+             "ex_nsamples": 8, "ex_seqlen": 256, "ex_s": ui.default("sparsity")})
+    p1, p2, p3, p4 = st.columns(4)
+    p1.selectbox("Model", models, key="ex_model", help=ui.tip("model"))
+    p2.number_input("Calibration windows", 1, 1024, key="ex_nsamples", help=ui.tip("nsamples"))
+    p3.number_input("Tokens per window", 2, 8192, key="ex_seqlen", help=ui.tip("seqlen"))
+    p4.number_input("Sparsity for the sensitivities", 0.05, 0.9, step=0.05, key="ex_s", help=ui.tip("sparsity"))
+    st.caption("A prune run with structprune and the sensitivity energy stores its profile here too.")
+    if st.button("Compute (pass 1 in the background)", key="ex_compute"):
+        try:
+            s = st.session_state
+            cfg = PruneConfig(model=s.ex_model, nsamples=s.ex_nsamples, seqlen=s.ex_seqlen, sparsity=s.ex_s,
+                              sensitivity_windows=min(ui.default("sensitivity_windows"), s.ex_nsamples))
+            runner.submit_profile(cfg, ui.model(cfg.model), store)
+        except Exception as exc:  # noqa: BLE001
+            ui.show_error(exc)
+
+job = runner.current()
+
+
+@st.fragment(run_every=2.0 if job is not None and job.active and job.kind == "profile" else None)
+def profile_progress() -> None:
+    job = runner.current()
+    if job is None or job.kind != "profile":
+        return
+    if job.active:
+        frac, where = job.progress()
+        st.progress(frac, text=f"{job.label}: {where} · {job.elapsed_s:.0f} s")
+        st.button("Cancel", key="ex_cancel", on_click=runner.cancel)
+    elif st.session_state.get("ex_seen") != job.job_id:
+        st.session_state["ex_seen"] = job.job_id
+        st.rerun()
+    elif job.status != "finished":
+        ui.show_error(Exception(job.error), f"The energy pass {job.status}")
+
+
+profile_progress()
+
+if not keys:
+    st.info("No energy profile yet: compute one above, or run structprune with the sensitivity energy on the "
+            "Prune page.")
+    st.stop()
+
+key = st.selectbox("Energy profile", keys, format_func=profile_label, key="ex_profile")
+profile = load_profile(str(store.folder), key)
+c1, c2, c3 = st.columns(3)
+energy = c1.radio("Energy", profile.energy_kinds, key="ex_energy", horizontal=True, help=ui.tip("energy"))
+s = c2.number_input("Sparsity target", 0.05, 0.9, float(profile.sparsity), 0.05, key="ex_target",
+                    help=ui.tip("sparsity"))
+owl_lambda = c3.number_input("OWL lambda", 0.0, 0.3, ui.default("owl_lambda"), 0.01, key="ex_owl",
+                             help=ui.tip("owl_lambda"))
+if energy == "sensitivity" and not math.isclose(s, profile.sparsity):
+    st.caption(f"Sensitivities were measured at s = {profile.sparsity:g}; they rank the modules at other targets too.")
+
+
+@st.fragment
+def temperature_view() -> None:
+    """The slider and everything that depends on T: the only part that reruns when T moves."""
+    t_value = st.select_slider("Temperature T", LADDER + [math.inf], value=1.0, key="ex_T",
+                               format_func=lambda t: "inf (uniform)" if math.isinf(t) else f"{t:g}",
+                               help=ui.tip("temperature"))
+    t0 = time.perf_counter()
+    soft = softmax_frame(profile, s, t_value, energy)
+    fig_e = plots.energy_figure(soft, t_value, energy)
+    schemes = scheme_frame(profile, s, t_value, energy, owl_lambda=owl_lambda)
+    fig_s = plots.schemes_figure(schemes, s)
+    ms = 1000 * (time.perf_counter() - t0)
+    st.session_state["ex_redraw_ms"] = ms
+    cols = st.columns(5)
+    for col, (_, row) in zip(cols, schemes.drop_duplicates("scheme").iterrows()):
+        col.metric(f"{row['scheme']}: entropy (nats)", f"{row['entropy']:.3f}",
+                   help="of where the pruned parameters sit; uniform is the maximum")
+    cols[4].caption(f"Redrawn in {ms:.0f} ms (allocations + figures, no model run).")
+    a, b = st.columns(2)
+    a.plotly_chart(fig_e, key="ex_energy_chart")
+    b.plotly_chart(fig_s, key="ex_schemes_chart")
+
+
+temperature_view()
+
+st.plotly_chart(plots.entropy_figure(entropy_frame(profile, s, LADDER, energy)), key="ex_entropy_chart")
+grid = temperature_grid(profile, s, LADDER, energy)
+st.plotly_chart(plots.temperature_heatmap(grid), key="ex_heatmap")
+st.caption(f"{profile.model}: {profile.n_layers} layers; calibration {profile.calibration}. T -> 0 prunes the "
+           "lowest-energy modules first (up to the cap); T -> inf is uniform. Continuous allocation, before rounding "
+           "to whole heads and channels.")

@@ -1,0 +1,120 @@
+"""Method: the formulation of METHOD.md, and one module's solve on a real layer, step by step."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from pages import _ui as ui
+from structprune import plots
+from structprune.planning import available_models
+from structprune.stepthrough import admm_stepthrough, support_rows
+
+st.title("The method")
+st.caption("The project's own formulation (the paper's formulas are not public in full): per-module "
+           "least-squares subproblems on Gram matrices, ADMM for the structured support, an exact refit, and an "
+           "energy softmax across layers.")
+
+st.markdown("**Units and budget.** A unit is a query head (its q rows and o columns) or an MLP channel (a row of "
+            "gate/up and a column of down). The target $s$ is the share of prunable parameters removed; "
+            "$N_m$ is module $m$'s prunable parameters.")
+st.latex(r"B = s \sum_m N_m")
+st.markdown("**One module's subproblem.** For the output projection $W$ (bias $b$) with inputs $P$ over $T$ tokens, "
+            "keep only the Gram matrix of the augmented input $\\tilde P = [P; 1]$:")
+st.latex(r"G = \tfrac{1}{T}\,\tilde P \tilde P^\top,\qquad \tilde W = [W,\ b],\qquad "
+         r"f(W') = \tfrac{1}{T}\lVert \tilde W \tilde P - W' \tilde P \rVert^2 = "
+         r"\operatorname{tr}\big((\tilde W - W')\, G\, (\tilde W - W')^\top\big)")
+st.markdown("Constraint: the columns of $W'$ outside the kept set $S$ are zero, $|S| = k$ (the bias column is always "
+            "kept). Damping $\\lambda = 0.01\\,\\overline{\\operatorname{diag} G}$.")
+st.markdown("**ADMM** (closed form, fp64):")
+st.latex(r"\begin{aligned}"
+         r"W' &\leftarrow \big(\tilde W G + \rho (Z - U)\big)\,(G + \rho I)^{-1} \\"
+         r"Z &\leftarrow \operatorname{Proj}_k(W' + U) \quad\text{(keep the $k$ unit groups of largest saliency)}\\"
+         r"U &\leftarrow U + W' - Z, \qquad \rho \leftarrow \min(1.3\,\rho,\ \rho_{\max})"
+         r"\end{aligned}")
+st.markdown("then the exact least-squares **refit** on the final support (with the bias column: bias compensation):")
+st.latex(r"W'_S = (\tilde W G)_{:,S}\,(G_{S,S})^{-1}")
+st.markdown("**Saliency of a unit group** $g$ (columns $J_g$): diagonal (Wanda-like) or exact group OBS:")
+st.latex(r"\sigma_g^{\text{diag}} = \lVert W_{:,J_g}\rVert_F^2\ \overline{\operatorname{diag} G}_{J_g}, \qquad "
+         r"\sigma_g^{\text{obs}} = \operatorname{tr}\Big(W_{:,J_g}\,\big[(G^{-1})_{J_g,J_g}\big]^{-1} W_{:,J_g}^\top\Big)")
+st.markdown("**Allocation across layers.** Module energies $E_m$ (mean cost of the units it would lose), "
+            "standardized as $z_m$ = z-score of $\\log E_m$, give the Boltzmann allocation at temperature $T$, "
+            "clipped to $[s_{\\min}, s_{\\max}]$ and water-filled to meet the budget exactly:")
+st.latex(r"B_m = B\,\frac{N_m\, e^{-z_m / T}}{\sum_{m'} N_{m'}\, e^{-z_{m'}/T}},\qquad s_m = B_m / N_m")
+st.markdown("$T \\to \\infty$ is uniform; $T \\to 0$ prunes the cheapest modules first. The *threshold* rule "
+            "(global structured pruning's) prunes every unit whose cost is below one global $\\tau$. "
+            "**Memory:** one layer on the device, activations on the host: with depth and width growing together "
+            "one layer is about $\\sqrt{N}$ of $N$ parameters, against $O(N)$ for global methods.")
+
+st.divider()
+st.subheader("One module's solve, step by step")
+models = available_models()
+ui.init({"m_model": ui.default("model") if ui.default("model") in models else models[0], "m_layer": 3,
+         "m_kind": "attn", "m_s": ui.default("sparsity")})
+c1, c2, c3, c4 = st.columns(4)
+model_name = c1.selectbox("Model", models, key="m_model", help=ui.tip("model"))
+layer = c2.number_input("Layer", 0, 200, key="m_layer")
+kind = c3.radio("Module", ["attn", "mlp"], key="m_kind", horizontal=True,
+                format_func={"attn": "attention (o_proj)", "mlp": "MLP (down_proj, slow)"}.get)
+sparsity = c4.number_input("Sparsity (uniform)", 0.05, 0.9, step=0.05, key="m_s", help=ui.tip("sparsity"))
+key = f"stepthrough|{model_name}|{layer}|{kind}|{sparsity:g}|8x256"
+store, runner = ui.store(), ui.runner()
+data = store.cache_get(key)
+if data is None:
+    st.caption("Streams 8 calibration windows of 256 tokens to this layer and runs the engine's solver on its Gram "
+               "matrix (under a minute on a CPU for attention; several minutes for an MLP). Cached afterwards.")
+    if st.button("Compute the step-through", key="m_compute"):
+        try:
+            loaded = ui.model(model_name)
+            seqlen = min(256, loaded.model.config.max_position_embeddings)
+
+            def work(on_event, cancel):
+                out = admm_stepthrough(loaded, int(layer), kind, sparsity, nsamples=8, seqlen=seqlen)
+                store.cache_put(key, out)
+                return out
+
+            runner.submit_call("stepthrough", f"step-through {model_name} L{layer} {kind}", {"key": key}, work)
+        except Exception as exc:  # noqa: BLE001
+            ui.show_error(exc)
+    job = runner.current()
+
+    @st.fragment(run_every=2.0 if job is not None and job.active and job.kind == "stepthrough" else None)
+    def wait() -> None:
+        job = runner.current()
+        if job is None or job.kind != "stepthrough":
+            return
+        if job.active:
+            st.progress(0.5, text=f"{job.label}: running, {job.elapsed_s:.0f} s")
+        elif st.session_state.get("m_seen") != job.job_id:
+            st.session_state["m_seen"] = job.job_id
+            st.rerun()
+        elif job.status != "finished":
+            ui.show_error(Exception(job.error), "The step-through failed")
+
+    wait()
+    st.stop()
+
+tr = data["trace"]
+n_it = len(data["supports"]) - 1
+st.caption(f"{data['model']}, layer {data['layer']} {data['module']}: keep {data['k_keep']} of {data['n_units']} units "
+           f"(uniform {data['sparsity']:.0%})" + (f", {data['kv_groups']} KV groups, equal heads per group"
+                                                  if data.get("kv_groups") else "")
+           + f"; calibration {data['calibration']['nsamples']}x{data['calibration']['seqlen']}; ADMM started from the "
+             f"one-shot saliency support, {tr['iterations']} iterations, converged: {tr['converged']}.")
+it = st.slider("Iteration", 0, n_it, n_it, key="m_iter")
+kept_now = set(data["supports"][it])
+prev = set(data["supports"][max(it - 1, 0)])
+m1, m2, m3 = st.columns(3)
+m1.metric("Units kept", len(kept_now))
+m2.metric("Changed since the previous iteration", len(kept_now ^ prev))
+m3.metric("Primal residual", f"{tr['primal_residual'][it - 1]:.2e}" if it > 0 else "start")
+sup = pd.DataFrame(support_rows(data, it))
+a, b = st.columns(2)
+a.plotly_chart(plots.support_figure(sup), key="m_support")
+res = pd.DataFrame({"iteration": range(1, tr["iterations"] + 1), "primal_residual": tr["primal_residual"],
+                    "dual_residual": tr["dual_residual"], "support_changes": tr["support_changes"]})
+b.plotly_chart(plots.residuals_figure(res), key="m_residuals")
+err = pd.DataFrame(data["errors"]).assign(energy=data["output_energy"])
+st.plotly_chart(plots.refit_selectors_figure(err), key="m_refit")
+st.caption("Error = tr((W~ - W') G (W~ - W')^T) on this layer's calibration Gram, as a share of the module's output "
+           "energy tr(W~ G W~^T). The refit recovers most of what zeroing the removed units loses.")

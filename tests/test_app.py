@@ -1,0 +1,346 @@
+"""Every page under streamlit's AppTest: widgets set by key, tiny runs to completion, the charts
+checked against the stored records, and bad inputs answered with the library's message."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+import streamlit as st
+from streamlit.testing.v1 import AppTest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pages import _ui as ui  # noqa: E402  (the module the pages use; monkeypatched below)
+from structprune.store import RunStore  # noqa: E402
+
+TINY = {"model_choice": "tiny-llama", "nsamples": 4, "seqlen": 32, "eval_windows": 2}
+
+
+@pytest.fixture
+def app(tmp_path, monkeypatch):
+    """A fresh app on an empty data folder and an empty benchmarks/results, caches cleared."""
+    monkeypatch.setenv("STRUCTPRUNE_DATA", str(tmp_path / "data"))
+    results = tmp_path / "results"
+    results.mkdir()
+    monkeypatch.setattr(ui, "RESULTS_DIR", results)
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+    at.run()
+    assert not at.exception
+    yield at
+    job = ui.runner().current()
+    if job is not None and job.active:  # never leave a worker running into the next test
+        job.cancel_event.set()
+        _wait(lambda: not job.active)
+    st.cache_data.clear()
+    st.cache_resource.clear()
+
+
+def _wait(cond, timeout=120.0):
+    t = time.time()
+    while not cond():
+        assert time.time() - t < timeout, "timed out"
+        time.sleep(0.1)
+
+
+def _run_until(at: AppTest, cond, timeout=120.0) -> AppTest:
+    t = time.time()
+    while True:
+        at.run()
+        assert not at.exception, at.exception
+        if cond(at):
+            return at
+        assert time.time() - t < timeout, "timed out"
+        time.sleep(0.3)
+
+
+def _decode(obj):
+    """Plotly's JSON sends arrays as {"dtype", "bdata" (base64)[, "shape"]}: back to lists."""
+    if isinstance(obj, dict):
+        if "bdata" in obj and "dtype" in obj:
+            arr = np.frombuffer(base64.b64decode(obj["bdata"]), dtype=obj["dtype"])
+            if "shape" in obj:
+                arr = arr.reshape([int(n) for n in str(obj["shape"]).split(",")])
+            return arr.tolist()
+        return {k: _decode(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode(v) for v in obj]
+    return obj
+
+
+def _figures(at: AppTest) -> dict:
+    """title -> plotly Figure of every chart on the page."""
+    out = {}
+    for el in at.get("plotly_chart"):
+        fig = go.Figure(_decode(json.loads(el.proto.spec)))
+        out[fig.layout.title.text] = fig
+    return out
+
+
+def _errors(at: AppTest) -> str:
+    return " | ".join(e.value for e in at.error)
+
+
+def _set(at: AppTest, **values) -> None:
+    for key, value in values.items():
+        widget = next(w for kind in ("selectbox", "number_input", "text_input", "text_area", "multiselect", "checkbox", "radio")
+                      for w in getattr(at, kind) if w.key == key)
+        widget.set_value(value)
+    at.run()
+
+
+def _prune(at: AppTest, **settings) -> AppTest:
+    _set(at, **{**TINY, **settings})
+    at.button(key="run").click()
+    at.run()
+    job = ui.runner().current()
+    assert job is not None, _errors(at)
+    _wait(lambda: not job.active)
+    return _run_until(at, lambda a: "Sparsity per layer and module" in _figures(a) or a.error)
+
+
+def test_prune_page_runs_a_tiny_model_and_draws_the_record(app):
+    assert "Predicted peak device memory" in [m.label for m in app.metric]
+    at = _prune(app)
+    assert not at.error, _errors(at)
+    rec = RunStore(ui.store().folder).records()[0]
+    figs = _figures(at)
+    alloc = figs["Sparsity per layer and module"]
+    for kind, name in (("attn", "attention heads"), ("mlp", "MLP channels")):
+        rows = [r for r in rec["allocation"] if r["module"] == kind]
+        trace = next(t for t in alloc.data if t.name == name)
+        assert list(trace.y) == [r["sparsity"] for r in rows]
+    assert alloc.layout.shapes[0].y0 == rec["sparsity"]["target"] == 0.3
+    ppl = figs["Perplexity, dense vs pruned"]
+    assert ppl.layout.yaxis.type == "log"
+    pruned = next(t for t in ppl.data if t.name == "pruned")
+    assert pruned.y[0] == pytest.approx(rec["ppl"]["pruned"]["random"]["value"])
+    assert rec["ppl"]["pruned"]["random"]["protocol"] in ppl.layout.meta["caption"]
+    assert any(rec["ppl"]["pruned"]["random"]["protocol"] in c.value for c in at.caption)
+    energy = figs["Module energies and the softmax allocation"]
+    e_attn = next(t for t in energy.data if t.name == "attention heads energy")
+    assert list(e_attn.y) == pytest.approx([r["energy"] for r in rec["allocation"] if r["module"] == "attn"])
+    assert "Device memory over the run" in figs and "Reconstruction error per module: masked vs refit" in figs
+    assert any("no tokenizer" in c.value for c in at.caption)  # tiny model: no text generation
+    labels = [b.label for b in at.get("download_button")]
+    assert "Run record (JSON)" in labels and "Allocation (CSV)" in labels
+
+
+def test_prune_page_admm_traces(app):
+    at = _prune(app, selector="admm", allocation="uniform")
+    assert not at.error, _errors(at)
+    rec = RunStore(ui.store().folder).records()[0]
+    fig = _figures(at)["ADMM convergence per module"]
+    traced = [m for m in rec["modules"] if m.get("trace")]
+    assert len(fig.data) == len(traced) > 0
+    first = traced[0]
+    trace = next(t for t in fig.data if t.name == f"L{first['layer']} {first['module']}")
+    assert list(trace.y) == pytest.approx(first["trace"]["primal_residual"])
+
+
+def test_prune_page_bad_inputs_show_the_librarys_message(app, tmp_path):
+    at = app
+    _set(at, sparsity=0.95)
+    assert "sparsity must be between 0 and 0.9" in _errors(at)
+    assert at.button(key="run").disabled
+    _set(at, sparsity=0.3, model_choice="local folder or hub id...")
+    for model, message in (("no-such-model", "unknown model"), (str(tmp_path), "not a model folder")):
+        _set(at, model_other=model)
+        at.button(key="run").click()
+        at.run()
+        assert message in _errors(at)
+        assert not at.exception
+    from transformers import GPT2Config
+
+    gpt2 = tmp_path / "gpt2"
+    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(gpt2)
+    _set(at, model_other=str(gpt2))
+    at.button(key="run").click()
+    at.run()
+    assert "architecture 'gpt2' is not supported" in _errors(at)
+
+
+def _tiny_folder(tmp_path, tokenizer) -> Path:
+    from structprune.models import build_tiny
+
+    folder = tmp_path / "tiny-with-tokenizer"
+    build_tiny("tiny-llama").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _click_run_until_error(at: AppTest) -> AppTest:
+    at.button(key="run").click()
+    at.run()
+    job = ui.runner().current()
+    _wait(lambda: not job.active)
+    return _run_until(at, lambda a: a.error)
+
+
+def test_failed_runs_show_their_error_and_are_stored_failed(app, tmp_path, tiny_tokenizer):
+    at = _prune(app, seqlen=1000)  # tiny-llama's context is 256 tokens
+    assert "exceeds the model's context of 256 tokens" in _errors(at)
+    folder = _tiny_folder(tmp_path, tiny_tokenizer)
+    short = tmp_path / "short.txt"
+    short.write_text("A short text.\n\nJust two paragraphs here.")
+    _set(at, model_choice="local folder or hub id...")
+    _set(at, model_other=str(folder), seqlen=64, calib_data="a local file...")
+    _set(at, calib_path=str(short))
+    at = _click_run_until_error(at)
+    assert "longer than the calibration text" in _errors(at)
+    _set(at, calib_data="sotu", eval_data=["wikitext2"])
+    at = _click_run_until_error(at)
+    assert "cannot be reached (offline)" in _errors(at)
+    statuses = {r["status"] for r in RunStore(ui.store().folder).runs()}
+    assert statuses == {"failed"}
+
+
+def test_explorer_redraws_from_the_cached_profile(app):
+    from structprune.allocation import allocate_softmax
+    from structprune.explorer import EnergyProfile, temperature_ladder
+
+    at = app
+    at.switch_page("pages/explorer.py")
+    at.run()
+    assert any("No energy profile yet" in i.value for i in at.info)
+    _set(at, ex_model="tiny-llama", ex_nsamples=4, ex_seqlen=32)
+    at.button(key="ex_compute").click()
+    at.run()
+    job = ui.runner().current()
+    _wait(lambda: not job.active)
+    at = _run_until(at, lambda a: "Module energies and the softmax allocation" in _figures(a))
+    key = at.selectbox(key="ex_profile").value
+    profile = EnergyProfile.from_dict(ui.store().cache_get(key))
+    t_low = float(temperature_ladder()[10])  # about 0.22
+    at.select_slider(key="ex_T").set_value(t_low)
+    at.run()
+    fig = _figures(at)["Module energies and the softmax allocation"]
+    want = allocate_softmax(profile.module_specs(), profile.energies("sensitivity"), 0.3, t_low).sparsities
+    got = next(t for t in fig.data if t.name == "MLP channels sparsity").y
+    assert list(got) == pytest.approx(list(want[1::2]))
+    assert f"T = {t_low:g}" in fig.layout.annotations[1].text
+    assert at.session_state["ex_redraw_ms"] < 1000
+    heat = _figures(at)["Softmax allocation over temperature"]
+    assert np.asarray(heat.data[0].z).shape == (profile.n_layers, 41)
+    at.select_slider(key="ex_T").set_value(math.inf)
+    at.run()
+    schemes = _figures(at)["Allocation schemes, same budget"]
+    uni = [t for t in schemes.data if t.name == "uniform"]
+    soft = [t for t in schemes.data if t.name.startswith("softmax")]
+    assert [list(t.y) for t in uni] == [list(t.y) for t in soft]  # T = inf is uniform
+
+
+def test_compare_page_plots_stored_and_benchmark_runs(app, tmp_path):
+    from structprune.config import PruneConfig
+    from structprune.models import load_model
+
+    loaded, store, runner = load_model("tiny-llama"), ui.store(), ui.runner()
+    for s in (0.2, 0.4):
+        job = runner.submit_prune(PruneConfig(model="tiny-llama", sparsity=s, nsamples=4, seqlen=32, eval_windows=2,
+                                              device="cpu"), loaded, store)
+        _wait(lambda: not job.active)
+        assert job.status == "finished", job.error
+    bench = dict(RunStore(store.folder).records()[0], run_id="bench1", method="wanda-sp", allocation_scheme="uniform")
+    (ui.RESULTS_DIR / "bench1.json").write_text(json.dumps(bench))
+    at = app
+    at.switch_page("pages/compare.py")
+    at.run()
+    assert not at.exception and not at.error
+    fig = _figures(at)["Perplexity vs sparsity"]
+    recs = {r["sparsity"]["target"]: r["ppl"]["pruned"]["random"]["value"] for r in RunStore(store.folder).records()}
+    line = next(t for t in fig.data if t.mode == "lines" and t.name.startswith("structprune"))
+    assert list(line.x) == [0.2, 0.4] and list(line.y) == pytest.approx([recs[0.2], recs[0.4]])
+    assert any(t.name == "wanda-sp · uniform" for t in fig.data)  # the benchmark record
+    assert fig.layout.yaxis.type == "log" and "random-tokens" in fig.layout.meta["caption"]
+    assert "Allocations of the chosen runs" in _figures(at)
+    _set(at, cmp_methods=["structprune"])
+    fig = _figures(at)["Perplexity vs sparsity"]
+    assert {t.name for t in fig.data} == {"structprune · softmax (sensitivity)"}
+    assert "Export the table (CSV)" in [b.label for b in at.get("download_button")]
+
+
+def test_memory_page_estimates_measured_points_and_pasted_config(app):
+    from structprune.presets import PRESETS, estimate_rows, preset_config
+
+    (ui.RESULTS_DIR / "gpu-test.json").write_text(json.dumps([
+        {"kind": "gpu-scaling", "config_name": "opt-125m", "n_params": 125239296, "method": "structprune",
+         "peak_bytes": 300 * 2**20, "estimate_bytes": 290 * 2**20, "nsamples": 128, "seqlen": 2048, "oom": False},
+        {"kind": "gpu-scaling", "config_name": "opt-13b", "n_params": 12853473280, "method": "global-taylor",
+         "peak_bytes": None, "estimate_bytes": 160 * 2**30, "nsamples": 128, "seqlen": 2048, "oom": True}]))
+    at = app
+    at.switch_page("pages/memory.py")
+    at.run()
+    assert not at.exception
+    fig = _figures(at)["Peak device memory vs model size"]
+    assert fig.layout.xaxis.type == "log" and fig.layout.yaxis.type == "log"
+    rows = {r["preset"]: r["peak_gib"] for r in estimate_rows({n: preset_config(n) for n in PRESETS}, ("structprune",))}
+    est = [t for t in fig.data if t.name == "structprune (estimate)"]  # one line per family
+    assert {p: y for t in est for p, y in zip(t.customdata, t.y)} == pytest.approx(rows)
+    assert list(next(t for t in fig.data if t.name == "structprune (measured)").y) == pytest.approx([300 / 1024])
+    assert next(t for t in fig.data if t.name == "global-taylor (out of memory)").marker.symbol == "x"
+    assert "One decoder layer vs the whole model" in _figures(at)
+    _set(at, mem_json=json.dumps(PRESETS["smollm2-135m"]))
+    assert any(m.label == "structprune peak" for m in at.metric)
+    _set(at, mem_json='{"model_type": "gpt2", "n_layer": 2}')
+    assert "cannot estimate this config" in _errors(at)
+
+
+def test_method_page_steps_through_one_module(app):
+    at = app
+    at.switch_page("pages/method.py")
+    at.run()
+    assert len(at.latex) >= 5
+    _set(at, m_model="tiny-llama", m_layer=1)
+    at.button(key="m_compute").click()
+    at.run()
+    job = ui.runner().current()
+    _wait(lambda: not job.active)
+    assert job.status == "finished", job.error
+    at = _run_until(at, lambda a: "Which units ADMM keeps, iteration by iteration" in _figures(a))
+    data = job.result
+    figs = _figures(at)
+    refit = figs["Error of the kept units: zeroed vs refit"]
+    after = next(t for t in refit.data if t.name == "least-squares refit")
+    assert list(after.y) == pytest.approx([e["err_after_refit"] / data["output_energy"] for e in data["errors"]])
+    support = np.asarray(figs["Which units ADMM keeps, iteration by iteration"].data[0].z)
+    assert support.shape == (data["n_units"], len(data["supports"]))
+    assert support[:, -1].sum() == data["k_keep"]
+
+
+def test_generation_and_checkpoint_zip_for_a_model_with_a_tokenizer(app, tmp_path, tiny_tokenizer):
+    import zipfile
+
+    from structprune.models import load_model
+
+    folder = _tiny_folder(tmp_path, tiny_tokenizer)
+    at = app
+    _set(at, model_choice="local folder or hub id...")
+    at = _prune(at, model_other=str(folder), model_choice="local folder or hub id...")
+    assert not at.error, _errors(at)
+    assert any("SOTU 2002-" in m.label for m in at.metric)  # the eval corpus, named by its years
+    at.button(key="generate").click()
+    at.run()
+    texts = [m.value for m in at.markdown if m.value.startswith(("**Dense**", "**Pruned"))]
+    assert len(texts) == 2 and all("The state of our Union is" in t for t in texts)
+    at.button(key="zip").click()
+    at.run()
+    assert not at.exception, at.exception
+    assert "Download the pruned model" in [b.label for b in at.get("download_button")]
+    zips = list((ui.store().folder / "checkpoints").glob("*.zip"))
+    assert len(zips) == 1
+    with zipfile.ZipFile(zips[0]) as z:
+        z.extractall(tmp_path / "unzipped")
+    (model_dir,) = (tmp_path / "unzipped").iterdir()
+    reloaded = load_model(str(model_dir))
+    rec = RunStore(ui.store().folder).records()[0]
+    assert sum(p.numel() for p in reloaded.model.parameters()) == rec["params"]["after"]["total"]
