@@ -174,8 +174,10 @@ def run_prune(
     else:
         check_seqlen(model, cfg.seqlen)
         calib_ids, evals, protocols = random_token_data(cfg, model.config.vocab_size)
-    if calib_ids.shape[0] < cfg.sensitivity_windows:
-        raise SequenceLengthError("sensitivity_windows exceeds nsamples")
+    if method.wants_sensitivity() and calib_ids.shape[0] < cfg.sensitivity_windows:
+        raise SequenceLengthError(
+            f"sensitivity_windows ({cfg.sensitivity_windows}) exceeds nsamples ({calib_ids.shape[0]}); "
+            "lower --sensitivity-windows or raise --nsamples")
 
     ledger = DeviceLedger(device)
     stream = LayerStream(model, adapter, device, ledger=ledger, batch_size=cfg.batch_size)
