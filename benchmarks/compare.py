@@ -41,7 +41,8 @@ from structprune.data.windows import (CalibrationSpec, calibration_windows, corp
 from structprune.estimate import estimate_memory
 from structprune.evaluation import perplexity, resolve_device
 from structprune.models import LoadedModel, load_model
-from structprune.run import CALIB_LOSS_WINDOWS, calibration_nll, forward_floor_seconds, run_prune
+from structprune.run import (CALIB_LOSS_WINDOWS, calibration_nll, forward_floor_seconds, heldout_ids, heldout_nll,
+                             run_prune)
 
 RESULTS = Path(__file__).parent / "results"
 SPARSITIES = (0.1, 0.2, 0.3, 0.4, 0.5)
@@ -81,11 +82,18 @@ GRID: tuple[Variant, ...] = (
 QUICK = ("wanda-sp", "flap", "structprune")
 
 
-def sweep_variants(temperatures=SWEEP_TEMPERATURES) -> tuple[Variant, ...]:
-    soft = tuple(Variant(f"structprune softmax T={t:g}", "structprune",
-                         (("allocation", "softmax"), ("temperature", float(t)))) for t in temperatures)
-    return soft + (Variant("structprune alloc=uniform", "structprune", (("allocation", "uniform"),)),
-                   Variant("structprune alloc=threshold", "structprune", (("allocation", "threshold"),)))
+SWEEP_ENERGIES = ("residual", "sensitivity")
+
+
+def sweep_variants(temperatures=SWEEP_TEMPERATURES, energies=SWEEP_ENERGIES) -> tuple[Variant, ...]:
+    """softmax at every (energy, T), threshold per energy, and uniform: the candidates the default
+    allocation is chosen from."""
+    soft = tuple(Variant(f"structprune softmax {e} T={t:g}", "structprune",
+                         (("allocation", "softmax"), ("temperature", float(t)), ("energy", e)))
+                 for e in energies for t in temperatures)
+    thresh = tuple(Variant(f"structprune threshold {e}", "structprune", (("allocation", "threshold"), ("energy", e)))
+                   for e in energies)
+    return soft + thresh + (Variant("structprune alloc=uniform", "structprune", (("allocation", "uniform"),)),)
 
 
 # --------------------------------------------------------------------------------------------- keys
@@ -194,14 +202,18 @@ class Bench:
     def calib_reference(self, seed: int) -> dict:
         """Dense calibration loss on the windows calib_loss["pruned"] uses, and the forward floor."""
         a = self.args
-        key = f"calib|{a.model}|sotu|{a.nsamples}x{a.seqlen}|seed{seed}|{self.device.type}"
+        key = f"calib|{a.model}|sotu|{a.nsamples}x{a.seqlen}|seed{seed}|{self.device.type}|heldout"
 
         def compute():
             ids = calibration_windows(corpus_token_ids(self.loaded.tokenizer, "sotu", "calib"), a.nsamples,
                                       a.seqlen, seed)
             nll, n = calibration_nll(self.loaded.model, ids, self.device)
+            held = heldout_ids(PruneConfig(nsamples=a.nsamples, seqlen=a.seqlen, seed=seed), self.loaded.tokenizer,
+                               self.loaded.model.config.vocab_size)
+            held_nll = heldout_nll(self.loaded.model, held, self.device)[0] if held is not None else None
             floor = forward_floor_seconds(self.loaded.model, ids, self.device)
-            return {"dense_calib_nll": nll, "calib_nll_windows": n, "forward_floor_s": floor,
+            return {"dense_calib_nll": nll, "calib_nll_windows": n, "dense_heldout_nll": held_nll,
+                    "heldout_windows": None if held is None else int(held.shape[0]), "forward_floor_s": floor,
                     "threads": torch.get_num_threads(), "measured": time.strftime("%Y-%m-%d %H:%M")}
 
         return self.cache.get(key, compute)
@@ -251,6 +263,7 @@ class Bench:
             "prune_over_floor": prune_s / ref["forward_floor_s"] if ref["forward_floor_s"] > 0 else None,
             "pass1_shared": shared,
             "dense_calib_nll": ref["dense_calib_nll"],
+            "dense_heldout_nll": ref.get("dense_heldout_nll"),
             "threads": torch.get_num_threads(),
         }
         _write_json(path, rec)
@@ -290,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extra-seeds", nargs="*", type=int, default=None,
                    help="seeds for the main variants only (default 1 2; none with --quick / --sweep-temperature)")
     p.add_argument("--temperatures", nargs="+", type=float, default=list(SWEEP_TEMPERATURES))
+    p.add_argument("--energies", nargs="+", default=list(SWEEP_ENERGIES), help="energies the sweep tries")
     p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 64; 16 with --quick)")
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=None, help="sotu test windows (default all; 16 with --quick)")
@@ -325,7 +339,7 @@ def resolve_args(args) -> argparse.Namespace:
 
 def plan(args) -> list[tuple[Variant, float, int]]:
     if args.sweep_temperature:
-        variants = sweep_variants(args.temperatures)
+        variants = sweep_variants(args.temperatures, args.energies)
     else:
         variants = GRID if not args.quick else tuple(v for v in GRID if v.label in QUICK)
     if args.methods:
@@ -361,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
             bench.run(v, s, seed)
         if args.dry_run:
             return 0
-    written = report.write_all(Path(args.results), sweep=args.sweep_temperature, temperatures=args.temperatures)
+    written = report.write_all(Path(args.results), sweep=args.sweep_temperature, temperatures=args.temperatures,
+                               energies=args.energies)
     for path in written:
         print(f"wrote  {path}", file=sys.stderr)
     return 0

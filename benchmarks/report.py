@@ -25,7 +25,7 @@ from statistics import mean
 
 from structprune.config import PruneConfig
 
-from .compare import GRID, Variant, sweep_variants
+from .compare import GRID, SWEEP_ENERGIES, SWEEP_TEMPERATURES, Variant, sweep_variants
 
 # Okabe & Ito (2008): distinguishable with every common colour-vision deficiency
 OKABE_ITO = ("#000000", "#E69F00", "#56B4E9", "#009E73", "#D55E00", "#0072B2", "#CC79A7", "#F0E442")
@@ -52,7 +52,10 @@ def matches(rec: dict, v: Variant) -> bool:
     if v.method != "structprune":
         return True
     want = v.config().to_dict()
-    return all(rec["config"].get(k) == want[k] for k in _STRUCTPRUNE_FIELDS)
+    fields = [k for k in _STRUCTPRUNE_FIELDS  # as in compare.run_key: what the allocation ignores, is ignored
+              if not (k == "temperature" and want["allocation"] != "softmax")
+              and not (k == "energy" and want["allocation"] not in ("softmax", "threshold"))]
+    return all(rec["config"].get(k) == want[k] for k in fields)
 
 
 def _ppl(rec: dict, name: str) -> float | None:
@@ -307,14 +310,21 @@ def plot_html(recs: list[dict], variants=GRID) -> str:
 # --------------------------------------------------------------------------------------------- sweep
 
 
-def sweep_summary(recs: list[dict], temperatures=None) -> dict:
+def _choice_loss(rec: dict) -> tuple[float, str]:
+    """The loss a choice is made by: held-out calibration loss, else (older records) in-sample."""
+    cl = rec["calib_loss"]
+    return (cl["heldout"], "heldout") if cl.get("heldout") is not None else (cl["pruned"], "pruned")
+
+
+def sweep_summary(recs: list[dict], temperatures=None, energies=None) -> dict:
     """Per sparsity: every candidate's calibration loss (and test ppl, for information only); the
-    chosen candidate is the lowest calibration loss. The recommended default T is the softmax
-    temperature with the lowest mean calibration loss over the swept sparsities."""
-    variants = sweep_variants(temperatures) if temperatures else sweep_variants()
+    chosen candidate is the lowest held-out calibration loss. The recommended default is the
+    softmax (energy, T) with the lowest mean loss over the swept sparsities."""
+    variants = sweep_variants(temperatures or SWEEP_TEMPERATURES, energies or SWEEP_ENERGIES)
     grid = _grid(recs, variants)
     sparsities = sorted({s for by_s in grid.values() for s in by_s})
-    out = {"sparsities": sparsities, "rows": [], "chosen": {}, "criterion": "calib_loss.pruned (nats/token)"}
+    out = {"sparsities": sparsities, "rows": [], "chosen": {}, "criterion": None}
+    kinds = set()
     for s in sparsities:
         cands = []
         for v in variants:
@@ -323,9 +333,12 @@ def sweep_summary(recs: list[dict], temperatures=None) -> dict:
                 continue
             r = _seed0(runs)
             cfg = r["config"]
+            loss, kind = _choice_loss(r)
+            kinds.add(kind)
             cands.append({"sparsity": s, "label": v.label, "allocation": cfg["allocation"],
+                          "energy": cfg["energy"] if cfg["allocation"] in ("softmax", "threshold") else None,
                           "temperature": cfg["temperature"] if cfg["allocation"] == "softmax" else None,
-                          "calib_loss": r["calib_loss"]["pruned"],
+                          "calib_loss": loss, "calib_loss_in_sample": r["calib_loss"]["pruned"],
                           "ppl": {n: _ppl(r, n) for n in r["ppl"]["pruned"]}})
         if not cands:
             continue
@@ -334,68 +347,76 @@ def sweep_summary(recs: list[dict], temperatures=None) -> dict:
         out["rows"] += cands
         out["chosen"][str(s)] = {"label": best["label"], "calib_loss": best["calib_loss"],
                                  "uniform_calib_loss": uni["calib_loss"] if uni else None}
-    temps = defaultdict(list)
+    out["criterion"] = ("calib_loss.heldout (nats/token, held-out calibration windows)" if kinds == {"heldout"}
+                        else f"calib_loss.{'/'.join(sorted(kinds))} (nats/token)")
+    pairs = defaultdict(list)
     for c in out["rows"]:
         if c["allocation"] == "softmax":
-            temps[c["temperature"]].append(c["calib_loss"])
-    complete = {t: mean(v) for t, v in temps.items() if len(v) == len(out["chosen"])}
+            pairs[(c["energy"], c["temperature"])].append(c["calib_loss"])
+    complete = {p: mean(v) for p, v in pairs.items() if len(v) == len(out["chosen"])}
     if complete:
-        t_best = min(complete, key=complete.get)
-        out["recommended_temperature"] = t_best
+        energy, t_best = min(complete, key=complete.get)
+        out["recommended_energy"], out["recommended_temperature"] = energy, t_best
         out["recommended_beats_uniform"] = {
-            s: next(c["calib_loss"] for c in out["rows"] if c["sparsity"] == float(s) and c["temperature"] == t_best)
+            s: next(c["calib_loss"] for c in out["rows"] if c["sparsity"] == float(s)
+                    and (c["energy"], c["temperature"]) == (energy, t_best))
             <= (ch["uniform_calib_loss"] if ch["uniform_calib_loss"] is not None else math.inf)
             for s, ch in out["chosen"].items()}
-    out["config_default_temperature"] = PruneConfig().temperature
+    out["config_default"] = {"energy": PruneConfig().energy, "temperature": PruneConfig().temperature}
     return out
 
 
 def sweep_markdown(summary: dict, recs: list[dict]) -> str:
     if not summary["rows"]:
-        return "# Temperature sweep\n\nNo sweep records yet.\n"
+        return "# Allocation sweep\n\nNo sweep records yet.\n"
     r0 = recs[0]
-    dense = next((r["benchmark"].get("dense_calib_nll") for r in recs), None)
+    dense = next((r["benchmark"].get("dense_heldout_nll") for r in recs
+                  if r["benchmark"].get("dense_heldout_nll") is not None), None)
+    held = next((r["calib_loss"].get("heldout_windows") for r in recs if r["calib_loss"].get("heldout_windows")), None)
     names = sorted({n for c in summary["rows"] for n in c["ppl"]})
-    lines = ["# Temperature sweep: structprune softmax(T) vs uniform vs threshold", "",
+    lines = ["# Allocation sweep: structprune softmax(energy, T) vs threshold vs uniform", "",
              f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; model {r0['model']['name']}; "
-             f"calibration {r0['config']['nsamples']}x{r0['config']['seqlen']} seed 0, energy "
-             f"`{r0['config']['energy']}`; machine {platform.machine()}; commit {_git_commit() or '?'}.", "",
-             f"Choice by **calibration loss** (mean NLL of the pruned model on the first "
-             f"{r0['calib_loss'].get('pruned_windows')} calibration windows; dense {_fmt(dense, 5)}), never by test "
-             "perplexity; test perplexities are shown for information only.", ""]
+             f"calibration {r0['config']['nsamples']}x{r0['config']['seqlen']} seed 0; machine "
+             f"{platform.machine()}; commit {_git_commit() or '?'}.", "",
+             f"Choice by **held-out calibration loss**: mean NLL of the pruned model on {held} windows of the "
+             f"calibration split that share no token with the calibration windows (dense {_fmt(dense, 5)}); "
+             "criterion: " + summary["criterion"] + ". Never by test perplexity: the test perplexities "
+             "are shown for information only. The in-sample loss (first "
+             f"{r0['calib_loss'].get('pruned_windows')} calibration windows) is shown beside it.", ""]
     for s in summary["sparsities"]:
         if str(s) not in summary["chosen"]:
             continue
-        lines += [f"## {s:.0%}", "", "| candidate | calib loss | " + " | ".join(f"ppl {n}" for n in names) + " |",
-                  "|---|---:|" + "---:|" * len(names)]
+        lines += [f"## {s:.0%}", "", "| candidate | held-out loss | in-sample loss | "
+                  + " | ".join(f"ppl {n}" for n in names) + " |", "|---|---:|---:|" + "---:|" * len(names)]
         for c in summary["rows"]:
             if c["sparsity"] != s:
                 continue
             mark = " (chosen)" if c["label"] == summary["chosen"][str(s)]["label"] else ""
-            lines.append(f"| {c['label']}{mark} | {c['calib_loss']:.5f} | "
+            lines.append(f"| {c['label']}{mark} | {c['calib_loss']:.5f} | {c['calib_loss_in_sample']:.5f} | "
                          + " | ".join(_fmt(c["ppl"].get(n)) for n in names) + " |")
         lines.append("")
     if "recommended_temperature" in summary:
-        t = summary["recommended_temperature"]
+        t, e = summary["recommended_temperature"], summary["recommended_energy"]
         beats = summary["recommended_beats_uniform"]
-        lines += [f"**Recommended default T = {t:g}** (lowest mean calibration loss over "
+        d = summary["config_default"]
+        lines += [f"**Recommended default: energy `{e}`, T = {t:g}** (lowest mean held-out loss over "
                   f"{', '.join(f'{float(s):.0%}' for s in summary['chosen'])}; PruneConfig's default is "
-                  f"{summary['config_default_temperature']:g}). Not worse than uniform on calibration loss at: "
-                  + ", ".join(f"{float(s):.0%} {'yes' if ok else 'NO'}" for s, ok in beats.items()) + ".", ""]
+                  f"`{d['energy']}`, T = {d['temperature']:g}). Not worse than uniform on held-out calibration "
+                  "loss at: " + ", ".join(f"{float(s):.0%} {'yes' if ok else 'NO'}" for s, ok in beats.items()) + ".", ""]
     return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------------------------- all
 
 
-def write_all(folder: Path, sweep: bool = False, temperatures=None) -> list[Path]:
+def write_all(folder: Path, sweep: bool = False, temperatures=None, energies=None) -> list[Path]:
     recs = load_records(folder)
     written = []
     if sweep:
-        summary = sweep_summary(recs, temperatures)
-        (folder / "temperature_sweep.json").write_text(json.dumps(summary, indent=1))
-        (folder / "TEMPERATURE_SWEEP.md").write_text(sweep_markdown(summary, recs))
-        written += [folder / "temperature_sweep.json", folder / "TEMPERATURE_SWEEP.md"]
+        summary = sweep_summary(recs, temperatures, energies)
+        (folder / "allocation_sweep.json").write_text(json.dumps(summary, indent=1))
+        (folder / "ALLOCATION_SWEEP.md").write_text(sweep_markdown(summary, recs))
+        written += [folder / "allocation_sweep.json", folder / "ALLOCATION_SWEEP.md"]
         return written
     (folder / "SUMMARY.md").write_text(summary_markdown(recs))
     written.append(folder / "SUMMARY.md")

@@ -151,8 +151,8 @@ def compute_energy_profile(cfg: PruneConfig, loaded, on_event=None, cancel=None,
     from .evaluation import check_seqlen, resolve_device
     from .memory import DeviceLedger
     from .methods import get_method
-    from .pipeline import Emitter, collect_stats
-    from .run import _stats_key, random_token_data
+    from .pipeline import Emitter
+    from .run import calibration_ids, pass1_key, pass1_stats
     from .streaming import LayerStream
     from .units import layouts_of, module_specs
 
@@ -164,31 +164,13 @@ def compute_energy_profile(cfg: PruneConfig, loaded, on_event=None, cancel=None,
     adapter = adapter_for(model)
     specs = module_specs(layouts_of(model, adapter))
     check_seqlen(model, cfg.seqlen)
-    if loaded.tokenizer is not None:
-        from .data.windows import calibration_windows, corpus_token_ids
-
-        calib_ids = calibration_windows(corpus_token_ids(loaded.tokenizer, cfg.calib_data, "calib"),
-                                        cfg.nsamples, cfg.seqlen, cfg.seed)
-    else:
-        calib_ids = random_token_data(cfg, model.config.vocab_size)[0]
-    key = _stats_key(cfg, loaded, True)
-    if stats_cache is not None and key in stats_cache:
-        stats = stats_cache[key][0]
-    else:
-        uniform = allocate_uniform(specs, cfg.sparsity, s_max=cfg.s_max)
-        keep = {(sp.layer, sp.kind): int(k) for sp, k in zip(specs, uniform.units_kept)}
-
-        def sens_rule(kind, i, W, b, G, lay):  # as run_prune: one-shot OBS selection + refit
-            return method.rule(kind, i, W, b, G, lay, keep[(i, kind)], selector="saliency")
-
-        stream = LayerStream(model, adapter, device, ledger=DeviceLedger(device), batch_size=cfg.batch_size)
-        emit = Emitter(stream, on_event, cancel, t0)
-        stats, calib_loss = collect_stats(stream, calib_ids, method.score, emit, sensitivity_rule=sens_rule,
-                                          sensitivity_windows=min(cfg.sensitivity_windows, cfg.nsamples),
-                                          owl_m=cfg.owl_m)
-        if stats_cache is not None:
-            stats_cache[key] = (stats, dict(calib_loss))
-        emit("done", -1)
+    calib_ids = calibration_ids(cfg, loaded.tokenizer, model.config.vocab_size)
+    stream = LayerStream(model, adapter, device, ledger=DeviceLedger(device), batch_size=cfg.batch_size)
+    emit = Emitter(stream, on_event, cancel, t0)
+    # always with sensitivities, so every energy can be shown
+    stats, _ = pass1_stats(method, stream, calib_ids, specs, emit, stats_cache, pass1_key(cfg, loaded, True),
+                           sensitivity=True)
+    emit("done", -1)
     return profile_from_stats(stats, specs, loaded.name, cfg, seconds=time.perf_counter() - t0)
 
 

@@ -20,7 +20,8 @@ import torch
 from .adapters import adapter_for
 from .config import PruneConfig
 from .data.corpora import corpus_id, corpus_label
-from .data.windows import CalibrationSpec, calibration_windows, corpus_token_ids, eval_windows, protocol_string
+from .data.windows import (CalibrationSpec, calibration_windows, corpus_token_ids, eval_windows,
+                           heldout_calibration_windows, protocol_string)
 from .errors import DeviceOutOfMemoryError, SequenceLengthError
 from .evaluation import check_seqlen, perplexity, resolve_device
 from .memory import DTYPE_BYTES, DeviceLedger
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 RECORD_SCHEMA = "structprune.run/1"
 CALIB_LOSS_WINDOWS = 8  # calibration windows of the pruned model's calibration loss (calib_loss["pruned"])
+HELDOUT_LOSS_WINDOWS = 16  # held-out calibration windows of calib_loss["heldout"], which choices are made by
 
 
 @dataclass
@@ -61,11 +63,19 @@ def environment() -> dict:
             "cpus": torch.get_num_threads(), "gpu": gpu, "git_commit": commit}
 
 
+def calibration_ids(cfg: PruneConfig, tokenizer, vocab: int) -> torch.Tensor:
+    """The run's calibration windows (nsamples, seqlen): from the calibration split, or random
+    tokens for tiny demo models without a tokenizer."""
+    if tokenizer is None:
+        return random_token_data(cfg, vocab)[0]
+    return calibration_windows(corpus_token_ids(tokenizer, cfg.calib_data, "calib"), cfg.nsamples, cfg.seqlen,
+                               cfg.seed)
+
+
 def prepare_data(cfg: PruneConfig, tokenizer, model) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
     """Calibration windows (N, S) and evaluation windows per corpus, with their protocol strings."""
     check_seqlen(model, cfg.seqlen)
-    calib_ids = calibration_windows(corpus_token_ids(tokenizer, cfg.calib_data, "calib"),
-                                    cfg.nsamples, cfg.seqlen, cfg.seed)
+    calib_ids = calibration_ids(cfg, tokenizer, model.config.vocab_size)
     calib = CalibrationSpec(corpus_id(cfg.calib_data, "calib"), cfg.nsamples, cfg.seqlen, cfg.seed)
     evals, protocols = {}, {}
     for name in cfg.eval_data:
@@ -75,7 +85,22 @@ def prepare_data(cfg: PruneConfig, tokenizer, model) -> tuple[torch.Tensor, dict
     return calib_ids, evals, protocols
 
 
-def _stats_key(cfg: PruneConfig, loaded: LoadedModel, sensitivity: bool) -> tuple:
+def heldout_ids(cfg: PruneConfig, tokenizer, vocab: int) -> torch.Tensor | None:
+    """HELDOUT_LOSS_WINDOWS windows of the calibration split disjoint from the calibration windows
+    (random tokens for tiny demo models); None, with a warning, when the calibration windows leave
+    too few."""
+    if tokenizer is None:
+        g = torch.Generator().manual_seed(cfg.seed + 2)
+        return torch.randint(0, vocab, (HELDOUT_LOSS_WINDOWS, cfg.seqlen), generator=g)
+    try:
+        return heldout_calibration_windows(corpus_token_ids(tokenizer, cfg.calib_data, "calib"),
+                                           HELDOUT_LOSS_WINDOWS, cfg.seqlen, cfg.nsamples, cfg.seed)
+    except SequenceLengthError as exc:
+        log.warning("no held-out calibration loss: %s", exc)
+        return None
+
+
+def pass1_key(cfg: PruneConfig, loaded: LoadedModel, sensitivity: bool) -> tuple:
     """What pass-1 statistics depend on (the model object, its data and the scoring rule)."""
     sens = (cfg.sparsity, cfg.selector, cfg.refit, cfg.sensitivity_windows) if sensitivity else None
     return (id(loaded.model), cfg.method, cfg.saliency, cfg.bias, cfg.calib_data, cfg.nsamples, cfg.seqlen,
@@ -92,17 +117,21 @@ def random_token_data(cfg: PruneConfig, vocab: int) -> tuple[torch.Tensor, dict[
     return calib, {"random": win}, {"random": proto}
 
 
-def prune_layerwise(method, stream: LayerStream, calib_ids: torch.Tensor, specs, emit: Emitter,
-                    stats_cache: dict | None = None, stats_key: tuple | None = None):
-    """A layer-wise method end to end on a stream: pass 1 (statistics; sensitivities when the
-    method wants them, measured with a one-shot selector), allocation, pass 2. Returns
-    (allocation, energy info, per-module infos, calibration losses, pass timings). The model in
-    the stream is pruned in place."""
+def pass1_stats(method, stream: LayerStream, calib_ids: torch.Tensor, specs, emit: Emitter,
+                stats_cache: dict | None = None, stats_key: tuple | None = None,
+                sensitivity: bool | None = None) -> tuple[list, dict]:
+    """Pass 1 of a layer-wise method: per-layer statistics, with the module sensitivities when
+    `sensitivity` (default: when the method wants them; measured at the uniform allocation with a
+    one-shot selector), and the dense calibration loss. Looked up in / stored into `stats_cache`
+    under `stats_key`."""
     cfg = method.cfg
-    timing = {}
-    t = time.perf_counter()
+    if stats_cache is not None and stats_key in stats_cache:
+        stats, calib_loss = stats_cache[stats_key]
+        return stats, dict(calib_loss)
+    if not method.needs_calibration:
+        return [], {}
     sens_rule = None
-    if method.wants_sensitivity():
+    if method.wants_sensitivity() if sensitivity is None else sensitivity:
         from .allocation import allocate_uniform
 
         u = allocate_uniform(specs, cfg.sparsity, s_max=cfg.s_max)
@@ -113,16 +142,25 @@ def prune_layerwise(method, stream: LayerStream, calib_ids: torch.Tensor, specs,
             # the pass's most frequent solve
             return method.rule(kind, i, W, b, G, lay, uniform_keep[(i, kind)], selector="saliency")
 
-    stats, calib_loss = [], {}
-    if stats_cache is not None and stats_key in stats_cache:
-        stats, calib_loss = stats_cache[stats_key]
-        calib_loss = dict(calib_loss)
-    elif method.needs_calibration:
-        stats, calib_loss = collect_stats(
-            stream, calib_ids, method.score, emit, sensitivity_rule=sens_rule,
-            sensitivity_windows=cfg.sensitivity_windows, owl_m=cfg.owl_m, solves=method.solves)
-        if stats_cache is not None:
-            stats_cache[stats_key] = (stats, dict(calib_loss))
+    stats, calib_loss = collect_stats(
+        stream, calib_ids, method.score, emit, sensitivity_rule=sens_rule,
+        sensitivity_windows=min(cfg.sensitivity_windows, calib_ids.shape[0]), owl_m=cfg.owl_m,
+        solves=method.solves)
+    if stats_cache is not None:
+        stats_cache[stats_key] = (stats, dict(calib_loss))
+    return stats, calib_loss
+
+
+def prune_layerwise(method, stream: LayerStream, calib_ids: torch.Tensor, specs, emit: Emitter,
+                    stats_cache: dict | None = None, stats_key: tuple | None = None):
+    """A layer-wise method end to end on a stream: pass 1 (statistics; sensitivities when the
+    method wants them, measured with a one-shot selector), allocation, pass 2. Returns
+    (allocation, energy info, per-module infos, calibration losses, pass timings). The model in
+    the stream is pruned in place."""
+    cfg = method.cfg
+    timing = {}
+    t = time.perf_counter()
+    stats, calib_loss = pass1_stats(method, stream, calib_ids, specs, emit, stats_cache, stats_key)
     timing["pass1_s"] = time.perf_counter() - t
     alloc, energy_info = method.allocate(specs, stats)
     keep = [{} for _ in range(stream.n_layers)]
@@ -197,8 +235,11 @@ def run_prune(
         timing[f"eval_{tag}_s"] = time.perf_counter() - t
         return out
 
+    heldout = heldout_ids(cfg, loaded.tokenizer, model.config.vocab_size)
     try:
         ppl_dense = evaluate("dense") if evaluate_dense else {}
+        if evaluate_dense and heldout is not None:
+            calib_loss_dense_heldout = heldout_nll(model, heldout, device, cfg.batch_size)[0]
         if ledger.measured:  # the dense evaluation may hold the whole model: not pruning's peak
             torch.cuda.reset_peak_memory_stats(device)
         t = time.perf_counter()
@@ -206,12 +247,16 @@ def run_prune(
             alloc, energy_info, infos, calib_loss = method.prune_whole(model, adapter, calib_ids, specs, stream, emit)
             timing["pass1_s"] = time.perf_counter() - t
         else:
-            key = _stats_key(cfg, loaded, method.wants_sensitivity())
+            key = pass1_key(cfg, loaded, method.wants_sensitivity())
             alloc, energy_info, infos, calib_loss, passes = prune_layerwise(
                 method, stream, calib_ids, specs, emit, stats_cache=stats_cache, stats_key=key)
             timing.update(passes)
         prune_peak = ledger.peak  # before the evaluations, which may hold the whole model
+        if evaluate_dense and heldout is not None:
+            calib_loss["heldout_dense"] = calib_loss_dense_heldout
         calib_loss["pruned"], calib_loss["pruned_windows"] = calibration_nll(model, calib_ids, device, cfg.batch_size)
+        if heldout is not None:
+            calib_loss["heldout"], calib_loss["heldout_windows"] = heldout_nll(model, heldout, device, cfg.batch_size)
         ppl_pruned = evaluate("pruned")
     except torch.cuda.OutOfMemoryError as exc:  # pragma: no cover - needs a GPU
         raise DeviceOutOfMemoryError(
@@ -265,11 +310,19 @@ def run_prune(
 def calibration_nll(model: torch.nn.Module, calib_ids: torch.Tensor, device: torch.device,
                     batch_size: int = 1) -> tuple[float, int]:
     """Mean next-token NLL (nats/token) of `model` on the first CALIB_LOSS_WINDOWS calibration
-    windows, and how many were used: the held-out-free loss that allocations and temperatures are
-    chosen by (never test perplexity)."""
+    windows, and how many were used. In-sample: the refit was fitted to these tokens, so choices
+    are made by heldout_nll instead (and never by test perplexity)."""
     win = calib_ids[:CALIB_LOSS_WINDOWS]
     res = perplexity(model, win, device=device, batch_size=batch_size)
     return res.nll / res.tokens, int(win.shape[0])
+
+
+def heldout_nll(model: torch.nn.Module, heldout: torch.Tensor, device: torch.device,
+                batch_size: int = 1) -> tuple[float, int]:
+    """Mean next-token NLL (nats/token) on held-out calibration windows (see heldout_ids), and
+    how many: the loss temperatures and energies are chosen by."""
+    res = perplexity(model, heldout, device=device, batch_size=batch_size)
+    return res.nll / res.tokens, int(heldout.shape[0])
 
 
 def forward_floor_seconds(model: torch.nn.Module, calib_ids: torch.Tensor, device: torch.device, batch_size: int = 1) -> float:

@@ -14,6 +14,7 @@ from structprune.data import (
     CalibrationSpec,
     available_corpora,
     calibration_windows,
+    heldout_calibration_windows,
     corpus_id,
     corpus_label,
     eval_windows,
@@ -307,6 +308,32 @@ def test_calibration_windows_seeded_and_inside_calib(sotu_ids):
         assert s in _starts_of(row, calib)
     # and none of them comes from the evaluation text
     assert all(not _starts_of(row, sotu_ids["test"]) for row in a)
+
+
+def test_heldout_windows_share_no_token_with_the_calibration_windows(sotu_ids):
+    n = sotu_ids["calib"].numel()
+    pos = torch.arange(n)  # ids = positions, so a window's values say which tokens it took
+    calib = calibration_windows(pos, nsamples=64, seqlen=512, seed=0)
+    held = heldout_calibration_windows(pos, 16, 512, nsamples=64, seed=0)
+    assert held.shape == (16, 512)
+    used = set(calib.flatten().tolist())
+    assert not used & set(held.flatten().tolist())
+    assert held[:, 0].unique().numel() == 16  # distinct windows
+    starts = held[:, 0]
+    assert (starts % 512 == 0).all() and (held[:, 1:] - held[:, :-1] == 1).all()  # aligned, contiguous
+    assert starts[0] < n // 16 and starts[-1] > n - n // 8  # spread from the first to the last addresses
+    # on the real text: the same windows, and deterministic
+    real = heldout_calibration_windows(sotu_ids["calib"], 16, 512, nsamples=64, seed=0)
+    assert torch.equal(real, sotu_ids["calib"][held])
+    assert torch.equal(real, heldout_calibration_windows(sotu_ids["calib"], 16, 512, nsamples=64, seed=0))
+
+
+def test_heldout_windows_error_when_calibration_takes_the_text():
+    ids = torch.arange(1000)
+    # 10 aligned windows of 100; windows at random starts cover most of them
+    with pytest.raises(SequenceLengthError, match="held-out windows were asked for: lower --nsamples"):
+        heldout_calibration_windows(ids, 8, 100, nsamples=40, seed=0)
+    assert heldout_calibration_windows(ids, 1, 100, nsamples=1, seed=0).shape == (1, 100)
 
 
 def test_calibration_window_errors():

@@ -20,6 +20,7 @@ from structprune.data.corpora import (
 from structprune.data.windows import (
     CalibrationSpec,
     calibration_windows,
+    heldout_calibration_windows,
     corpus_token_ids,
     eval_windows,
     n_eval_windows,
@@ -35,6 +36,7 @@ __all__ = [
     "CorpusInfo",
     "available_corpora",
     "calibration_windows",
+    "heldout_calibration_windows",
     "corpus_catalog",
     "corpus_id",
     "corpus_label",

@@ -163,7 +163,44 @@ def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int
         raise SequenceLengthError(
             f"calibration seqlen {seqlen} is longer than the calibration text ({n} tokens)"
         )
-    gen = torch.Generator().manual_seed(int(seed))
-    starts = torch.randint(0, n - seqlen + 1, (nsamples,), generator=gen)  # (nsamples,)
+    starts = _calibration_starts(n, nsamples, seqlen, seed)  # (nsamples,)
     offsets = torch.arange(seqlen)  # (seqlen,)
     return ids[starts[:, None] + offsets[None, :]]  # (nsamples, seqlen)
+
+
+def _calibration_starts(n_tokens: int, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(int(seed))
+    return torch.randint(0, n_tokens - seqlen + 1, (nsamples,), generator=gen)
+
+
+def heldout_calibration_windows(ids: torch.Tensor, windows: int, seqlen: int, nsamples: int,
+                                seed: int) -> torch.Tensor:
+    """``windows`` windows ``(windows, seqlen)`` of the calibration text that share no token with
+    the ``nsamples`` windows ``calibration_windows(ids, nsamples, seqlen, seed)`` draws.
+
+    Choices (temperature, energy) are made by the loss on these: the calibration split, never an
+    eval split, yet not the tokens the refit was fitted to (the in-sample loss rewards
+    over-fitting). Candidates are the aligned windows ``ids[j*seqlen:(j+1)*seqlen]`` that miss every
+    calibration window; ``windows`` of them are taken evenly spaced through the text, so every part
+    of the split (e.g. every decade of addresses) is represented.
+
+    Raises SequenceLengthError when fewer than ``windows`` such windows exist.
+    """
+    _check_ids(ids)
+    if windows < 1:
+        raise SequenceLengthError(f"windows must be at least 1, got {windows}")
+    n = ids.numel()
+    if seqlen < 2 or seqlen > n:
+        raise SequenceLengthError(f"seqlen {seqlen} does not fit a calibration text of {n} tokens")
+    starts = _calibration_starts(n, nsamples, seqlen, seed)  # (nsamples,)
+    cand = torch.arange(n_eval_windows(n, seqlen)) * seqlen  # (C,) aligned starts
+    # [c, c+seqlen) and [s, s+seqlen) overlap iff |c - s| < seqlen
+    free = ((cand[:, None] - starts[None, :]).abs() >= seqlen).all(dim=1)  # (C,)
+    cand = cand[free]
+    if cand.numel() < windows:
+        raise SequenceLengthError(
+            f"the calibration text has only {cand.numel()} windows of {seqlen} tokens outside the "
+            f"{nsamples} calibration windows; {windows} held-out windows were asked for: lower --nsamples")
+    pick = torch.linspace(0, cand.numel() - 1, windows).round().long()  # (windows,)
+    offsets = torch.arange(seqlen)
+    return ids[cand[pick][:, None] + offsets[None, :]]  # (windows, seqlen)
