@@ -381,10 +381,12 @@ def _extrapolate(res: dict, layers_run: int, n_layers: int, sensitivity: bool) -
         xs = list(range(len(dts)))
         mx, my = sum(xs) / len(xs), sum(dts) / len(dts)
         sxx = sum((x - mx) ** 2 for x in xs)
-        b = sum((x - mx) * (y - my) for x, y in zip(xs, dts)) / sxx if sxx else 0.0
+        # a falling fit is warm-up noise (the first layer pays for kernel set-up), not a trend
+        b = max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, dts)) / sxx if sxx else 0.0)
         a = my - b * mx
         head = res["pass1_s"] - times[-1]
-        pass1_full = t_embed + sum(a + b * i for i in range(L)) + head * (2 * L + 1) / (2 * K + 1)
+        fitted = t_embed + sum(a + b * i for i in range(L)) + head * (2 * L + 1) / (2 * K + 1)
+        pass1_full = max(fitted, pass1_full)  # later layers never cost less than the first ones
     pass2_full = res["pass2_s"] * L / K
     return {"pass1_s_full": pass1_full, "pass2_s_full": pass2_full, "total_s_full": pass1_full + pass2_full}
 

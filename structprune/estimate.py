@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 
 from .adapters import LayerLayout, adapter_for
-from .memory import (DTYPE_BYTES, activation_bytes, forward_workspace_bytes, gram_bytes, layer_weight_bytes,
-                     logits_bytes, saliency_bytes, solver_bytes)
+from .memory import (DTYPE_BYTES, activation_bytes, forward_saved_bytes, forward_workspace_bytes, gram_bytes,
+                     layer_weight_bytes, logits_bytes, saliency_bytes, solver_bytes)
 
 _DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
 LAYERWISE_METHODS = ("structprune", "magnitude", "wanda-sp", "flap", "owl")
@@ -86,7 +86,7 @@ def estimate_memory(config, method: str = "structprune", nsamples: int = 64, seq
     work = forward_workspace_bytes(lay, B, S, db)
     layer = layer_weight_bytes(lay, db)
     g_attn, g_mlp = gram_bytes(lay.n_heads * lay.head_dim), gram_bytes(lay.intermediate)
-    solve_attn = solver_bytes(lay.hidden, lay.n_heads * lay.head_dim)
+    solve_attn = solver_bytes(lay.hidden, lay.n_heads * lay.head_dim, lay.head_dim)
     solve_mlp = solver_bytes(lay.hidden, lay.intermediate)
     n_params = model_params(config)
     phases: dict[str, int] = {}
@@ -96,7 +96,8 @@ def estimate_memory(config, method: str = "structprune", nsamples: int = 64, seq
         solver = method == "structprune"  # the methods whose scores and rules run OBS solves
         pass1 = layer + g_attn + g_mlp + run
         if solver:
-            sal = max(saliency_bytes(lay.hidden, lay.n_heads * lay.head_dim), saliency_bytes(lay.hidden, lay.intermediate))
+            sal = max(saliency_bytes(lay.hidden, lay.n_heads * lay.head_dim, lay.head_dim),
+                      saliency_bytes(lay.hidden, lay.intermediate))
             pass1 = max(pass1, layer + g_attn + g_mlp + sal)
         if sensitivity and solver:
             pass1 = max(pass1, layer + g_attn + g_mlp + max(solve_attn, solve_mlp))
@@ -124,7 +125,7 @@ def estimate_memory(config, method: str = "structprune", nsamples: int = 64, seq
 def global_taylor_bytes(config, n_params: int, batch: int, seqlen: int, dtype_bytes: int) -> int:
     """Whole model + its gradients + activations kept for backprop of one batch + logits."""
     lay = config_layout(config)
-    saved_per_layer = forward_workspace_bytes(lay, batch, seqlen, dtype_bytes) + 4 * activation_bytes(
+    saved_per_layer = forward_saved_bytes(lay, batch, seqlen, dtype_bytes) + 4 * activation_bytes(
         batch, seqlen, lay.hidden, dtype_bytes)
     return (2 * n_params * dtype_bytes + config.num_hidden_layers * saved_per_layer
             + logits_bytes(batch, seqlen, config.vocab_size))

@@ -16,8 +16,12 @@ from .streaming import StopLayer
 
 def _augmented(x: torch.Tensor) -> torch.Tensor:
     """(..., n) -> (T, n+1) fp32 with a trailing column of ones."""
-    x = x.reshape(-1, x.shape[-1]).float()
-    return torch.cat([x, torch.ones(x.shape[0], 1, device=x.device, dtype=x.dtype)], dim=1)
+    x = x.reshape(-1, x.shape[-1])
+    # one (T, n+1) fp32 buffer (not an fp32 copy of x and then its concatenation: two)
+    xa = torch.empty(x.shape[0], x.shape[1] + 1, device=x.device, dtype=torch.float32)
+    xa[:, :-1] = x
+    xa[:, -1] = 1.0
+    return xa
 
 
 class GramHook:

@@ -39,9 +39,32 @@ def activation_bytes(batch: int, seqlen: int, hidden: int, dtype_bytes: int) -> 
     return batch * seqlen * hidden * dtype_bytes
 
 
-def forward_workspace_bytes(lay: LayerLayout, batch: int, seqlen: int, dtype_bytes: int) -> int:
-    """Transient tensors of one layer forward: q/k/v, attention scores of one batch, the MLP
-    intermediate (gate, up, product), and the normalised input."""
+def forward_workspace_bytes(lay: LayerLayout, batch: int, seqlen: int, dtype_bytes: int,
+                            hooked: bool = True) -> int:
+    """Transient tensors of one layer forward on one batch (the output included), the largest of
+    its phases as measured with structprune.memprobe (benchmarks/cpu_transients.py; SDPA
+    attention, which never holds the (S x S) scores):
+
+    - attention: the residual and normalised input, q/k/v and their rotated / reshaped copies
+      (2 x the q/k/v columns);
+    - MLP: the residual and normalised input, gate, up and act(gate) (OPT: fc1 and its ReLU);
+    - ``hooked`` (a Gram hook or input capture on an output projection, as in pass 1 and pass 2):
+      the hook's fp32 copy [P; 1] of the module's input next to that input (and, for o_proj,
+      q/k/v, still referenced).
+    """
+    tokens = batch * seqlen
+    h, heads = lay.hidden, lay.n_heads * lay.head_dim
+    qkv = lay.head_dim * (lay.n_heads + 2 * lay.n_kv_heads)
+    attn = (2 * h + 2 * qkv) * dtype_bytes
+    mlp = ((2 * h + 3 * lay.intermediate) if lay.gated else (h + 2 * lay.intermediate)) * dtype_bytes
+    hook_mlp = (2 * h + lay.intermediate) * dtype_bytes + (lay.intermediate + 1) * GRAM_DTYPE_BYTES
+    hook_attn = (2 * h + qkv + heads) * dtype_bytes + (heads + 1) * GRAM_DTYPE_BYTES
+    return tokens * (max(attn, mlp, hook_mlp, hook_attn) if hooked else max(attn, mlp))
+
+
+def forward_saved_bytes(lay: LayerLayout, batch: int, seqlen: int, dtype_bytes: int) -> int:
+    """What backpropagation keeps of one layer's forward on one batch: q/k/v, the attention
+    probabilities, the MLP intermediates (gate, up, product) and the normalised inputs."""
     tokens = batch * seqlen
     qkv = tokens * lay.head_dim * (lay.n_heads + 2 * lay.n_kv_heads)
     scores = batch * lay.n_heads * seqlen * seqlen
@@ -66,18 +89,33 @@ def solve_dtype_bytes(n: int) -> int:
     return 8 if n + 1 <= FP64_MAX_COLUMNS else 4
 
 
-def saliency_bytes(d_out: int, n: int) -> int:
-    """OBS saliencies of one module: the damped Gram, then its Cholesky factor and inverse (the
-    damped copy is dropped once factored: two (n+1)^2 matrices at most), and the weights."""
+def saliency_bytes(d_out: int, n: int, group: int = 1) -> int:
+    """OBS saliencies of one module (`group`: columns per unit, 1 for channels, head_dim for
+    heads), the larger of two phases measured with structprune.memprobe (cpu_transients.py):
+    the inverse (the weights [W, b], the damped Gram, then its Cholesky factor next to the
+    inverse: two (n+1)^2 matrices) and the saliencies (the inverse, the weights, and per head
+    W_J, Hinv_JJ^-1 W_J^T and a product: three more d_out x (n+1); per channel two)."""
     m = n + 1
-    return (2 * m * m + d_out * m) * solve_dtype_bytes(n)
+    mm, dm = m * m, d_out * m
+    return max(2 * mm + dm, mm + (4 if group > 1 else 3) * dm) * solve_dtype_bytes(n)
 
 
-def solver_bytes(d_out: int, n: int) -> int:
-    """One module's solve (greedy OBS, then the refit): two (n+1)^2 matrices at a time (damped
-    Gram / its factor / the running inverse) and four d_out x (n+1) weight copies."""
+def solver_bytes(d_out: int, n: int, group: int = 1) -> int:
+    """One module's solve (greedy OBS, swaps on heads, then the refit), measured with
+    structprune.memprobe: two (n+1)^2 matrices at a time (damped Gram / factor / inverse; in the
+    swap search the damped Gram and the running inverse) and d_out x (n+1) copies: the weights,
+    their compensated copy (channels: two); for heads the swap search's weights, residual and
+    per-pair updates as well (5.5 on average over the shapes measured))."""
     m = n + 1
-    return (2 * m * m + 4 * d_out * m) * solve_dtype_bytes(n)
+    if group > 1:
+        return (4 * m * m + 11 * d_out * m) * solve_dtype_bytes(n) // 2
+    return (2 * m * m + 2 * d_out * m) * solve_dtype_bytes(n)
+
+
+def gram_batch_bytes(lay: LayerLayout, batch: int, seqlen: int) -> int:
+    """A Gram hook's fp32 copy [P; 1] of one batch of its module's input ((B*S, n+1)), for the
+    widest hooked input (the MLP's intermediate or the attention's heads): live in the forward."""
+    return batch * seqlen * (max(lay.n_heads * lay.head_dim, lay.intermediate) + 1) * GRAM_DTYPE_BYTES
 
 
 @dataclass

@@ -82,6 +82,11 @@ class Emitter:
                                         led.current, led.peak, message))
 
 
+def _group(lay: LayerLayout, kind: str) -> int:
+    """Columns per unit of a module (the solver's memory depends on it): head_dim or 1."""
+    return lay.head_dim if kind == "attn" else 1
+
+
 def weight_with_bias(lin: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
     return lin.weight.detach(), (lin.bias.detach() if lin.bias is not None else None)
 
@@ -164,7 +169,7 @@ def collect_stats(
             for kind in ("attn", "mlp"):
                 W, b = weight_with_bias(stream.adapter.out_proj(layer, kind))
                 if solves:
-                    stream.ledger.hold("solver", saliency_bytes(W.shape[0], W.shape[1]))
+                    stream.ledger.hold("solver", saliency_bytes(W.shape[0], W.shape[1], _group(lay, kind)))
                 st.scores[kind] = score_fn(kind, W, b, grams[kind], lay).double().cpu()
                 stream.ledger.release("solver")
                 st.out_energy[kind] = module_output_energy(W, b, grams[kind])
@@ -175,7 +180,7 @@ def collect_stats(
                     perturbed[key] = stream.run_layer(i, layer, perturbed[key])
                 for kind in ("attn", "mlp"):
                     W, b = weight_with_bias(stream.adapter.out_proj(layer, kind))
-                    stream.ledger.hold("solver", solver_bytes(W.shape[0], W.shape[1]))
+                    stream.ledger.hold("solver", solver_bytes(W.shape[0], W.shape[1], _group(lay, kind)))
                     res = sensitivity_rule(kind, i, W, b, grams[kind], lay)
                     stream.ledger.release("solver")
                     perturbed[(i, kind)] = _masked_forward_outputs(stream, i, layer, kind, res, dense_sub)
@@ -238,7 +243,7 @@ def prune_sequential(
                         stream.run_layer(i, layer, x, keep_outputs=False)
                     G = hook.gram
                 if solves:
-                    stream.ledger.hold("solver", solver_bytes(W.shape[0], W.shape[1]))
+                    stream.ledger.hold("solver", solver_bytes(W.shape[0], W.shape[1], _group(lay, kind)))
                 res = rule(kind, i, W, b, G, lay, k_keep)
                 stream.ledger.release("grams", "solver")
                 apply_result(stream, layer, kind, res)

@@ -85,23 +85,47 @@ def _cholesky(A: Tensor, what: str) -> Tensor:
     return L
 
 
+TRANSPOSE_TILE = 512  # tile of the in-place square transpose (two tiles of scratch)
+
+
+def _transpose_(A: Tensor) -> Tensor:
+    """Transposes a square matrix in place, tile pair by tile pair. A: (m, m) -> A (= A^T)."""
+    m, t = A.shape[0], TRANSPOSE_TILE
+    for i in range(0, m, t):
+        d = A[i:i + t, i:i + t]
+        d.copy_(d.T.clone())
+        for j in range(i + t, m, t):
+            upper = A[i:i + t, j:j + t].clone()
+            A[i:i + t, j:j + t] = A[j:j + t, i:i + t].T
+            A[j:j + t, i:i + t] = upper.T
+    return A
+
+
+def _inverse_from_factor(L: Tensor) -> Tensor:
+    """(L L^T)^-1 from its Cholesky factor with one m x m buffer (the result) besides L: the two
+    triangular solves of ``cholesky_solve(I, L)`` in place on a column-major identity (on the CPU
+    bit for bit ``cholesky_solve``'s result, which is several times faster than
+    ``cholesky_inverse`` on MKL CPUs), then an in-place transpose back to row-major storage.
+    Neither library call is used as such: ``cholesky_solve(I, L)`` holds I, L and its output, and
+    on CUDA ``cholesky_inverse`` (cuSOLVER, potrs-based) holds L, its result and a working copy
+    of L: three m x m buffers either way, where the memory formulas count two."""
+    X = torch.eye(L.shape[0], dtype=L.dtype, device=L.device).mT  # column-major I
+    torch.linalg.solve_triangular(L, X, upper=False, out=X)
+    torch.linalg.solve_triangular(L.mT, X, upper=True, out=X)
+    return _transpose_(X.mT)  # X.mT: row-major storage of X^T; transposed in place -> X
+
+
 def _spd_inverse(A: Tensor, what: str) -> Tensor:
-    L = _cholesky(A, what)
-    if L.is_cuda:  # no identity matrix: one m x m buffer less on the device
-        return torch.cholesky_inverse(L)
-    # cholesky_solve against I: several times faster than cholesky_inverse on MKL CPUs
-    return torch.cholesky_solve(torch.eye(A.shape[0], dtype=A.dtype, device=A.device), L)
+    return _inverse_from_factor(_cholesky(A, what))
 
 
 def _take_inverse(p: "_Problem") -> Tensor:
     """Gd^-1, dropping the problem's reference to Gd first (callers that need only the inverse
-    then hold one m x m matrix, not two)."""
+    then hold one m x m matrix and the factor, not three)."""
     Gd, p.Gd = p.Gd, None
     L = _cholesky(Gd, "damped G")
     del Gd  # the factor replaces it
-    if L.is_cuda:
-        return torch.cholesky_inverse(L)
-    return torch.cholesky_solve(torch.eye(L.shape[0], dtype=L.dtype, device=L.device), L)
+    return _inverse_from_factor(L)
 
 
 @dataclass
@@ -142,7 +166,10 @@ class _Problem:
 
 
 def _prepare(Wt: Tensor, G: Tensor, groups: Tensor, blocks: Tensor | None = None,
-             allow_bias: bool = True, damp_rel: float = DAMP_REL) -> _Problem:
+             allow_bias: bool = True, damp_rel: float = DAMP_REL, gram: bool = True) -> _Problem:
+    """Validates a problem and builds it: the weights in the solve dtype (no copy when Wt already
+    is) and the damped Gram (an (m, m) copy; ``gram=False``: none, for callers that need only the
+    units, blocks and quota)."""
     if Wt.dim() != 2:
         raise ValueError(f"Wt must be (d_out, n+1), got shape {tuple(Wt.shape)}")
     m1 = Wt.shape[1]
@@ -178,8 +205,10 @@ def _prepare(Wt: Tensor, G: Tensor, groups: Tensor, blocks: Tensor | None = None
         raise ValueError(f"G[n, n] = {float(G[n, n]):.4g}, expected 1: G must be the augmented "
                          "Gram of [P; 1] (last row/column = the constant input)")
     lam = damp_rel * float(G.diagonal().to(torch.float64).mean())  # as damped(G) computes it
-    Gd = (G if allow_bias else G[:n, :n]).to(dt, copy=True)
-    Gd.diagonal()[:n] += lam  # the n weight columns; never the bias column
+    Gd = None
+    if gram:
+        Gd = (G if allow_bias else G[:n, :n]).to(dt, copy=True)
+        Gd.diagonal()[:n] += lam  # the n weight columns; never the bias column
     if not allow_bias:
         W64 = W64[:, :n]
     return _Problem(W64, Gd, lam, groups, block_of, n_blocks, allow_bias)
@@ -226,8 +255,10 @@ def _obs_saliency(W: Tensor, Hinv: Tensor, groups: Tensor) -> Tensor:
 def reconstruction_error(Wt: Tensor, W_new: Tensor, G: Tensor) -> float:
     """Mean squared output error per token, ``tr((Wt - W_new) G (Wt - W_new)^T)``, on the
     undamped G. Wt, W_new: (d_out, n+1); G: (n+1, n+1)."""
-    D = (Wt.to(torch.float64) - W_new.to(torch.float64)).to(G.dtype)  # (d_out, n+1)
-    err = float(((D @ G) * D).sum(dtype=torch.float64))  # no fp64 copy of G
+    D = torch.empty(Wt.shape, dtype=G.dtype, device=G.device)  # (d_out, n+1)
+    for i in range(0, D.shape[0], 256):  # the fp64 difference by row blocks: no fp64 (d_out, n+1) copies
+        D[i:i + 256] = Wt[i:i + 256].to(torch.float64) - W_new[i:i + 256].to(torch.float64)
+    err = float((D @ G).mul_(D).sum(dtype=torch.float64))  # no fp64 copy of G
     if err != err or err in (float("inf"), float("-inf")):
         raise SolverError("reconstruction error is not finite")
     return max(err, 0.0)
@@ -248,8 +279,10 @@ def group_saliency(Wt: Tensor, G: Tensor, groups: Tensor, kind: Literal["obs", "
     raise ValueError(f"kind must be 'obs' or 'diag', got {kind!r}")
 
 
-def _refit_on(p: _Problem, kept: Tensor) -> Tensor:
-    """Damped least squares on the support of ``kept`` in problem space -> (d, m), zero off S."""
+def _refit_on(p: _Problem, kept: Tensor, consume: bool = False) -> Tensor:
+    """Damped least squares on the support of ``kept`` in problem space -> (d, m), zero off S.
+    ``consume``: drop the problem's Gd once its two blocks are taken (the caller's last use), so
+    the kept block and its factor never sit next to the whole (m, m) matrix."""
     S = p.support(kept)
     out = torch.zeros_like(p.W)  # (d, m)
     removed = torch.ones(p.W.shape[1], dtype=torch.bool, device=p.W.device)
@@ -258,9 +291,15 @@ def _refit_on(p: _Problem, kept: Tensor) -> Tensor:
     out[:, S] = p.W[:, S]
     if S.numel() and R.numel():
         # one advanced index per block: no (|S| x m) intermediate copies of the Gram
-        L = _cholesky(p.Gd[S[:, None], S[None, :]], "damped G on the kept support")
         rhs = (p.W[:, R] @ p.Gd[R[:, None], S[None, :]]).T  # (|S|, d); off-diagonal: G == Gd there
+        GSS = p.Gd[S[:, None], S[None, :]]
+        if consume:
+            p.Gd = None
+        L = _cholesky(GSS, "damped G on the kept support")
+        del GSS
         out[:, S] += torch.cholesky_solve(rhs, L).T
+    elif consume:
+        p.Gd = None
     check_finite("refit weights", out)
     return out
 
@@ -282,8 +321,11 @@ def refit(Wt: Tensor, G: Tensor, kept_units: Tensor, groups: Tensor, allow_bias:
     kept = torch.as_tensor(kept_units, dtype=torch.long, device=p.W.device)
     if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= p.n_units):
         raise ValueError(f"kept_units must be unit ids in [0, {p.n_units})")
+    new = _refit_on(p, kept, consume=True)  # (d_out, m)
+    if new.shape[1] == Wt.shape[1]:  # a free bias column: the whole result
+        return new
     out = Wt.to(p.W.dtype).clone()  # (d_out, n+1); the bias column stays when not free
-    out[:, : p.W.shape[1]] = _refit_on(p, kept)
+    out[:, : p.W.shape[1]] = new
     return out
 
 
@@ -299,7 +341,10 @@ def greedy_obs_select(Wt: Tensor, G: Tensor, groups: Tensor, k_keep: int,
     quota = _quota(p, k_keep)
     if per_step < 1:
         raise ValueError(f"per_step must be >= 1, got {per_step}")
-    W = p.W.clone()  # (d, m'), compensated as units leave; m' shrinks by compaction
+    # (d, m'), compensated as units leave; m' shrinks by compaction. p.W is already a private
+    # copy unless Wt was in the solve dtype (then p.W is Wt or a view of it)
+    shared = p.W.untyped_storage().data_ptr() == Wt.untyped_storage().data_ptr()
+    W, p.W = (p.W.clone() if shared else p.W), None
     Hinv = _take_inverse(p)  # (m', m'), zero rows/cols for removed columns
     cols = p.groups.clone()  # (U, g) positions of each unit's columns in W / Hinv
     single = cols.shape[1] == 1  # channels: saliency from incrementally kept column norms
@@ -390,9 +435,16 @@ def solve_module(W: Tensor, b: Tensor | None, G: Tensor, groups: Tensor, k_keep:
         raise ValueError(f"W must be (d_out, n), got {tuple(W.shape)}")
     if b is not None and b.shape != (W.shape[0],):
         raise ValueError(f"b must be ({W.shape[0]},), got {tuple(b.shape)}")
-    bias = b if b is not None else W.new_zeros(W.shape[0])
-    Wt = torch.cat([W.to(torch.float64), bias.to(torch.float64)[:, None]], 1)  # (d_out, n+1)
-    p = _prepare(Wt, G, groups, blocks, allow_bias, damp_rel)
+    # (d_out, n+1) [W, b], built in the solve dtype: every step below converts to it anyway (the
+    # same values), and no fp64 temporaries
+    dt = torch.promote_types(solve_dtype(W.shape[1] + 1), W.dtype if b is None else torch.promote_types(W.dtype, b.dtype))
+    Wt = W.new_empty((W.shape[0], W.shape[1] + 1), dtype=dt)
+    Wt[:, :-1] = W
+    if b is None:
+        Wt[:, -1] = 0.0
+    else:
+        Wt[:, -1] = b
+    p = _prepare(Wt, G, groups, blocks, allow_bias, damp_rel, gram=False)  # units and quota only
     quota = _quota(p, k_keep)
     ids = torch.arange(p.n_units, device=W.device)
     trace = None
@@ -420,7 +472,11 @@ def solve_module(W: Tensor, b: Tensor | None, G: Tensor, groups: Tensor, k_keep:
     keep_col[-1] = True  # the bias stays (masked baseline: simply zero the removed columns)
     masked[:, ~keep_col] = 0.0
     err_mask = reconstruction_error(Wt, masked, G)
-    new = refit(Wt, G, kept, groups, **kw) if refit_weights else masked
+    if refit_weights:
+        del masked  # not needed next to the refit's buffers
+        new = refit(Wt, G, kept, groups, **kw)
+    else:
+        new = masked
     err_new = reconstruction_error(Wt, new, G) if refit_weights else err_mask
     b_new = None
     if allow_bias or b is not None:

@@ -36,6 +36,8 @@ from structprune.solver import (
     _loss,
     _prepare,
     _quota,
+    _cholesky,
+    _inverse_from_factor,
     _refit_on,
     _spd_inverse,
     check_finite,
@@ -198,7 +200,8 @@ def _swap_costs(Wp: Tensor, Hinv: Tensor, groups: Tensor, kept: Tensor, rem: Ten
     cost = torch.empty(kept.numel(), rem.numel(), dtype=Wp.dtype, device=Wp.device)
     for c in range(rem.numel()):  # heads: few units, loop over the added one
         vK = v[K, c, :]  # (q, g, g)
-        W2 = Wp[:, K] + torch.einsum("dg,gh,qkh->dqk", Rg[:, c], Minv[c], vK)  # (d, q, g)
+        W2 = Wp[:, K]  # (d, q, g) a copy; the update added in place (no third (d, q, g))
+        W2 += torch.einsum("dg,gh,qkh->dqk", Rg[:, c], Minv[c], vK)
         H2 = Hinv[K[:, :, None], K[:, None, :]] + torch.einsum("qag,gh,qbh->qab", vK, Minv[c], vK)
         cost[:, c] = torch.einsum("dqa,qab,dqb->q", W2, torch.linalg.inv(H2), W2)
     return cost
@@ -225,11 +228,17 @@ def local_search(Wt: Tensor, G: Tensor, groups: Tensor, kept: Tensor,
     is_kept = torch.zeros(p.n_units, dtype=torch.bool, device=p.W.device)
     is_kept[kept] = True
     S = p.support(kept)
+    inv = None
+    if S.numel():  # the kept block's inverse first, then the (m, m) buffer it is embedded in
+        inv = _inverse_from_factor(_cholesky(p.Gd[S[:, None], S[None, :]], "damped G on the support"))
     Hinv = torch.zeros(m, m, dtype=p.W.dtype, device=p.W.device)  # Gd_SS^-1 embedded
-    if S.numel():
-        Hinv[S[:, None], S[None, :]] = _spd_inverse(p.Gd[S][:, S], "damped G on the support")
+    if inv is not None:
+        Hinv[S[:, None], S[None, :]] = inv
+        del inv
     Wp = p.W @ p.Gd @ Hinv  # (d, m) optimal weights on S, zero elsewhere
-    base = float(((p.W - Wp) @ p.Gd * (p.W - Wp)).sum())
+    Dw = p.W - Wp  # (d, m) the residual, once (two (d, m) temporaries fewer)
+    base = float((Dw @ p.Gd).mul_(Dw).sum())
+    del Dw
     swaps = 0
     while swaps < max_swaps and 0 < int(is_kept.sum()) < p.n_units:
         rem = (~is_kept).nonzero().squeeze(1)  # removed units
@@ -245,6 +254,7 @@ def local_search(Wt: Tensor, G: Tensor, groups: Tensor, kept: Tensor,
         X = (Hinv @ GdJ).reshape(m, *JR.shape)  # (m, r, g) = Hinv Gd_:,J
         M = p.Gd[JR[:, :, None], JR[:, None, :]] - torch.einsum(
             "mrg,mrh->rgh", GdJ.reshape(m, *JR.shape), X)  # (r, g, g) Schur complements
+        del GdJ  # (m, r*g): not needed by the swap costs
         Minv = torch.linalg.inv(M)
         gain = torch.einsum("drg,rgh,drh->r", Rg, Minv, Rg)  # damped loss drop of adding j
         if rem.numel() > candidates:  # exact gains of the prefiltered; keep the best
@@ -263,12 +273,15 @@ def local_search(Wt: Tensor, G: Tensor, groups: Tensor, kept: Tensor,
         # add j: block-inverse update; then remove i: block OBS
         v = -X[:, c, :]
         v[p.groups[j]] += torch.eye(v.shape[1], dtype=v.dtype, device=v.device)
-        Wp = Wp + Rg[:, c] @ Minv[c] @ v.T
-        Hinv = Hinv + v @ Minv[c] @ v.T
+        # in place, fused (as greedy_obs_select): no (m, m) product next to Hinv and Gd
+        Wp.addmm_(Rg[:, c] @ Minv[c], v.T)
+        Hinv.addmm_(v @ Minv[c], v.T)
         I_ = p.groups[i]
         HII_inv = torch.linalg.inv(Hinv[I_][:, I_])
-        Wp = Wp - (Wp[:, I_] @ HII_inv) @ Hinv[I_, :]
-        Hinv = Hinv - Hinv[:, I_] @ HII_inv @ Hinv[I_, :]
+        HI = Hinv[I_, :]  # (g, m)
+        Wp.addmm_(Wp[:, I_] @ HII_inv, HI, alpha=-1.0)
+        Hinv.addmm_(Hinv[:, I_] @ HII_inv, HI, alpha=-1.0)
+        del HI
         Wp[:, I_] = 0.0
         Hinv[I_, :] = 0.0
         Hinv[:, I_] = 0.0

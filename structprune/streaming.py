@@ -167,11 +167,13 @@ class LayerStream:
         attention output projection's inputs without running the MLP).
         """
         lay = self.adapter.layout(layer)
+        # a Gram hook / input capture on an output projection adds its fp32 input copy
+        hooked = any(len(self.adapter.out_proj(layer, k)._forward_pre_hooks) for k in ("attn", "mlp"))
         outs = []
         for b, x_host in enumerate(inputs.tensors):
             bsz, seqlen = x_host.shape[:2]
             self.ledger.hold("batch-in", activation_bytes(bsz, seqlen, self.hidden, self.dtype_bytes))
-            self.ledger.hold("workspace", forward_workspace_bytes(lay, bsz, seqlen, self.dtype_bytes))
+            self.ledger.hold("workspace", forward_workspace_bytes(lay, bsz, seqlen, self.dtype_bytes, hooked))
             x = x_host.to(self.device, non_blocking=True)
             kwargs = _to(self.layer_kwargs(index, x), self.device)
             try:

@@ -181,3 +181,17 @@ def test_out_of_memory_is_a_result_not_a_crash(tmp_path, monkeypatch):
     assert {r["method"] for r in runs} == {"structprune", "global-taylor"}
     assert all(r["status"] == "oom" and "out of memory" in r["message"] for r in runs)
     assert recs["gpu-summary.json"]["status_counts"]["oom"] == 2
+
+
+def test_extrapolated_pass_times_grow_with_depth_even_after_a_slow_first_layer():
+    # the H200 run's llama-2-13b record: a slow first layer made the fitted slope negative and the
+    # extrapolated pass 1 of 40 layers negative (-14 s)
+    events = [("embed", -1, 0.9), ("pass1", 0, 6.0), ("pass1", 1, 8.0), ("pass1", 2, 9.5), ("pass1", 3, 10.8)]
+    full = gs._extrapolate({"events": events, "pass1_s": 12.3, "pass2_s": 6.1}, 4, 40, sensitivity=True)
+    assert full["pass1_s_full"] >= 12.3 * 40 / 4
+    assert full["pass2_s_full"] == pytest.approx(6.1 * 10)
+    # per-layer times 1, 1.5, 2, 2.5 s: the fit continues the line to 8 layers (22 s), more than
+    # linear scaling of the measured 7 s (14 s)
+    rising = [("embed", -1, 0.0), ("pass1", 0, 1.0), ("pass1", 1, 2.5), ("pass1", 2, 4.5), ("pass1", 3, 7.0)]
+    full = gs._extrapolate({"events": rising, "pass1_s": 7.0, "pass2_s": 1.0}, 4, 8, sensitivity=True)
+    assert full["pass1_s_full"] == pytest.approx(22.0)

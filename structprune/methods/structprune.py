@@ -7,7 +7,7 @@ import math
 from ..allocation import Allocation, ModuleSpec, allocate_softmax, allocate_threshold, allocate_uniform
 from ..energies import module_energies, unit_costs
 from ..pipeline import LayerStats, ModuleResult
-from ..solver import group_saliency, solve_module
+from ..solver import group_saliency, solve_dtype, solve_module
 from ..units import unit_groups
 from .base import Method
 
@@ -15,8 +15,16 @@ import torch
 
 
 def _wt(W, b):
-    bias = b if b is not None else W.new_zeros(W.shape[0])
-    return torch.cat([W.double(), bias.double()[:, None]], 1)
+    """[W, b] in the solve dtype (or W's, if wider): the values the solver converts it to, without
+    an fp64 copy (and its temporaries) of a module that solves in fp32."""
+    dt = torch.promote_types(solve_dtype(W.shape[1] + 1), W.dtype)
+    Wt = W.new_empty((W.shape[0], W.shape[1] + 1), dtype=dt)
+    Wt[:, :-1] = W
+    if b is None:
+        Wt[:, -1] = 0.0
+    else:
+        Wt[:, -1] = b
+    return Wt
 
 
 class StructPruneMethod(Method):
