@@ -58,7 +58,8 @@ from structprune.errors import DeviceOutOfMemoryError, InvalidConfigError, RunCa
 from structprune.estimate import estimate_memory  # noqa: E402
 from structprune.memory import DTYPE_BYTES, DeviceLedger  # noqa: E402
 from structprune.methods import get_method  # noqa: E402
-from structprune.pipeline import Emitter, collect_stats, prune_sequential  # noqa: E402
+from structprune.pipeline import Emitter, prune_sequential  # noqa: E402
+from structprune.run import pass1_stats  # noqa: E402
 from structprune.streaming import LayerStream  # noqa: E402
 from structprune.units import count_params, layouts_of, module_specs  # noqa: E402
 
@@ -75,7 +76,7 @@ class RunSpec:
     nsamples: int
     seqlen: int
     step: str
-    sensitivity: bool = True  # structprune's default energy (measured sensitivities) or uniform
+    sensitivity: bool = True  # softmax with measured sensitivities (the heavier pass 1) or uniform
     layers_run: int | None = None  # None: the whole depth
     fallback_layers: int | None = None  # when the whole depth does not fit the budget, run this many
 
@@ -292,17 +293,7 @@ def prune_core(pc: PruneConfig, model: torch.nn.Module, calib: torch.Tensor, dev
             res = _rule(kind, i, W, b, G, lay, k)
             capture[(i, kind)] = {"kept": res.kept.cpu().tolist(), "err": res.info.get("err_after_refit")}
             return res
-    sens_rule = None
-    if method.wants_sensitivity():
-        u = allocate_uniform(specs, pc.sparsity, s_max=pc.s_max)
-        uniform_keep = {(sp.layer, sp.kind): int(k) for sp, k in zip(specs, u.units_kept)}
-        # as run_prune: the sensitivity solves use the one-shot selector where the rule takes one
-        one_shot = {"selector": "saliency"} if "selector" in inspect.signature(method.rule).parameters else {}
-
-        def sens_rule(kind, i, W, b, G, lay):
-            return method.rule(kind, i, W, b, G, lay, uniform_keep[(i, kind)], **one_shot)
-    stats, _ = collect_stats(stream, calib, method.score, emit, sensitivity_rule=sens_rule,
-                             sensitivity_windows=pc.sensitivity_windows, owl_m=pc.owl_m, solves=method.solves)
+    stats, _ = pass1_stats(method, stream, calib, specs, emit)
     _sync(device)
     t1 = time.perf_counter()
     out.update(pass1_s=t1 - t0, pass1_peak=meter.segment())
@@ -466,7 +457,7 @@ def run_spec(runner: Runner, spec: RunSpec) -> dict:
         calib = torch.randint(0, run_cfg.vocab_size, (spec.nsamples, spec.seqlen),
                               generator=torch.Generator().manual_seed(0))
         pc = PruneConfig(model=spec.config_name, method=spec.method, sparsity=SPARSITY,
-                         allocation="softmax" if rec["sensitivity"] else "uniform",
+                         allocation="softmax" if rec["sensitivity"] else "uniform", energy="sensitivity",
                          nsamples=spec.nsamples, seqlen=spec.seqlen, device=str(dev), dtype=dtype_name,
                          batch_size=1, sensitivity_windows=min(4, spec.nsamples))
         res = (prune_core(pc, model, calib, dev, cancel, events=events) if impl_ok
@@ -544,8 +535,8 @@ def run_correctness(runner: Runner) -> dict:
 
                 m = copy.deepcopy(model).to(dtype)
                 cap: dict = {}
-                pc = PruneConfig(model=name, sparsity=SPARSITY, allocation=allocation, nsamples=n, seqlen=s,
-                                 device=device, dtype=str(dtype).replace("torch.", ""),
+                pc = PruneConfig(model=name, sparsity=SPARSITY, allocation=allocation, energy="sensitivity",
+                                 nsamples=n, seqlen=s, device=device, dtype=str(dtype).replace("torch.", ""),
                                  sensitivity_windows=min(4, n))
                 torch.backends.cuda.matmul.allow_tf32 = False
                 prune_core(pc, m, calib, torch.device(device), None, capture=cap)

@@ -5,11 +5,12 @@
   (measured on CUDA / accounted on CPU, labelled) and pruning time over the forward floor.
 - ppl_vs_sparsity.html: plotly, ppl vs sparsity per method (log y, Okabe-Ito colours plus distinct
   markers and dashes, so it reads without colour), then memory and time per method.
-- TEMPERATURE_SWEEP.md + temperature_sweep.json (with --sweep-temperature): calibration loss per
-  candidate allocation; the default T is the one with the lowest calibration loss, never test ppl.
+- ALLOCATION_SWEEP.md + allocation_sweep.json (with --sweep-temperature): held-out calibration loss
+  per candidate allocation (softmax per energy and T, threshold, uniform); the default (energy, T)
+  is the one with the lowest mean held-out loss, never test ppl.
 
 Records are matched to variants by their configuration, not by the label they were written under
-(the sweep's softmax T=1 run and the grid's default structprune run are one record).
+(in one folder, a run written for the sweep is the grid's run with the same configuration).
 """
 
 from __future__ import annotations

@@ -47,7 +47,8 @@ with st.expander("Compute an energy profile", expanded=not keys):
     p2.number_input("Calibration windows", 1, 1024, key="ex_nsamples", help=ui.tip("nsamples"))
     p3.number_input("Tokens per window", 2, 8192, key="ex_seqlen", help=ui.tip("seqlen"))
     p4.number_input("Sparsity for the sensitivities", 0.05, 0.9, step=0.05, key="ex_s", help=ui.tip("sparsity"))
-    st.caption("A prune run with structprune and the sensitivity energy stores its profile here too.")
+    st.caption("Every structprune run on the Prune page stores its pass-1 profile here too; it has measured "
+               "sensitivities when the run used the sensitivity energy. This pass always measures them.")
     if st.button("Compute (pass 1 in the background)", key="ex_compute"):
         try:
             s = st.session_state
@@ -79,8 +80,7 @@ def profile_progress() -> None:
 profile_progress()
 
 if not keys:
-    st.info("No energy profile yet: compute one above, or run structprune with the sensitivity energy on the "
-            "Prune page.")
+    st.info("No energy profile yet: compute one above, or run structprune on the Prune page.")
     st.stop()
 
 key = st.selectbox("Energy profile", keys, format_func=profile_label, key="ex_profile")

@@ -13,7 +13,7 @@ from .errors import InvalidConfigError
 
 METHODS = ("structprune", "magnitude", "wanda-sp", "flap", "owl", "global-taylor")
 ALLOCATIONS = ("uniform", "threshold", "softmax", "owl")
-ENERGIES = ("sensitivity", "residual", "module")
+ENERGIES = ("residual", "sensitivity", "module")
 SELECTORS = ("admm", "greedy", "saliency")
 SALIENCIES = ("obs", "diag")
 TARGETS = ("local", "dense")
@@ -32,12 +32,14 @@ class PruneConfig:
     sparsity: float = _f(0.3, "fraction of prunable parameters (attention heads + MLP channels) to remove, 0-0.9")
     method: str = _f("structprune", "pruning method", choices=METHODS)
     allocation: str = _f("softmax", "how the budget is split across modules", choices=ALLOCATIONS)
+    # residual energy at T = 3: the lowest mean held-out calibration loss over 30% and 50% on
+    # smollm2-135m (benchmarks/results/sweep/ALLOCATION_SWEEP.md), and no sensitivity pass to pay for
     temperature: float = _f(
-        1.0, "softmax temperature (dimensionless; energies are z-scored logs); inf = uniform")
+        3.0, "softmax temperature (dimensionless; energies are z-scored logs); inf = uniform")
     energy: str = _f(
-        "sensitivity",
-        "module energy for softmax/threshold: measured calibration-loss sensitivity, "
-        "residual-stream-normalized cost, or module-normalized cost",
+        "residual",
+        "module energy for softmax/threshold: residual-stream-normalized cost, measured "
+        "calibration-loss sensitivity (one more streamed pass per module), or module-normalized cost",
         choices=ENERGIES)
     selector: str = _f("greedy", "unit selection inside a module: greedy group-OBS (+ swap search), ADMM, or one-shot saliency",
                        choices=SELECTORS)

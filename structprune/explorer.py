@@ -66,8 +66,8 @@ class EnergyProfile:
 
     @property
     def energy_kinds(self) -> list[str]:
-        kinds = ["residual", "module"]
-        return (["sensitivity"] + kinds) if self.sensitivity is not None else kinds
+        # the default energy first (the explorer's radio starts there)
+        return ["residual"] + (["sensitivity"] if self.sensitivity is not None else []) + ["module"]
 
     def layer_stats(self) -> list[LayerStats]:
         """The pass-1 statistics as `pipeline.LayerStats` (layouts omitted), for energies.py."""

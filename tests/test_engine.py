@@ -167,11 +167,12 @@ def test_device_memory_does_not_grow_with_depth(name):
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt", "tiny-gemma3"])
-@pytest.mark.parametrize("allocation", ["uniform", "softmax"])
-def test_estimator_equals_accounted_peak(name, allocation):
-    peak, cfg, pc = _accounted_peak(name, 2, allocation=allocation)
+@pytest.mark.parametrize("allocation,energy", [("uniform", "residual"), ("softmax", "residual"),
+                                               ("softmax", "sensitivity")])
+def test_estimator_equals_accounted_peak(name, allocation, energy):
+    peak, cfg, pc = _accounted_peak(name, 2, allocation=allocation, energy=energy)
     est = estimate_memory(cfg, "structprune", pc.nsamples, pc.seqlen, "float32", batch_size=pc.batch_size,
-                          sensitivity=allocation == "softmax")
+                          sensitivity=energy == "sensitivity" and allocation == "softmax")
     assert est["peak_bytes"] == peak
 
 

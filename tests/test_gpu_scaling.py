@@ -170,7 +170,7 @@ def test_out_of_memory_is_a_result_not_a_crash(tmp_path, monkeypatch):
     def oom(*a, **k):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(gs, "collect_stats", oom)
+    monkeypatch.setattr(gs, "pass1_stats", oom)
     monkeypatch.setattr(gs, "global_taylor_fallback", oom)
     monkeypatch.setattr(gs, "prune_core", lambda pc, *a, _real=gs.prune_core, **k: (
         oom() if pc.method == "global-taylor" else _real(pc, *a, **k)))

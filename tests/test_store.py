@@ -160,13 +160,14 @@ def test_runner_refuses_a_second_job_and_cancels():
     assert second.status == "finished" and second.result == "done"
 
 
-def test_runner_stores_a_tiny_prune_and_its_energy_profile(tmp_path):
+@pytest.mark.parametrize("energy", ["sensitivity", "residual"])
+def test_runner_stores_a_tiny_prune_and_its_energy_profile(tmp_path, energy):
     from structprune.config import PruneConfig
     from structprune.explorer import EnergyProfile, profile_key
     from structprune.models import load_model
 
     store, runner = RunStore(tmp_path), JobRunner()
-    cfg = PruneConfig(model="tiny-llama", nsamples=4, seqlen=32, eval_windows=2, device="cpu")
+    cfg = PruneConfig(model="tiny-llama", nsamples=4, seqlen=32, eval_windows=2, device="cpu", energy=energy)
     loaded = load_model("tiny-llama")
     job = runner.submit_prune(cfg, loaded, store)
     for _ in range(1200):
@@ -178,7 +179,8 @@ def test_runner_stores_a_tiny_prune_and_its_energy_profile(tmp_path):
     assert row["status"] == "finished" and row["record"]["run_id"] == job.job_id
     assert row["record"]["allocation"] == job.record["allocation"]
     assert job.progress()[0] == 1.0 and job.memory_points()
-    prof = EnergyProfile.from_dict(store.cache_get(profile_key("tiny-llama", cfg)))
+    # a residual-energy run measures no sensitivities: its profile is stored under the "no sens" key
+    prof = EnergyProfile.from_dict(store.cache_get(profile_key("tiny-llama", cfg, energy == "sensitivity")))
     energies = [r["energy"] for r in row["record"]["allocation"]]
-    assert prof.energies("sensitivity") == pytest.approx(energies, rel=1e-4)  # the run's own energies
+    assert prof.energies(energy) == pytest.approx(energies, rel=1e-4)  # the run's own energies
     json.dumps(prof.to_dict())
