@@ -12,8 +12,9 @@ import json
 from pathlib import Path
 
 from .adapters import LayerLayout, adapter_for
-from .memory import (DTYPE_BYTES, activation_bytes, forward_saved_bytes, forward_workspace_bytes, gram_bytes,
-                     layer_weight_bytes, logits_bytes, saliency_bytes, solver_bytes)
+from .memory import (DTYPE_BYTES, activation_bytes, backprop_saved_bytes, column_rule_bytes, embed_workspace_bytes,
+                     forward_workspace_bytes, gram_bytes, gram_check_bytes, layer_weight_bytes, logits_bytes,
+                     loss_head_bytes, norm_saved_bytes, saliency_bytes, solver_bytes)
 
 _DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
 LAYERWISE_METHODS = ("structprune", "magnitude", "wanda-sp", "flap", "owl")
@@ -72,10 +73,13 @@ def estimate_memory(config, method: str = "structprune", nsamples: int = 64, seq
                     target: str = "local") -> dict:
     """Predicted peak device bytes, per phase, for one pruning run.
 
-    Layer-wise methods: the maximum over embedding, pass 1 (both Grams, the layer, one batch and its
-    forward workspace; the solver when sensitivities are measured), the head (logits), and pass 2
-    (one Gram, the solver). Host memory for the activations (nsamples x seqlen x d, twice) is
-    reported separately: it never sits on the device.
+    Layer-wise methods: the maximum over embedding (the base's weights, the embeddings and the
+    final norm's transients), pass 1 (both Grams, the previous layer's Grams, the layer, one batch
+    and its forward workspace or the Gram read's torch.isfinite transients; the solver when
+    sensitivities are measured), the head (logits), and pass 2 (one Gram, the solver or the
+    column-score rule). Host memory for the activations (nsamples x seqlen x d, twice) is
+    reported separately: it never sits on the device. global-taylor: `global_taylor_terms`
+    (returned under "terms").
     """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}")
@@ -91,25 +95,40 @@ def estimate_memory(config, method: str = "structprune", nsamples: int = 64, seq
     n_params = model_params(config)
     phases: dict[str, int] = {}
     if method in LAYERWISE_METHODS:
-        phases["embed"] = _embedding_params(config) * db + act
+        family = adapter_for(config).spec.family
+        phases["embed"] = _embedding_params(config) * db + embed_workspace_bytes(family, B, S, lay.hidden,
+                                                                               lay.head_dim, db)
         run = act + work
         solver = method == "structprune"  # the methods whose scores and rules run OBS solves
-        pass1 = layer + g_attn + g_mlp + run
+        grams = g_attn + g_mlp
+        # pass 1 reads a layer's Grams (torch.isfinite's transients) while the previous layer's are
+        # still referenced (pipeline.collect_stats)
+        prev = grams if config.num_hidden_layers > 1 else 0
+        check_attn, check_mlp = gram_check_bytes(lay.n_heads * lay.head_dim), gram_check_bytes(lay.intermediate)
+        pass1 = layer + grams + prev + max(run, check_attn, check_mlp)
         if solver:
             sal = max(saliency_bytes(lay.hidden, lay.n_heads * lay.head_dim, lay.head_dim),
                       saliency_bytes(lay.hidden, lay.intermediate))
-            pass1 = max(pass1, layer + g_attn + g_mlp + sal)
+            pass1 = max(pass1, layer + grams + sal)
         if sensitivity and solver:
-            pass1 = max(pass1, layer + g_attn + g_mlp + max(solve_attn, solve_mlp))
+            pass1 = max(pass1, layer + grams + max(solve_attn, solve_mlp))
         phases["pass1"] = pass1
         if sensitivity and solver:  # only the sensitivity streams run the LM head during pruning
-            phases["head"] = _head_params(config) * db + act + logits_bytes(B, S, config.vocab_size)
+            phases["head"] = (_head_params(config) * db + act + logits_bytes(B, S, config.vocab_size)
+                              + grams)  # the last layer's Grams, still referenced
         extra = layer if target == "dense" else 0
-        p2 = [layer + extra + g + max(run, s if solver else 0) for g, s in ((g_attn, solve_attn), (g_mlp, solve_mlp))]
+        if solver:
+            rules = (solve_attn, solve_mlp)
+        else:
+            rules = (column_rule_bytes(lay.hidden, lay.n_heads * lay.head_dim, db),
+                     column_rule_bytes(lay.hidden, lay.intermediate, db))
+        checks = (check_attn, check_mlp) if target != "dense" else (0, 0)
+        p2 = [layer + extra + g + max(run, c, r) for g, c, r in zip((g_attn, g_mlp), checks, rules)]
         phases["pass2"] = max(p2)
         peak = max(phases.values())
     elif method == "global-taylor":
-        phases["global"] = global_taylor_bytes(config, n_params, B, S, db)
+        terms = global_taylor_terms(config, n_params, B, S, db, nsamples)
+        phases["global"] = sum(terms.values())
         peak = phases["global"]
     else:
         raise ValueError(f"unknown method {method!r}")
@@ -119,16 +138,44 @@ def estimate_memory(config, method: str = "structprune", nsamples: int = 64, seq
         "layer_weight_bytes": layer, "n_layers": config.num_hidden_layers,
         "host_activation_bytes": 2 * nsamples * S * lay.hidden * db,
         "nsamples": nsamples, "seqlen": seqlen, "dtype": dtype, "batch_size": batch_size,
+        **({"terms": {k: int(v) for k, v in terms.items()}} if method == "global-taylor" else {}),
     }
 
 
-def global_taylor_bytes(config, n_params: int, batch: int, seqlen: int, dtype_bytes: int) -> int:
-    """Whole model + its gradients + activations kept for backprop of one batch + logits."""
+def global_taylor_terms(config, n_params: int, batch: int, seqlen: int, dtype_bytes: int,
+                        nsamples: int | None = None) -> dict[str, int]:
+    """global-taylor's device peak as named terms (bytes). The peak is the log-softmax's backward
+    of a batch after the first: the whole model, its gradients (model dtype, accumulated since
+    the first batch), every layer's saved activations, the final norm's, and the loss's fp32
+    tensors (`memory.loss_head_bytes`). With a single batch (nsamples <= batch) no gradient
+    exists yet at that point; the gradients then peak later, as the activations are freed, and
+    the larger of the two moments counts.
+
+    Matches the eight H200 measurements (bf16, 32 x 2048, OPT 125m-13b, Llama-2 7b/13b,
+    SmolLM2-135M) within 2% with no fitted constant (SmolLM2, the session's first run, also
+    holds the CUDA libraries' 65 MiB of persistent cuBLAS / cuBLASLt workspaces)."""
     lay = config_layout(config)
-    saved_per_layer = forward_saved_bytes(lay, batch, seqlen, dtype_bytes) + 4 * activation_bytes(
-        batch, seqlen, lay.hidden, dtype_bytes)
-    return (2 * n_params * dtype_bytes + config.num_hidden_layers * saved_per_layer
-            + logits_bytes(batch, seqlen, config.vocab_size))
+    family = "opt" if config.model_type == "opt" else "llama"
+    tokens = batch * seqlen
+    terms = {
+        "weights": n_params * dtype_bytes,
+        "gradients": n_params * dtype_bytes,
+        "saved_activations": config.num_hidden_layers * backprop_saved_bytes(lay, family, batch, seqlen,
+                                                                             dtype_bytes),
+        "final_norm": tokens * norm_saved_bytes(lay.hidden, dtype_bytes, family),
+        "loss_head": loss_head_bytes(batch, seqlen, config.vocab_size, dtype_bytes),
+    }
+    if nsamples is not None and nsamples <= batch:  # one batch: no gradient at the loss's peak
+        forward = terms["saved_activations"] + terms["final_norm"] + terms["loss_head"]
+        terms["gradients"] = max(0, terms["gradients"] - forward)  # whichever moment is higher
+    return terms
+
+
+def global_taylor_bytes(config, n_params: int, batch: int, seqlen: int, dtype_bytes: int,
+                        nsamples: int | None = None) -> int:
+    """Whole model + its gradients + activations kept for backprop of one batch + the loss's fp32
+    logits (`global_taylor_terms`, summed)."""
+    return sum(global_taylor_terms(config, n_params, batch, seqlen, dtype_bytes, nsamples).values())
 
 
 def load_config(name_or_path: str):

@@ -62,19 +62,86 @@ def forward_workspace_bytes(lay: LayerLayout, batch: int, seqlen: int, dtype_byt
     return tokens * (max(attn, mlp, hook_mlp, hook_attn) if hooked else max(attn, mlp))
 
 
-def forward_saved_bytes(lay: LayerLayout, batch: int, seqlen: int, dtype_bytes: int) -> int:
-    """What backpropagation keeps of one layer's forward on one batch: q/k/v, the attention
-    probabilities, the MLP intermediates (gate, up, product) and the normalised inputs."""
+def backprop_saved_bytes(lay: LayerLayout, family: str, batch: int, seqlen: int, dtype_bytes: int) -> int:
+    """What autograd keeps of one decoder layer's forward on one batch until the backward reaches
+    it (global-taylor), measured with structprune.memprobe (tests/test_estimator_fit.py) and
+    checked against H200 peaks (benchmarks/results/memory/estimator-vs-h200.json). Per token:
+
+    - attention, SDPA's fused kernels (CUDA flash / memory-efficient, the CPU's flash kernel): the
+      rotated q, k, v it is called with (k/v at the KV width: transformers passes ``enable_gqa``
+      instead of repeating them when there is no mask), its output (also the o-projection's
+      input) and the fp32 log-sum-exp per head; never the (S x S) probabilities (the math
+      fallback, taken with an explicit mask, would keep those: not modelled);
+    - llama family, per RMSNorm (two): the fp32 upcast of its input, the normalised input in the
+      model dtype (kept by the weight product) and the output (kept by the projections);
+      MLP: gate, act(gate), up and act(gate) * up (the down projection's input);
+    - OPT, per LayerNorm (two): input and output, fp32 mean and rstd; MLP: the ReLU output only
+      (ReLU's backward needs its result, fc2 its input: the same tensor).
+    """
     tokens = batch * seqlen
-    qkv = tokens * lay.head_dim * (lay.n_heads + 2 * lay.n_kv_heads)
-    scores = batch * lay.n_heads * seqlen * seqlen
-    mlp = tokens * lay.intermediate * (3 if lay.gated else 2)
-    return (qkv + scores + mlp + 2 * tokens * lay.hidden) * dtype_bytes
+    d = lay.hidden
+    attn = lay.head_dim * (2 * lay.n_heads + 2 * lay.n_kv_heads) * dtype_bytes + 4 * lay.n_heads
+    if family == "opt":
+        norms = 2 * (2 * d * dtype_bytes + 8)
+        mlp = lay.intermediate * dtype_bytes
+    else:
+        norms = 2 * norm_saved_bytes(d, dtype_bytes)
+        mlp = (4 if lay.gated else 2) * lay.intermediate * dtype_bytes
+    return tokens * (norms + attn + mlp)
+
+
+def norm_saved_bytes(hidden: int, dtype_bytes: int, family: str = "llama") -> int:
+    """Per token, what one norm keeps for the backward (see `backprop_saved_bytes`)."""
+    if family == "opt":
+        return 2 * hidden * dtype_bytes + 8
+    return (4 + 2 * dtype_bytes) * hidden
+
+
+def loss_head_bytes(batch: int, seqlen: int, vocab: int, dtype_bytes: int) -> int:
+    """The LM loss's peak (global_taylor.calibration_loss_gradients), at the log-softmax's
+    backward: the fp32 logits of positions 0..S-2, the log-softmax output autograd keeps, its
+    gradient and the logits' gradient: four fp32 (B, S-1, V) tensors. In fp32 the model's logits
+    are that same tensor, kept whole (S positions) by the slice; the model-dtype logits of a
+    bf16 model are freed before the loss."""
+    rows = batch * (seqlen - 1)
+    return 16 * rows * vocab + (4 * batch * vocab if dtype_bytes == 4 else 0)
 
 
 def logits_bytes(batch: int, seqlen: int, vocab: int) -> int:
     """Logits and their log-softmax for one batch, in fp32 (the NLL is taken in fp32)."""
     return 2 * batch * seqlen * vocab * 4
+
+
+def embed_workspace_bytes(family: str, batch: int, seqlen: int, hidden: int, head_dim: int,
+                          dtype_bytes: int) -> int:
+    """`LayerStream.embed`'s transients for one batch (the model's base runs with its layers
+    replaced by recorders, so the final norm runs on the embeddings), measured with
+    structprune.memprobe (tests/test_estimator_fit.py):
+
+    - OPT: token embeddings, position embeddings, their sum, the final LayerNorm's output;
+    - llama family: the embeddings, the rotary cos / sin tables kept for the layers, and the
+      final RMSNorm's fp32 upcast of its input next to its fp32 normalised copy (fp32 models:
+      no upcast; the input, the normalised copy and the output).
+    """
+    tokens = batch * seqlen
+    if family == "opt":
+        return 4 * tokens * hidden * dtype_bytes
+    norm = max(dtype_bytes + 8, 3 * dtype_bytes) * hidden
+    return tokens * (norm + 2 * head_dim * dtype_bytes)
+
+
+def gram_check_bytes(n: int) -> int:
+    """Reading a Gram (`GramHook.gram`): ``torch.isfinite`` on the (n+1)^2 fp32 matrix allocates
+    its absolute value (fp32) and three boolean masks (measured with structprune.memprobe)."""
+    return 7 * (n + 1) * (n + 1)
+
+
+def column_rule_bytes(d_out: int, n: int, dtype_bytes: int) -> int:
+    """The column-score baselines' rule (wanda-sp, owl, flap; `_ColumnScoreBaseline.rule`): the
+    pruned copy of W (model dtype) and, at the reconstruction error, the fp64 [W, b] and
+    [W', b], the fp32 difference and its product with G, and the fp64 copy the sum takes:
+    four fp64 d_out x (n+1) matrices' worth (measured with structprune.memprobe)."""
+    return d_out * (n + 1) * (32 + dtype_bytes)
 
 
 def gram_bytes(n: int) -> int:

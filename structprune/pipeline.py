@@ -26,7 +26,7 @@ from torch import nn
 from .adapters import LayerLayout, set_output_bias
 from .errors import RunCancelledError
 from .gram import GramHook, InputCapture
-from .memory import gram_bytes, saliency_bytes, solver_bytes
+from .memory import column_rule_bytes, gram_bytes, gram_check_bytes, saliency_bytes, solver_bytes
 from .streaming import Batches, LayerStream
 
 log = logging.getLogger(__name__)
@@ -160,12 +160,19 @@ def collect_stats(
                 acc[0] += float(xin.float().pow(2).sum())
                 acc[1] += xin.shape[0] * xin.shape[1]
 
+            grams_held = sum(gram_bytes(h.module.in_features) for h in hooks.values())
             with hooks["attn"], hooks["mlp"]:
-                stream.ledger.hold("grams", sum(gram_bytes(h.module.in_features) for h in hooks.values()))
+                stream.ledger.hold("grams", grams_held)
                 x = stream.run_layer(i, layer, x, on_batch=residual)
-            grams = {k: h.gram for k, h in hooks.items()}
+            grams = {}
+            for k, h in hooks.items():
+                stream.ledger.hold("gram-check", gram_check_bytes(h.module.in_features))
+                grams[k] = h.gram
+                stream.ledger.release("gram-check")
             st = LayerStats(lay, {}, {}, energy[0] / max(energy[1], 1))
+            # the previous layer's Grams stay referenced (by `wanda` and the old `hooks`) up to here
             wanda = []  # (W, G) per module, for OWL's outlier ratio
+            stream.ledger.release("grams-prev")
             for kind in ("attn", "mlp"):
                 W, b = weight_with_bias(stream.adapter.out_proj(layer, kind))
                 if solves:
@@ -186,6 +193,7 @@ def collect_stats(
                     perturbed[(i, kind)] = _masked_forward_outputs(stream, i, layer, kind, res, dense_sub)
                 dense_sub = stream.run_layer(i, layer, dense_sub)
             stream.ledger.release("grams")
+            stream.ledger.hold("grams-prev", grams_held)  # alive until the next layer's Grams are read
             del grams
         stats.append(st)
         emit("pass1", i)
@@ -198,6 +206,7 @@ def collect_stats(
             nll, _ = stream.logits_nll(h, sens_ids)
             stats[i].sensitivity[kind] = float(nll.sum()) / tokens - base
         emit("sensitivity", -1)
+    stream.ledger.release("grams-prev")
     return stats, calib_loss
 
 
@@ -241,10 +250,14 @@ def prune_sequential(
                     hook = GramHook(lin, stop=True)
                     with hook:
                         stream.run_layer(i, layer, x, keep_outputs=False)
+                    stream.ledger.hold("gram-check", gram_check_bytes(lin.in_features))
                     G = hook.gram
-                if solves:
-                    stream.ledger.hold("solver", solver_bytes(W.shape[0], W.shape[1], _group(lay, kind)))
+                    stream.ledger.release("gram-check")
+                    hook = None
+                stream.ledger.hold("solver", solver_bytes(W.shape[0], W.shape[1], _group(lay, kind)) if solves
+                                   else column_rule_bytes(W.shape[0], W.shape[1], stream.dtype_bytes))
                 res = rule(kind, i, W, b, G, lay, k_keep)
+                G = None  # not kept next to the next module's Gram
                 stream.ledger.release("grams", "solver")
                 apply_result(stream, layer, kind, res)
                 lay = ad.layout(layer)

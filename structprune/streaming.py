@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from .adapters import Adapter
-from .memory import (DTYPE_BYTES, DeviceLedger, activation_bytes, forward_workspace_bytes, layer_weight_bytes,
-                     logits_bytes)
+from .memory import (DTYPE_BYTES, DeviceLedger, activation_bytes, embed_workspace_bytes, forward_workspace_bytes,
+                     layer_weight_bytes, logits_bytes)
 
 
 class _Recorder(nn.Module):
@@ -90,7 +90,8 @@ class LayerStream:
         self.dtype = next(model.parameters()).dtype
         self.dtype_bytes = DTYPE_BYTES[self.dtype]
         self._kwargs: dict[tuple[int, int], dict[int, dict]] = {}
-        self.hidden = adapter.layout(adapter.layers(model)[0]).hidden
+        first = adapter.layout(adapter.layers(model)[0])
+        self.hidden, self.head_dim = first.hidden, first.head_dim
         self.vocab = adapter.lm_head(model).out_features
 
     @property
@@ -114,7 +115,9 @@ class LayerStream:
             self.ledger.hold("embedding", sum(p.numel() for p in base.parameters()) * self.dtype_bytes)
             for start in range(0, input_ids.shape[0], self.batch_size):
                 ids = input_ids[start : start + self.batch_size].to(self.device)
-                self.ledger.hold("batch-out", activation_bytes(*ids.shape, self.hidden, self.dtype_bytes))
+                # the embeddings and the final norm's transients (it runs on the recorded input)
+                self.ledger.hold("batch-out", embed_workspace_bytes(self.adapter.spec.family, *ids.shape, self.hidden,
+                                                                    self.head_dim, self.dtype_bytes))
                 base(input_ids=ids, use_cache=False)
                 self.ledger.release("batch-out")
                 key = tuple(ids.shape)

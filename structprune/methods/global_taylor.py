@@ -19,7 +19,8 @@ parameters here, so raw sums would make heads look important merely for being la
 budget is in parameters.
 
 Device memory: on CUDA the ledger measures it; on the CPU it is accounted as one item,
-`estimate.global_taylor_bytes` (weights + gradients + saved activations of one batch + logits), so
+`estimate.global_taylor_bytes` (weights + gradients + saved activations of one batch + the loss's
+fp32 logits, named terms in `estimate.global_taylor_terms`), so
 `estimate_memory(config, "global-taylor", ...)` equals the accounted peak exactly.
 """
 
@@ -120,7 +121,7 @@ class GlobalTaylor(Method):
         layers = adapter.layers(model)
         layouts = [adapter.layout(layer) for layer in layers]
         nbytes = global_taylor_bytes(model.config, model_params(model.config), cfg.batch_size,
-                                     calib_ids.shape[1], stream.dtype_bytes)
+                                     calib_ids.shape[1], stream.dtype_bytes, nsamples=calib_ids.shape[0])
         ledger.hold("global", nbytes)
         t0 = time.perf_counter()
         try:
