@@ -383,7 +383,9 @@ def sweep_markdown(summary: dict, recs: list[dict]) -> str:
              f"calibration split that share no token with the calibration windows (dense {_fmt(dense, 5)}); "
              "criterion: " + summary["criterion"] + ". Never by test perplexity: the test perplexities "
              "are shown for information only. The in-sample loss (first "
-             f"{r0['calib_loss'].get('pruned_windows')} calibration windows) is shown beside it.", ""]
+             f"{r0['calib_loss'].get('pruned_windows')} calibration windows) is shown beside it.", "",
+             "Test perplexity protocols: " + "; ".join(
+                 f"`{r0['ppl']['pruned'][n].get('protocol') or n}`" for n in names if n in r0["ppl"]["pruned"]) + ".", ""]
     for s in summary["sparsities"]:
         if str(s) not in summary["chosen"]:
             continue
