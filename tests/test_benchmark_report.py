@@ -40,3 +40,32 @@ def test_sweep_falls_back_to_in_sample_loss_for_old_records():
     assert summary["criterion"] == "calib_loss.pruned (nats/token)"
     assert summary["chosen"]["0.3"]["label"] == "structprune alloc=uniform"
     assert summary["recommended_beats_uniform"] == {"0.3": False}
+
+
+def _grid_record(variant, sparsity: float, ppl: float, heldout: float, method: str | None = None) -> dict:
+    cfg = variant.config(sparsity=sparsity).to_dict()
+    proto = "sotu-test · seqlen 512 · 340 windows · calib sotu-calib 64x512 seed 0"
+    return {"schema": "structprune.run/1", "method": method or variant.method, "config": cfg,
+            "sparsity": {"target": sparsity}, "device": "cpu", "dtype": "float32",
+            "calib_loss": {"pruned": heldout - 0.05, "pruned_windows": 8, "heldout": heldout, "heldout_windows": 16},
+            "ppl": {"pruned": {"sotu": {"value": ppl, "protocol": proto, "label": "SOTU"}},
+                    "dense": {"sotu": {"value": 23.6}}},
+            "model": {"name": "m", "description": "d"}, "memory": {"peak_bytes": 2**20, "kind": "accounted-cpu"},
+            "timing": {"pass1_s": 1.0, "pass2_s": 2.0},
+            "environment": {"git_commit": "abc", "cpus": 2, "torch": "t", "transformers": "tf"},
+            "benchmark": {"estimated_peak_bytes": 2**20, "prune_over_floor": 3.0, "pass1_shared": False, "forward_floor_s": 1.0,
+                          "dense_calib_nll": 3.27, "dense_heldout_nll": 3.19}}
+
+
+def test_summary_states_the_bar_ratios_and_the_held_out_gap_to_uniform():
+    from benchmarks.compare import GRID
+    from benchmarks.report import summary_markdown
+
+    v = {g.label: g for g in GRID}
+    recs = [_grid_record(v["structprune"], 0.3, 36.0, 3.50), _grid_record(v["structprune alloc=uniform"], 0.3, 40.0, 3.62),
+            _grid_record(v["flap"], 0.3, 45.0, 3.78)]
+    md = summary_markdown(recs)
+    row = next(line for line in md.splitlines() if line.startswith("| 30% | sotu |"))
+    # 36 / 45 = 0.8 of FLAP, 36 / 40 = 0.9 of uniform, the lowest, 0.12 nats below uniform held out
+    assert row == "| 30% | sotu | 0.8 | – | 0.9 | yes | -0.1200 |"
+    assert "3.5 / 3.45" in md and "dense 3.1923" not in md and "dense 3.19)" in md
