@@ -67,10 +67,15 @@ if chosen:
 
 st.subheader("Table")
 cols = ["run_id", "source", "created", "model", "method", "allocation", "energy", "temperature", "selector", "seed",
-        "sparsity_target", "sparsity_achieved", "corpus_label", "ppl_dense", "ppl_pruned", "calib_loss_pruned",
-        "peak_mib", "memory_kind", "total_s", "protocol"]
+        "sparsity_target", "sparsity_achieved", "corpus_label", "ppl_dense", "ppl_pruned", "calib_loss_heldout",
+        "calib_loss_pruned", "peak_mib", "memory_kind", "total_s", "protocol"]
 st.dataframe(view[cols], hide_index=True, key="cmp_table",
-             column_config={"sparsity_target": st.column_config.NumberColumn(format="percent"),
+             column_config={"calib_loss_heldout": st.column_config.NumberColumn(
+                                "held-out calib loss", help="nats/token on calibration-split windows the run did "
+                                                           "not calibrate on: what allocations are chosen by"),
+                            "calib_loss_pruned": st.column_config.NumberColumn(
+                                "in-sample calib loss", help="nats/token on the first calibration windows"),
+                            "sparsity_target": st.column_config.NumberColumn(format="percent"),
                             "sparsity_achieved": st.column_config.NumberColumn(format="percent")})
 st.download_button("Export the table (CSV)", view[cols].to_csv(index=False), "structprune-runs.csv", "text/csv",
                    key="cmp_csv")

@@ -119,7 +119,7 @@ def _temperature(cfg: dict, scheme: str) -> float:
 
 RUN_COLUMNS = ["run_id", "source", "created", "model", "method", "allocation", "method_allocation", "energy",
                "temperature", "selector", "seed", "sparsity_target", "sparsity_achieved", "sparsity_total",
-               "calib_loss_pruned", "peak_mib", "memory_kind", "device", "total_s", "corpus", "corpus_label",
+               "calib_loss_pruned", "calib_loss_heldout", "peak_mib", "memory_kind", "device", "total_s", "corpus", "corpus_label",
                "ppl_pruned", "ppl_dense", "eval_protocol", "protocol"]
 
 
@@ -140,6 +140,7 @@ def runs_frame(records: list[dict], source: str = "app") -> pd.DataFrame:
             "sparsity_achieved": rec.get("sparsity", {}).get("achieved_prunable"),
             "sparsity_total": rec.get("sparsity", {}).get("achieved_total"),
             "calib_loss_pruned": (rec.get("calib_loss") or {}).get("pruned"),
+            "calib_loss_heldout": (rec.get("calib_loss") or {}).get("heldout"),  # absent in older records
             "peak_mib": (rec.get("memory") or {}).get("peak_bytes", 0) / MIB,
             "memory_kind": (rec.get("memory") or {}).get("kind"), "device": rec.get("device"),
             "total_s": (rec.get("timing") or {}).get("total_s"),
