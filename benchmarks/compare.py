@@ -40,6 +40,7 @@ from structprune.data.windows import (CalibrationSpec, calibration_windows, corp
                                       protocol_string)
 from structprune.estimate import estimate_memory
 from structprune.evaluation import perplexity, resolve_device
+from structprune.methods import get_method
 from structprune.models import LoadedModel, load_model
 from structprune.run import (CALIB_LOSS_WINDOWS, calibration_nll, forward_floor_seconds, heldout_ids, heldout_nll,
                              run_prune)
@@ -252,7 +253,7 @@ class Bench:
         rec["memory"]["timeline"] = tl[:: max(1, len(tl) // TIMELINE_POINTS)]
         est = estimate_memory(self.loaded.model.config, cfg.method, cfg.nsamples,
                               cfg.seqlen, cfg.dtype, cfg.batch_size,
-                              sensitivity=cfg.method == "structprune" and cfg.allocation in ("softmax", "threshold"),
+                              sensitivity=get_method(cfg.method)(cfg).wants_sensitivity(),
                               target=cfg.target)
         prune_s = rec["timing"].get("pass1_s", 0.0) + rec["timing"].get("pass2_s", 0.0)
         rec["benchmark"] = {
