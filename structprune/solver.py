@@ -410,6 +410,16 @@ class ModuleSolution:
     seconds: float  # wall time of the whole solve
 
 
+def augmented_weights(W: Tensor, b: Tensor | None) -> Tensor:
+    """[W, b] (d_out, n+1) built directly in the solve dtype (or W's / b's, if wider): the values
+    the solver converts to, without an fp64 copy of a module that solves in fp32. b None: zeros."""
+    wide = W.dtype if b is None else torch.promote_types(W.dtype, b.dtype)
+    Wt = W.new_empty((W.shape[0], W.shape[1] + 1), dtype=torch.promote_types(solve_dtype(W.shape[1] + 1), wide))
+    Wt[:, :-1] = W
+    Wt[:, -1] = 0.0 if b is None else b
+    return Wt
+
+
 def solve_module(W: Tensor, b: Tensor | None, G: Tensor, groups: Tensor, k_keep: int,
                  blocks: Tensor | None = None,
                  selector: Literal["admm", "greedy", "saliency"] = "greedy",
@@ -435,15 +445,7 @@ def solve_module(W: Tensor, b: Tensor | None, G: Tensor, groups: Tensor, k_keep:
         raise ValueError(f"W must be (d_out, n), got {tuple(W.shape)}")
     if b is not None and b.shape != (W.shape[0],):
         raise ValueError(f"b must be ({W.shape[0]},), got {tuple(b.shape)}")
-    # (d_out, n+1) [W, b], built in the solve dtype: every step below converts to it anyway (the
-    # same values), and no fp64 temporaries
-    dt = torch.promote_types(solve_dtype(W.shape[1] + 1), W.dtype if b is None else torch.promote_types(W.dtype, b.dtype))
-    Wt = W.new_empty((W.shape[0], W.shape[1] + 1), dtype=dt)
-    Wt[:, :-1] = W
-    if b is None:
-        Wt[:, -1] = 0.0
-    else:
-        Wt[:, -1] = b
+    Wt = augmented_weights(W, b)  # every step below converts to the solve dtype anyway
     p = _prepare(Wt, G, groups, blocks, allow_bias, damp_rel, gram=False)  # units and quota only
     quota = _quota(p, k_keep)
     ids = torch.arange(p.n_units, device=W.device)

@@ -7,24 +7,9 @@ import math
 from ..allocation import Allocation, ModuleSpec, allocate_softmax, allocate_threshold, allocate_uniform
 from ..energies import module_energies, unit_costs
 from ..pipeline import LayerStats, ModuleResult
-from ..solver import group_saliency, solve_dtype, solve_module
+from ..solver import augmented_weights, group_saliency, solve_module
 from ..units import unit_groups
 from .base import Method
-
-import torch
-
-
-def _wt(W, b):
-    """[W, b] in the solve dtype (or W's, if wider): the values the solver converts it to, without
-    an fp64 copy (and its temporaries) of a module that solves in fp32."""
-    dt = torch.promote_types(solve_dtype(W.shape[1] + 1), W.dtype)
-    Wt = W.new_empty((W.shape[0], W.shape[1] + 1), dtype=dt)
-    Wt[:, :-1] = W
-    if b is None:
-        Wt[:, -1] = 0.0
-    else:
-        Wt[:, -1] = b
-    return Wt
 
 
 class StructPruneMethod(Method):
@@ -33,7 +18,7 @@ class StructPruneMethod(Method):
 
     def score(self, kind, W, b, G, lay):
         groups, _ = unit_groups(lay, kind)
-        return group_saliency(_wt(W, b).to(G.device), G, groups.to(G.device), self.cfg.saliency,
+        return group_saliency(augmented_weights(W, b).to(G.device), G, groups.to(G.device), self.cfg.saliency,
                               allow_bias=self.cfg.bias)
 
     def rule(self, kind, layer, W, b, G, lay, k_keep, selector: str | None = None) -> ModuleResult:
