@@ -99,8 +99,17 @@ class App:
         self.idle()
 
     def select(self, label: str, option: str) -> None:
-        self.page.get_by_role("combobox", name=label, exact=True).click()
-        self.page.get_by_role("option", name=option, exact=True).click()
+        box = self.page.get_by_role("combobox", name=label, exact=True)
+        opt = self.page.get_by_role("option", name=option, exact=True)
+        for _ in range(3):  # a click during a rerun or an expander's animation can miss the list
+            box.click()
+            try:
+                opt.wait_for(state="visible", timeout=5000)
+                break
+            except sync_api.TimeoutError:
+                self.page.keyboard.press("Escape")
+                self.idle()
+        opt.click()
         self.idle()
 
     def goto(self, title: str) -> None:
@@ -150,6 +159,7 @@ def test_new_user_flow(server):
             app.number("Tokens per window (seqlen)", 128)
             app.number("Evaluation windows per corpus (0 = all)", 2)
             page.get_by_text("Advanced", exact=True).click()
+            page.get_by_role("combobox", name="Unit selector", exact=True).wait_for(state="visible")
             app.select("Unit selector", "saliency")
             app.select("Saliency", "diag")
             app.shot("prune-settings")
