@@ -312,17 +312,15 @@ def calibration_nll(model: torch.nn.Module, calib_ids: torch.Tensor, device: tor
     """Mean next-token NLL (nats/token) of `model` on the first CALIB_LOSS_WINDOWS calibration
     windows, and how many were used. In-sample: the refit was fitted to these tokens, so choices
     are made by heldout_nll instead (and never by test perplexity)."""
-    win = calib_ids[:CALIB_LOSS_WINDOWS]
-    res = perplexity(model, win, device=device, batch_size=batch_size)
-    return res.nll / res.tokens, int(win.shape[0])
+    return heldout_nll(model, calib_ids[:CALIB_LOSS_WINDOWS], device, batch_size)
 
 
-def heldout_nll(model: torch.nn.Module, heldout: torch.Tensor, device: torch.device,
+def heldout_nll(model: torch.nn.Module, windows: torch.Tensor, device: torch.device,
                 batch_size: int = 1) -> tuple[float, int]:
-    """Mean next-token NLL (nats/token) on held-out calibration windows (see heldout_ids), and
-    how many: the loss temperatures and energies are chosen by."""
-    res = perplexity(model, heldout, device=device, batch_size=batch_size)
-    return res.nll / res.tokens, int(heldout.shape[0])
+    """Mean next-token NLL (nats/token) on `windows` (held-out calibration windows, see
+    heldout_ids: the loss temperatures and energies are chosen by), and how many."""
+    res = perplexity(model, windows, device=device, batch_size=batch_size)
+    return res.nll / res.tokens, int(windows.shape[0])
 
 
 def forward_floor_seconds(model: torch.nn.Module, calib_ids: torch.Tensor, device: torch.device, batch_size: int = 1) -> float:
