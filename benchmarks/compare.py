@@ -42,7 +42,7 @@ from structprune.estimate import estimate_memory
 from structprune.evaluation import perplexity, resolve_device
 from structprune.methods import get_method
 from structprune.models import LoadedModel, load_model
-from structprune.run import (CALIB_LOSS_WINDOWS, calibration_nll, forward_floor_seconds, heldout_ids, heldout_nll,
+from structprune.run import (calibration_nll, forward_floor_seconds, heldout_ids, heldout_nll,
                              run_prune)
 
 RESULTS = Path(__file__).parent / "results"
