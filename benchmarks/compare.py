@@ -66,6 +66,7 @@ class Variant:
         return PruneConfig(method=self.method, **{**dict(self.overrides), **kw})
 
 
+PLAIN = (("relative_error", False), ("energy", "residual"), ("temperature", 3.0))
 GRID: tuple[Variant, ...] = (
     Variant("magnitude", "magnitude"),
     Variant("wanda-sp", "wanda-sp", main=True),
@@ -79,11 +80,16 @@ GRID: tuple[Variant, ...] = (
     Variant("structprune selector=saliency", "structprune", (("selector", "saliency"),)),
     Variant("structprune target=dense", "structprune", (("target", "dense"),)),
     Variant("structprune saliency=diag", "structprune", (("saliency", "diag"),)),
+    # session 2's default (plain squared error, residual energy by the mean, T=3) and its ablations
+    Variant("structprune plain error", "structprune", PLAIN),
+    Variant("structprune plain error alloc=uniform", "structprune", (("relative_error", False), ("allocation", "uniform"))),
+    Variant("structprune plain error selector=admm", "structprune", PLAIN + (("selector", "admm"),)),
+    Variant("structprune plain error target=dense", "structprune", PLAIN + (("target", "dense"),)),
 )
 QUICK = ("wanda-sp", "flap", "structprune")
 
 
-SWEEP_ENERGIES = ("residual", "sensitivity")
+SWEEP_ENERGIES = ("relative", "residual", "sensitivity")
 
 
 def sweep_variants(temperatures=SWEEP_TEMPERATURES, energies=SWEEP_ENERGIES) -> tuple[Variant, ...]:
@@ -254,7 +260,7 @@ class Bench:
         est = estimate_memory(self.loaded.model.config, cfg.method, cfg.nsamples,
                               cfg.seqlen, cfg.dtype, cfg.batch_size,
                               sensitivity=get_method(cfg.method)(cfg).wants_sensitivity(),
-                              target=cfg.target)
+                              target=cfg.target, relative=cfg.relative_error)
         prune_s = rec["timing"].get("pass1_s", 0.0) + rec["timing"].get("pass2_s", 0.0)
         rec["benchmark"] = {
             "key": key, "variant": variant.label, "main": variant.main,
@@ -266,6 +272,7 @@ class Bench:
             "dense_calib_nll": ref["dense_calib_nll"],
             "dense_heldout_nll": ref.get("dense_heldout_nll"),
             "threads": torch.get_num_threads(),
+            "timing_contended": bool(a.busy),
         }
         _write_json(path, rec)
         ppl = "  ".join(f"{n} {rec['ppl']['pruned'][n]['value']:.4g}" for n in self.windows
@@ -317,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "so the grid's pass-1 times stay honest)")
     p.add_argument("--results", default=None, help="results folder (default benchmarks/results[/quick])")
     p.add_argument("--progress", action="store_true", help="per-layer progress on stderr")
+    p.add_argument("--busy", action="store_true",
+                   help="other work shares the CPU: record the runs' times but keep them out of the time table")
     return p
 
 

@@ -32,7 +32,10 @@ from .compare import GRID, SWEEP_ENERGIES, SWEEP_TEMPERATURES, Variant, sweep_va
 OKABE_ITO = ("#000000", "#E69F00", "#56B4E9", "#009E73", "#D55E00", "#0072B2", "#CC79A7", "#F0E442")
 SYMBOLS = ("circle", "square", "diamond", "triangle-up", "x", "cross", "triangle-down", "star", "hexagon",
            "pentagon", "star-square", "hourglass")
-_STRUCTPRUNE_FIELDS = ("allocation", "temperature", "energy", "selector", "saliency", "target", "refit", "bias")
+_STRUCTPRUNE_FIELDS = ("allocation", "temperature", "energy", "selector", "saliency", "target", "refit", "bias",
+                      "relative_error")
+# fields added after records were written, with the value those records ran with
+_FIELD_BEFORE_IT_EXISTED = {"relative_error": False}
 
 
 def load_records(folder: Path) -> list[dict]:
@@ -56,7 +59,7 @@ def matches(rec: dict, v: Variant) -> bool:
     fields = [k for k in _STRUCTPRUNE_FIELDS  # as in compare.run_key: what the allocation ignores, is ignored
               if not (k == "temperature" and want["allocation"] != "softmax")
               and not (k == "energy" and want["allocation"] not in ("softmax", "threshold"))]
-    return all(rec["config"].get(k) == want[k] for k in fields)
+    return all(rec["config"].get(k, _FIELD_BEFORE_IT_EXISTED.get(k)) == want[k] for k in fields)
 
 
 def _ppl(rec: dict, name: str) -> float | None:
@@ -229,7 +232,8 @@ def cost_rows(grid) -> list[dict]:
     rows = []
     for label, by_s in grid.items():
         runs = [_seed0(r) for r in by_s.values()]
-        timed = [r for r in runs if not r["benchmark"].get("pass1_shared")]
+        timed = [r for r in runs
+                 if not r["benchmark"].get("pass1_shared") and not r["benchmark"].get("timing_contended")]
         rows.append({
             "label": label,
             "peak_bytes": max(r["memory"]["peak_bytes"] for r in runs),
@@ -248,7 +252,7 @@ def _cost_section(grid) -> list[str]:
              "Peak bytes on the compute device while pruning: `measured-cuda` = torch.cuda.max_memory_allocated, "
              "`accounted-cpu` = the pipeline's own accounting of what it would hold on a device (weights-only "
              "magnitude holds nothing). Time as a ratio: (pass 1 + pass 2) / one plain forward pass over the "
-             "calibration set, measured on the same machine; runs that reused pass-1 statistics are left out.", "",
+             "calibration set, measured on the same machine; runs that reused pass-1 statistics or shared the CPU with other work are left out.", "",
              "| method | peak MiB | kind | estimate MiB | prune / forward floor | pass 1 s | pass 2 s |",
              "|---|---:|---|---:|---:|---:|---:|"]
     for r in cost_rows(grid):

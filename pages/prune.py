@@ -49,8 +49,8 @@ ui.init({
     "device": ui.default("device"), "temperature_inf": math.isinf(ui.default("temperature")),
     "eval_data": list(ui.default("eval_data")), "eval_windows": ui.default("eval_windows") or 0,
     **{k: ui.default(k) for k in ("sparsity", "method", "allocation", "temperature", "energy", "nsamples", "seqlen",
-                                  "calib_data", "selector", "saliency", "target", "refit", "bias", "s_max",
-                                  "sensitivity_windows", "seed", "dtype", "batch_size")},
+                                  "calib_data", "selector", "saliency", "target", "relative_error", "refit", "bias",
+                                  "s_max", "sensitivity_windows", "seed", "dtype", "batch_size")},
 })
 c1, c2, c3 = st.columns(3)
 with c1:
@@ -88,6 +88,7 @@ with st.expander("Advanced"):
     a1.selectbox("Unit selector", ui.options("selector"), key="selector", help=ui.tip("selector"))
     a1.selectbox("Saliency", ui.options("saliency"), key="saliency", help=ui.tip("saliency"))
     a1.selectbox("Reconstruction target", ui.options("target"), key="target", help=ui.tip("target"))
+    a2.checkbox("Relative reconstruction error", key="relative_error", help=ui.tip("relative_error"))
     a2.checkbox("Least-squares refit", key="refit", help=ui.tip("refit"))
     a2.checkbox("Bias compensation", key="bias", help=ui.tip("bias"))
     a2.number_input("Largest module sparsity", 0.05, 0.9, step=0.05, key="s_max", help=ui.tip("s_max"))
@@ -102,8 +103,8 @@ def current_config() -> PruneConfig:
     """The settings above as a PruneConfig (raises InvalidConfigError with the library's message)."""
     s = st.session_state
     values = {k: s[k] for k in ("sparsity", "method", "allocation", "energy", "nsamples", "seqlen", "calib_data",
-                                "device", "selector", "saliency", "target", "refit", "bias", "s_max",
-                                "sensitivity_windows", "seed", "dtype", "batch_size")}
+                                "device", "selector", "saliency", "target", "relative_error", "refit", "bias",
+                                "s_max", "sensitivity_windows", "seed", "dtype", "batch_size")}
     values["temperature"] = math.inf if s["temperature_inf"] else s["temperature"]
     if values["calib_data"] == FILE:
         values["calib_data"] = s.get("calib_path", "").strip()
@@ -132,7 +133,7 @@ elif cfg.model:
         dev = str(resolve_device(cfg.device))
         sens = cfg.method == "structprune" and cfg.allocation in ("softmax", "threshold") and cfg.energy == "sensitivity"
         mem = estimate_memory(mcfg, cfg.method, cfg.nsamples, cfg.seqlen, cfg.dtype, cfg.batch_size, sensitivity=sens,
-                              target=cfg.target)
+                              target=cfg.target, relative=cfg.relative_error)
         secs = estimate_seconds(mcfg, cfg, dev)
         st.session_state["estimate_bytes"] = mem["peak_bytes"]
         e1, e2, e3 = st.columns(3)

@@ -13,7 +13,7 @@ from .errors import InvalidConfigError
 
 METHODS = ("structprune", "magnitude", "wanda-sp", "flap", "owl", "global-taylor")
 ALLOCATIONS = ("uniform", "threshold", "softmax", "owl")
-ENERGIES = ("residual", "sensitivity", "module")
+ENERGIES = ("relative", "residual", "sensitivity", "module")
 SELECTORS = ("admm", "greedy", "saliency")
 SALIENCIES = ("obs", "diag")
 TARGETS = ("local", "dense")
@@ -32,20 +32,24 @@ class PruneConfig:
     sparsity: float = _f(0.3, "fraction of prunable parameters (attention heads + MLP channels) to remove, 0-0.9")
     method: str = _f("structprune", "pruning method", choices=METHODS)
     allocation: str = _f("softmax", "how the budget is split across modules", choices=ALLOCATIONS)
-    # residual energy at T = 3: the lowest mean held-out calibration loss over 30% and 50% on
-    # smollm2-135m (benchmarks/results/sweep/ALLOCATION_SWEEP.md), and no sensitivity pass to pay for
+    # relative energy at the T with the lowest mean held-out calibration loss over 30% and 50% on
+    # smollm2-135m (benchmarks/results/sweep/ALLOCATION_SWEEP.md); no sensitivity pass to pay for
     temperature: float = _f(
         3.0, "softmax temperature (dimensionless; energies are z-scored logs); inf = uniform")
     energy: str = _f(
-        "residual",
-        "module energy for softmax/threshold: residual-stream-normalized cost, measured "
-        "calibration-loss sensitivity (one more streamed pass per module), or module-normalized cost",
+        "relative",
+        "module energy for softmax/threshold: cost relative to each token's residual stream (typical "
+        "token), cost over the residual stream's mean energy, measured calibration-loss sensitivity "
+        "(one more streamed pass per module), or module-normalized cost",
         choices=ENERGIES)
     selector: str = _f("greedy", "unit selection inside a module: greedy group-OBS (+ swap search), ADMM, or one-shot saliency",
                        choices=SELECTORS)
     saliency: str = _f("obs", "unit saliency: exact group OBS or diagonal (Wanda-like)", choices=SALIENCIES)
     target: str = _f("local", "reconstruction target: the dense layer on pruned inputs (local) or the dense "
                               "model's activations (dense)", choices=TARGETS)
+    relative_error: bool = _f(
+        True, "count each token's reconstruction error relative to the residual stream it is added to "
+              "(token weights 1/||h + y||^2); off: plain squared error, which the attention-sink token dominates")
     refit: bool = _f(True, "least-squares refit of the output projection on the kept units")
     bias: bool = _f(True, "let the refit add a bias (bias compensation); off keeps the saved model plain-HF loadable")
     s_max: float = _f(0.9, "largest sparsity any one module may receive")

@@ -4,7 +4,11 @@ A unit's cost is a loss per parameter removed, so heads and channels compare on 
 
 - `module`:   saliency / the module's own output energy tr(W~ G W~^T)  (local; the prototype found
               it sends the most sensitive layers to 90%)
-- `residual`: saliency / E||h||^2 of the residual stream the module writes into
+- `relative`: saliency x E[1 / ||h_t||^2], the expected change of each token's residual stream
+              relative to its own size (what the next RMSNorm sees); i.e. saliency / the harmonic
+              mean of ||h_t||^2, the typical token's energy
+- `residual`: saliency / E||h||^2 of the residual stream the module writes into (the mean over
+              tokens, which the attention-sink token dominates in the middle and late layers)
 - `sensitivity`: measured calibration-loss increase (nats/token) when the module alone is pruned
               at the uniform target, spread over its units in proportion to their local saliency
 
@@ -44,6 +48,10 @@ def unit_costs(stats: list[LayerStats], specs: list[ModuleSpec], energy: str, s:
             out.append(sal / max(st.out_energy[spec.kind], _EPS))
         elif energy == "residual":
             out.append(sal / max(st.residual_energy, _EPS))
+        elif energy == "relative":
+            if st.residual_energy_hm <= 0:
+                raise ValueError("relative energies need the residual stream's per-token energies from pass 1")
+            out.append(sal / st.residual_energy_hm)
         elif energy == "sensitivity":
             if spec.kind not in st.sensitivity:
                 raise ValueError("sensitivity energies need pass 1 run with a sensitivity rule")

@@ -70,7 +70,7 @@ def model_params(config) -> int:
 
 def estimate_memory(config, method: str = "structprune", nsamples: int = 64, seqlen: int = 512,
                     dtype: str = "float32", batch_size: int = 1, sensitivity: bool = True,
-                    target: str = "local") -> dict:
+                    target: str = "local", relative: bool | None = None) -> dict:
     """Predicted peak device bytes, per phase, for one pruning run.
 
     Layer-wise methods: the maximum over embedding (the base's weights, the embeddings and the
@@ -79,7 +79,8 @@ def estimate_memory(config, method: str = "structprune", nsamples: int = 64, seq
     sensitivities are measured), the head (logits), and pass 2 (one Gram, the solver or the
     column-score rule). Host memory for the activations (nsamples x seqlen x d, twice) is
     reported separately: it never sits on the device. global-taylor: `global_taylor_terms`
-    (returned under "terms").
+    (returned under "terms"). `relative`: whether the Gram hooks are token-weighted (default: for
+    structprune, as its default config).
     """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}")
@@ -87,7 +88,9 @@ def estimate_memory(config, method: str = "structprune", nsamples: int = 64, seq
     lay = config_layout(config)
     B, S = batch_size, seqlen
     act = activation_bytes(B, S, lay.hidden, db)
-    work = forward_workspace_bytes(lay, B, S, db)
+    if relative is None:
+        relative = method == "structprune"
+    work = forward_workspace_bytes(lay, B, S, db, relative=relative and method == "structprune")
     layer = layer_weight_bytes(lay, db)
     g_attn, g_mlp = gram_bytes(lay.n_heads * lay.head_dim), gram_bytes(lay.intermediate)
     solve_attn = solver_bytes(lay.hidden, lay.n_heads * lay.head_dim, lay.head_dim)

@@ -52,6 +52,8 @@ class EnergyProfile:
     saliency: str = "obs"
     seconds: float = 0.0  # wall time of the pass that produced it
     schema: str = SCHEMA
+    # per layer: harmonic mean of ||h_t||^2 (the `relative` energy); None in profiles stored before it
+    residual_energy_hm: list[float] | None = None
 
     def __post_init__(self) -> None:
         self._memo: dict = {}  # (what, kind, s) -> energies / unit costs; not a field, not in JSON
@@ -67,11 +69,14 @@ class EnergyProfile:
     @property
     def energy_kinds(self) -> list[str]:
         # the default energy first (the explorer's radio starts there)
-        return ["residual"] + (["sensitivity"] if self.sensitivity is not None else []) + ["module"]
+        return ((["relative"] if self.residual_energy_hm is not None else []) + ["residual"]
+                + (["sensitivity"] if self.sensitivity is not None else []) + ["module"])
 
     def layer_stats(self) -> list[LayerStats]:
         """The pass-1 statistics as `pipeline.LayerStats` (layouts omitted), for energies.py."""
-        stats = [LayerStats(None, {}, {}, self.residual_energy[i], {}, self.outlier_ratio[i])
+        hm = self.residual_energy_hm or [0.0] * self.n_layers
+        stats = [LayerStats(None, {}, {}, self.residual_energy[i], outlier_ratio=self.outlier_ratio[i],
+                            residual_energy_hm=hm[i])
                  for i in range(self.n_layers)]
         for m, sp in enumerate(self.specs):
             st = stats[sp["layer"]]
@@ -118,7 +123,7 @@ def profile_key(model: str, cfg: PruneConfig, sensitivity: bool = True) -> str:
     sensitivities were measured (a profile without them has residual / module energies only)."""
     sens = f"sens {cfg.sensitivity_windows}" if sensitivity else "no sens"
     return (f"profile|{model}|{cfg.calib_data}|{cfg.nsamples}x{cfg.seqlen}|seed {cfg.seed}|s {cfg.sparsity:g}"
-            f"|{sens}|{cfg.saliency}|bias {cfg.bias}|owl {cfg.owl_m:g}")
+            f"|{sens}|{cfg.saliency}|bias {cfg.bias}|owl {cfg.owl_m:g}|relative {cfg.relative_error}")
 
 
 def profile_from_stats(stats: list[LayerStats], specs: list[ModuleSpec], model: str, cfg: PruneConfig,
@@ -134,6 +139,7 @@ def profile_from_stats(stats: list[LayerStats], specs: list[ModuleSpec], model: 
         scores=[[_short(v) for v in stats[sp.layer].scores[sp.kind].tolist()] for sp in specs],
         out_energy=[float(stats[sp.layer].out_energy[sp.kind]) for sp in specs],
         residual_energy=[float(st.residual_energy) for st in stats],
+        residual_energy_hm=[float(st.residual_energy_hm) for st in stats],
         outlier_ratio=[float(st.outlier_ratio) for st in stats],
         sensitivity=[float(stats[sp.layer].sensitivity[sp.kind]) for sp in specs] if has_sens else None,
         saliency=cfg.saliency,

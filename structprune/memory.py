@@ -40,7 +40,7 @@ def activation_bytes(batch: int, seqlen: int, hidden: int, dtype_bytes: int) -> 
 
 
 def forward_workspace_bytes(lay: LayerLayout, batch: int, seqlen: int, dtype_bytes: int,
-                            hooked: bool = True) -> int:
+                            hooked: bool = True, relative: bool = False) -> int:
     """Transient tensors of one layer forward on one batch (the output included), the largest of
     its phases as measured with structprune.memprobe (benchmarks/cpu_transients.py; SDPA
     attention, which never holds the (S x S) scores):
@@ -50,7 +50,9 @@ def forward_workspace_bytes(lay: LayerLayout, batch: int, seqlen: int, dtype_byt
     - MLP: the residual and normalised input, gate, up and act(gate) (OPT: fc1 and its ReLU);
     - ``hooked`` (a Gram hook or input capture on an output projection, as in pass 1 and pass 2):
       the hook's fp32 copy [P; 1] of the module's input next to that input (and, for o_proj,
-      q/k/v, still referenced).
+      q/k/v, still referenced);
+    - ``relative`` hooks (gram.relative_weights) add the module's output plus the residual (model
+      dtype), its fp32 upcast inside the norm, and three fp32 scalars per token.
     """
     tokens = batch * seqlen
     h, heads = lay.hidden, lay.n_heads * lay.head_dim
@@ -59,6 +61,9 @@ def forward_workspace_bytes(lay: LayerLayout, batch: int, seqlen: int, dtype_byt
     mlp = ((2 * h + 3 * lay.intermediate) if lay.gated else (h + 2 * lay.intermediate)) * dtype_bytes
     hook_mlp = (2 * h + lay.intermediate) * dtype_bytes + (lay.intermediate + 1) * GRAM_DTYPE_BYTES
     hook_attn = (2 * h + qkv + heads) * dtype_bytes + (heads + 1) * GRAM_DTYPE_BYTES
+    if relative:
+        weights = h * (dtype_bytes + GRAM_DTYPE_BYTES) + 3 * GRAM_DTYPE_BYTES
+        hook_mlp, hook_attn = hook_mlp + weights, hook_attn + weights
     return tokens * (max(attn, mlp, hook_mlp, hook_attn) if hooked else max(attn, mlp))
 
 

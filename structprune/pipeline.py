@@ -25,7 +25,7 @@ from torch import nn
 
 from .adapters import LayerLayout, set_output_bias
 from .errors import RunCancelledError
-from .gram import GramHook, InputCapture
+from .gram import GramHook, InputCapture, relative_weights
 from .memory import column_rule_bytes, gram_bytes, gram_check_bytes, saliency_bytes, solver_bytes
 from .streaming import Batches, LayerStream
 
@@ -67,6 +67,10 @@ class LayerStats:
     residual_energy: float  # mean ||h||^2 per token of the layer's input
     sensitivity: dict[str, float] = field(default_factory=dict)  # kind -> calib loss increase (nats/token)
     outlier_ratio: float = 0.0  # OWL: share of Wanda element scores above M x their mean
+    # harmonic mean of ||h_t||^2 over tokens, 1 / E[1 / ||h_t||^2]: the typical token's energy. The
+    # mean above is dominated by the attention-sink token (SmolLM2 from layer 12: 1 token in 512 with
+    # ~3e4x the median energy makes the mean 60x the median); 0 = not measured
+    residual_energy_hm: float = 0.0
 
 
 class Emitter:
@@ -80,6 +84,11 @@ class Emitter:
             led = self.stream.ledger
             self.on_event(ProgressEvent(stage, layer, self.stream.n_layers, time.perf_counter() - self.t0,
                                         led.current, led.peak, message))
+
+
+def _residual(stream: LayerStream):
+    """What a Gram hook weighs tokens by: the stream's batch input when its Grams are relative."""
+    return stream.batch_input if stream.relative_grams else None
 
 
 def _group(lay: LayerLayout, kind: str) -> int:
@@ -153,12 +162,14 @@ def collect_stats(
     for i in range(stream.n_layers):
         with stream.layer_on_device(i) as layer:
             lay = stream.adapter.layout(layer)
-            hooks = {k: GramHook(stream.adapter.out_proj(layer, k)) for k in ("attn", "mlp")}
-            energy = [0.0, 0]
+            hooks = {k: GramHook(stream.adapter.out_proj(layer, k), residual=_residual(stream)) for k in ("attn", "mlp")}
+            energy = [0.0, 0, 0.0]  # sum ||h||^2, tokens, sum 1 / ||h||^2
 
             def residual(_b, xin, _y, acc=energy):
-                acc[0] += float(xin.float().pow(2).sum())
+                n2 = xin.float().pow(2).sum(-1)
+                acc[0] += float(n2.sum())
                 acc[1] += xin.shape[0] * xin.shape[1]
+                acc[2] += float((1.0 / n2.clamp_min(1e-30)).sum())
 
             grams_held = sum(gram_bytes(h.module.in_features) for h in hooks.values())
             with hooks["attn"], hooks["mlp"]:
@@ -169,7 +180,7 @@ def collect_stats(
                 stream.ledger.hold("gram-check", gram_check_bytes(h.module.in_features))
                 grams[k] = h.gram
                 stream.ledger.release("gram-check")
-            st = LayerStats(lay, {}, {}, energy[0] / max(energy[1], 1))
+            st = LayerStats(lay, {}, {}, energy[0] / max(energy[1], 1), residual_energy_hm=energy[1] / max(energy[2], 1e-30))
             # the previous layer's Grams stay referenced (by `wanda` and the old `hooks`) up to here
             wanda = []  # (W, G) per module, for OWL's outlier ratio
             stream.ledger.release("grams-prev")
@@ -247,7 +258,7 @@ def prune_sequential(
                     G, W_target = _dense_target_gram(stream, i, layer, dense_layer, kind, x, xd)
                     W, b = W_target[:, :-1], W_target[:, -1]
                 else:
-                    hook = GramHook(lin, stop=True)
+                    hook = GramHook(lin, stop=True, residual=_residual(stream))
                     with hook:
                         stream.run_layer(i, layer, x, keep_outputs=False)
                     stream.ledger.hold("gram-check", gram_check_bytes(lin.in_features))
@@ -290,9 +301,16 @@ def _dense_target_gram(stream, i, layer, dense_layer, kind, x: Batches, xd: Batc
         with cap_d:
             stream.run_layer(i, dense_layer, Batches([xd.tensors[b]]), keep_outputs=False)
         p, pd = cap_p.value, cap_d.value  # (T_b, n+1)
+        if stream.relative_grams:  # both Grams weighted by the pruned path's tokens (gram.py)
+            w = relative_weights(p[:, :-1].to(lin.weight.dtype), lin, x.tensors[b].to(p.device))
+            tokens += float(w.sum(dtype=torch.float64))
+            w.sqrt_()
+            p.mul_(w[:, None])
+            pd.mul_(w[:, None])
+        else:
+            tokens += p.shape[0]
         G.addmm_(p.T, p)
         C.addmm_(Wd @ pd.T, p)
-        tokens += p.shape[0]
     G, C = G / tokens, C / tokens
     Gd = G.double() + 0.01 * G.diagonal().mean().double() * torch.eye(n + 1, dtype=torch.float64, device=G.device)
     W_target = torch.linalg.solve(Gd, C.double().T).T

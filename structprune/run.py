@@ -103,8 +103,9 @@ def heldout_ids(cfg: PruneConfig, tokenizer, vocab: int) -> torch.Tensor | None:
 def pass1_key(cfg: PruneConfig, loaded: LoadedModel, sensitivity: bool) -> tuple:
     """What pass-1 statistics depend on (the model object, its data and the scoring rule)."""
     sens = (cfg.sparsity, cfg.selector, cfg.refit, cfg.sensitivity_windows) if sensitivity else None
+    relative = cfg.relative_error and cfg.method == "structprune"  # the only method with relative Grams
     return (id(loaded.model), cfg.method, cfg.saliency, cfg.bias, cfg.calib_data, cfg.nsamples, cfg.seqlen,
-            cfg.seed, cfg.owl_m, cfg.dtype, cfg.batch_size, sens)
+            cfg.seed, cfg.owl_m, cfg.dtype, cfg.batch_size, relative, sens)
 
 
 def random_token_data(cfg: PruneConfig, vocab: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
@@ -125,6 +126,7 @@ def pass1_stats(method, stream: LayerStream, calib_ids: torch.Tensor, specs, emi
     one-shot selector), and the dense calibration loss. Looked up in / stored into `stats_cache`
     under `stats_key`."""
     cfg = method.cfg
+    stream.relative_grams = method.relative_grams()  # pass 2 (prune_sequential) reads it too
     if stats_cache is not None and stats_key in stats_cache:
         stats, calib_loss = stats_cache[stats_key]
         return stats, dict(calib_loss)
@@ -177,6 +179,7 @@ def prune_layerwise(method, stream: LayerStream, calib_ids: torch.Tensor, specs,
         energy_info["sensitivity"] = [
             {"layer": i, "module": k, "delta_loss": v} for i, st in enumerate(stats) for k, v in st.sensitivity.items()]
         energy_info["residual_energy"] = [st.residual_energy for st in stats]
+        energy_info["residual_energy_hm"] = [st.residual_energy_hm for st in stats]
     return alloc, energy_info, infos, calib_loss, timing
 
 

@@ -87,6 +87,9 @@ class LayerStream:
         self.device = torch.device(device)
         self.ledger = ledger or DeviceLedger(self.device)
         self.batch_size = batch_size
+        self._batch_input: torch.Tensor | None = None
+        # Gram hooks of the pipeline weigh tokens by their residual stream (gram.py); set per method
+        self.relative_grams = False
         self.dtype = next(model.parameters()).dtype
         self.dtype_bytes = DTYPE_BYTES[self.dtype]
         self._kwargs: dict[tuple[int, int], dict[int, dict]] = {}
@@ -156,6 +159,12 @@ class LayerStream:
             self.ledger.release("layer")
 
     @torch.no_grad()
+    def batch_input(self) -> torch.Tensor:
+        """The layer input of the batch `run_layer` is pushing through right now (hooks read it)."""
+        if self._batch_input is None:
+            raise RuntimeError("batch_input is only defined inside run_layer")
+        return self._batch_input
+
     def run_layer(
         self,
         index: int,
@@ -176,13 +185,17 @@ class LayerStream:
         for b, x_host in enumerate(inputs.tensors):
             bsz, seqlen = x_host.shape[:2]
             self.ledger.hold("batch-in", activation_bytes(bsz, seqlen, self.hidden, self.dtype_bytes))
-            self.ledger.hold("workspace", forward_workspace_bytes(lay, bsz, seqlen, self.dtype_bytes, hooked))
+            self.ledger.hold("workspace", forward_workspace_bytes(lay, bsz, seqlen, self.dtype_bytes, hooked,
+                                                                  relative=hooked and self.relative_grams))
             x = x_host.to(self.device, non_blocking=True)
             kwargs = _to(self.layer_kwargs(index, x), self.device)
+            self._batch_input = x  # for relative Gram hooks (batch_input)
             try:
                 y = layer(x, **kwargs)
             except StopLayer:
                 y = None
+            finally:
+                self._batch_input = None
             self.ledger.release("workspace")
             if y is not None:
                 y = y[0] if isinstance(y, tuple) else y

@@ -225,7 +225,7 @@ def test_explorer_redraws_from_the_cached_profile(app):
     at.select_slider(key="ex_T").set_value(t_low)
     at.run()
     fig = _figures(at)["Module energies and the softmax allocation"]
-    want = allocate_softmax(profile.module_specs(), profile.energies("residual"), 0.3, t_low).sparsities  # the default energy
+    want = allocate_softmax(profile.module_specs(), profile.energies("relative"), 0.3, t_low).sparsities  # the default energy
     got = next(t for t in fig.data if t.name == "MLP channels sparsity").y
     assert list(got) == pytest.approx(list(want[1::2]))
     assert f"T = {t_low:g}" in fig.layout.annotations[1].text
@@ -265,7 +265,7 @@ def test_compare_page_plots_stored_and_benchmark_runs(app, tmp_path):
     assert "Allocations of the chosen runs" in _figures(at)
     _set(at, cmp_methods=["structprune"])
     fig = _figures(at)["Perplexity vs sparsity"]
-    assert {t.name for t in fig.data} == {"structprune · softmax (residual)"}
+    assert {t.name for t in fig.data} == {"structprune · softmax (relative)"}
     assert "Export the table (CSV)" in [b.label for b in at.get("download_button")]
 
 

@@ -11,7 +11,6 @@ from structprune.checkpoint import load_pruned, save_pruned
 from structprune.config import PruneConfig
 from structprune.errors import InvalidConfigError, UnsupportedArchitectureError
 from structprune.estimate import estimate_memory
-from structprune.gram import GramHook
 from structprune.methods.structprune import StructPruneMethod
 from structprune.models import TINY_MODELS, build_tiny, tiny_config
 from structprune.run import run_prune
@@ -111,29 +110,54 @@ def test_budget_met_to_one_unit_per_module():
         assert abs(pruned - sp["target"] * params["before"]["prunable"]) <= biggest_step
 
 
-def _reference_sequential_prune(model, calib, keep_counts, method):
+def _reference_gram(model, layer, lin, calib, relative: bool) -> torch.Tensor:
+    """The (relative) augmented Gram of `lin`'s input from one whole-model forward: inputs captured
+    by plain hooks, token weights 1 / ||h + W p + b||^2 (h: the decoder layer's input) written out."""
+    seen = {}
+    h1 = layer.register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.__setitem__("h", (args[0] if args else kwargs["hidden_states"]).clone()),
+        with_kwargs=True)
+    h2 = lin.register_forward_pre_hook(lambda _m, args: seen.__setitem__("p", args[0].clone()))
+    try:
+        with torch.no_grad():
+            model(input_ids=calib)
+    finally:
+        h1.remove()
+        h2.remove()
+    p = seen["p"].reshape(-1, lin.in_features).double()
+    Wl = lin.weight.detach().double()
+    bl = lin.bias.detach().double() if lin.bias is not None else 0.0
+    pa = torch.cat([p, torch.ones(p.shape[0], 1, dtype=p.dtype)], 1)
+    w = torch.ones(p.shape[0], dtype=torch.float64)
+    if relative:
+        y = p @ Wl.T + bl
+        w = 1.0 / (seen["h"].reshape(-1, lin.out_features).double() + y).pow(2).sum(-1)
+    return ((pa * w[:, None]).T @ pa / w.sum()).float()
+
+
+def _reference_sequential_prune(model, calib, keep_counts, method, relative: bool = False):
     """Independent of the streaming code: the whole model resident, plain forward passes with a
     hook on the module being pruned."""
     ad = adapter_for(model)
     for i, layer in enumerate(ad.layers(model)):
         for kind in ("attn", "mlp"):
             lin = ad.out_proj(layer, kind)
-            hook = GramHook(lin)
-            with hook, torch.no_grad():
-                model(input_ids=calib)
+            G = _reference_gram(model, layer, lin, calib, relative)
             W = lin.weight.detach()
             b = lin.bias.detach() if lin.bias is not None else None
-            res = method.rule(kind, i, W, b, hook.gram, ad.layout(layer), keep_counts[i][kind])
+            res = method.rule(kind, i, W, b, G, ad.layout(layer), keep_counts[i][kind])
             lin.weight.data.copy_(res.W)
             set_output_bias(lin, res.b)
             (ad.keep_heads if kind == "attn" else ad.keep_channels)(layer, res.kept)
     return model
 
 
+@pytest.mark.parametrize("relative", [True, False])
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt"])
-def test_streamed_pruning_equals_whole_model_pruning(name):
+def test_streamed_pruning_equals_whole_model_pruning(name, relative):
+    """Batches of 2 windows streamed vs all 6 at once: relative Grams must not depend on batching."""
     cfg = PruneConfig(model=name, sparsity=0.4, allocation="uniform", nsamples=6, seqlen=24, eval_windows=1,
-                      device="cpu", batch_size=2)
+                      device="cpu", batch_size=2, relative_error=relative)
     res = run_prune(cfg, evaluate_dense=False)
     keep = {}
     for r in res.record["allocation"]:
@@ -141,7 +165,7 @@ def test_streamed_pruning_equals_whole_model_pruning(name):
     from structprune.run import random_token_data
 
     calib, _, _ = random_token_data(cfg, 512)
-    ref = _reference_sequential_prune(build_tiny(name), calib, keep, StructPruneMethod(cfg))
+    ref = _reference_sequential_prune(build_tiny(name), calib, keep, StructPruneMethod(cfg), relative)
     torch.testing.assert_close(_logits(ref), _logits(res.model), rtol=1e-4, atol=1e-4)
 
 

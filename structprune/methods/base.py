@@ -33,6 +33,11 @@ class Method:
     def wants_sensitivity(self) -> bool:
         return False
 
+    def relative_grams(self) -> bool:
+        """Whether pass 1 and pass 2 weigh tokens by their residual stream (gram.py); the
+        baselines keep their published, unweighted statistics."""
+        return False
+
     def allocate(self, specs: list[ModuleSpec], stats: list[LayerStats]) -> tuple[Allocation, dict]:
         """The allocation and what it was computed from (energies), for the record."""
         cfg = self.cfg

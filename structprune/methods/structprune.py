@@ -47,6 +47,9 @@ class StructPruneMethod(Method):
     def wants_sensitivity(self) -> bool:
         return self.cfg.allocation in ("softmax", "threshold") and self.cfg.energy == "sensitivity"
 
+    def relative_grams(self) -> bool:
+        return self.cfg.relative_error
+
     def allocate(self, specs: list[ModuleSpec], stats: list[LayerStats]) -> tuple[Allocation, dict]:
         cfg = self.cfg
         s = cfg.sparsity
