@@ -11,7 +11,8 @@ the figure `structprune.memory` accounts for it:
 - ``gram-batch``: one batch through a `GramHook` (its fp32 augmented copy and the update) vs
   `gram_batch_bytes`;
 - ``forward``: one decoder layer's forward on one batch (output included), without hooks and
-  with pass 1's two Gram hooks, vs `forward_workspace_bytes` (hooked=False / True).
+  with pass 1's two Gram hooks (plain and relative), vs `forward_workspace_bytes` (hooked=False /
+  True, relative=False / True).
 
 Random data; shapes of real modules (d_out = hidden, n input columns). Writes
 benchmarks/results/memory/cpu-transients.json. Run with OMP_NUM_THREADS=1 on a busy machine.
@@ -154,7 +155,14 @@ def forward_rows(seqlens=(512, 2048), dtype=torch.bfloat16) -> list[dict]:
                 del y, hooks
                 rows.append(_row("forward", r.peak, work_hooked, config=name, seqlen=S,
                                  batch=1, hooks="pass-1 grams", dtype=str(dtype).removeprefix("torch.")))
-            print(rows[-2], "\n", rows[-1], flush=True)
+                work_rel = forward_workspace_bytes(lay, 1, S, DTYPE_BYTES[dtype], hooked=True, relative=True)
+                hooks = [GramHook(ad.out_proj(layer, k), residual=lambda: x) for k in ("attn", "mlp")]
+                with hooks[0], hooks[1], probe() as r:
+                    y = layer(x, **kwargs)
+                del y, hooks
+                rows.append(_row("forward", r.peak, work_rel, config=name, seqlen=S,
+                                 batch=1, hooks="pass-1 relative grams", dtype=str(dtype).removeprefix("torch.")))
+            print(*rows[-3:], sep="\n", flush=True)
     return rows
 
 
