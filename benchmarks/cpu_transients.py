@@ -100,7 +100,7 @@ def gram_rows(widths, tokens: int = 2048) -> list[dict]:
         x = torch.randn(1, tokens, n).to(torch.bfloat16)
         hook = GramHook(lin)
         with probe() as r:
-            hook._hook(lin, (x,))
+            hook._pre_hook(lin, (x,))
         lay = LayerLayout(1024, 8, 8, HEAD_DIM, n, True, False, False)  # the hooked width: n
         rows.append(_row("gram-batch", r.peak, gram_batch_bytes(lay, 1, tokens), n=n, tokens=tokens))
         print(rows[-1], flush=True)

@@ -35,13 +35,12 @@ def _augmented(x: torch.Tensor) -> torch.Tensor:
     return xa
 
 
-def relative_weights(p: torch.Tensor, module: nn.Linear, residual: torch.Tensor) -> torch.Tensor:
-    """(T,) fp32 token weights 1 / ||h_t + y_t||^2: y = module(p) (the module's output, in the
-    model dtype), h = `residual`, the stream entering the decoder layer (for the MLP, the attention
-    output added in between is left out: a small term next to h)."""
-    y = F.linear(p, module.weight, module.bias)
-    y = y.reshape(-1, y.shape[-1]).add_(residual.reshape(-1, y.shape[-1]))
-    n2 = torch.linalg.vector_norm(y, dim=-1, dtype=torch.float32).square_()
+def relative_weights(y: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """(T,) fp32 token weights 1 / ||h_t + y_t||^2: y the module's output, h = `residual`, the
+    stream entering the decoder layer (for the MLP, the attention output added in between is left
+    out: a small term next to h)."""
+    d = y.shape[-1]
+    n2 = torch.linalg.vector_norm(y.reshape(-1, d) + residual.reshape(-1, d), dim=-1, dtype=torch.float32).square_()
     return n2.clamp_min_(torch.finfo(torch.float32).tiny).reciprocal_()
 
 
@@ -65,12 +64,11 @@ class GramHook:
         self._handle = None
         self._final = False
 
-    def _hook(self, _module, args):
+    def _add(self, p: torch.Tensor, w: torch.Tensor | None) -> None:
         if self._final:
             raise RuntimeError("the Gram was already read; start a new GramHook")
-        xa = _augmented(args[0])
-        if self.residual is not None:  # scale the rows of our own copy: sum_t w_t p_t p_t^T
-            w = relative_weights(args[0], self.module, self.residual())
+        xa = _augmented(p)
+        if w is not None:  # scale the rows of our own copy: sum_t w_t p_t p_t^T
             self.weight += float(w.sum(dtype=torch.float64))
             xa.mul_(w.sqrt_()[:, None])
         self.sum.addmm_(xa.T, xa)
@@ -78,8 +76,18 @@ class GramHook:
         if self.stop:
             raise StopLayer
 
+    def _pre_hook(self, _module, args):
+        self._add(args[0], None)
+
+    def _post_hook(self, _module, args, output):
+        # after the projection: its output is the y of the weights, at no extra matmul
+        self._add(args[0], relative_weights(output, self.residual()))
+
     def __enter__(self) -> GramHook:
-        self._handle = self.module.register_forward_pre_hook(self._hook)
+        if self.residual is None:
+            self._handle = self.module.register_forward_pre_hook(self._pre_hook)
+        else:
+            self._handle = self.module.register_forward_hook(self._post_hook)
         return self
 
     def __exit__(self, *exc) -> None:

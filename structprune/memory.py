@@ -51,8 +51,9 @@ def forward_workspace_bytes(lay: LayerLayout, batch: int, seqlen: int, dtype_byt
     - ``hooked`` (a Gram hook or input capture on an output projection, as in pass 1 and pass 2):
       the hook's fp32 copy [P; 1] of the module's input next to that input (and, for o_proj,
       q/k/v, still referenced);
-    - ``relative`` hooks (gram.relative_weights) add the module's output plus the residual (model
-      dtype), its fp32 upcast inside the norm, and three fp32 scalars per token.
+    - ``relative`` hooks (gram.relative_weights, run after the projection, whose output the forward
+      holds anyway) add the output plus the residual (model dtype; the norm reads it in fp32
+      without a copy) and three fp32 scalars per token.
     """
     tokens = batch * seqlen
     h, heads = lay.hidden, lay.n_heads * lay.head_dim
@@ -62,7 +63,7 @@ def forward_workspace_bytes(lay: LayerLayout, batch: int, seqlen: int, dtype_byt
     hook_mlp = (2 * h + lay.intermediate) * dtype_bytes + (lay.intermediate + 1) * GRAM_DTYPE_BYTES
     hook_attn = (2 * h + qkv + heads) * dtype_bytes + (heads + 1) * GRAM_DTYPE_BYTES
     if relative:
-        weights = h * (dtype_bytes + GRAM_DTYPE_BYTES) + 3 * GRAM_DTYPE_BYTES
+        weights = h * dtype_bytes + 3 * GRAM_DTYPE_BYTES
         hook_mlp, hook_attn = hook_mlp + weights, hook_attn + weights
     return tokens * (max(attn, mlp, hook_mlp, hook_attn) if hooked else max(attn, mlp))
 

@@ -302,7 +302,9 @@ def _dense_target_gram(stream, i, layer, dense_layer, kind, x: Batches, xd: Batc
             stream.run_layer(i, dense_layer, Batches([xd.tensors[b]]), keep_outputs=False)
         p, pd = cap_p.value, cap_d.value  # (T_b, n+1)
         if stream.relative_grams:  # both Grams weighted by the pruned path's tokens (gram.py)
-            w = relative_weights(p[:, :-1].to(lin.weight.dtype), lin, x.tensors[b].to(p.device))
+            y = torch.nn.functional.linear(p[:, :-1].to(lin.weight.dtype), lin.weight, lin.bias)
+            w = relative_weights(y, x.tensors[b].to(p.device))
+            del y
             tokens += float(w.sum(dtype=torch.float64))
             w.sqrt_()
             p.mul_(w[:, None])

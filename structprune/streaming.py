@@ -180,7 +180,8 @@ class LayerStream:
         """
         lay = self.adapter.layout(layer)
         # a Gram hook / input capture on an output projection adds its fp32 input copy
-        hooked = any(len(self.adapter.out_proj(layer, k)._forward_pre_hooks) for k in ("attn", "mlp"))
+        hooked = any(len(m._forward_pre_hooks) + len(m._forward_hooks)
+                     for m in (self.adapter.out_proj(layer, k) for k in ("attn", "mlp")))
         outs = []
         for b, x_host in enumerate(inputs.tensors):
             bsz, seqlen = x_host.shape[:2]

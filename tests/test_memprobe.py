@@ -67,5 +67,5 @@ def test_gram_hook_holds_one_fp32_copy_of_a_batch():
     x = torch.randn(2, 50, 300).to(torch.bfloat16)
     hook = GramHook(lin)
     with probe() as r:
-        hook._hook(lin, (x,))
+        hook._pre_hook(lin, (x,))
     assert 0 <= r.peak - 100 * 301 * 4 < 64  # one (T, n+1) fp32 buffer (and a scalar)
