@@ -35,7 +35,7 @@ class PruneConfig:
     # relative energy at the T with the lowest mean held-out calibration loss over 30% and 50% on
     # smollm2-135m (benchmarks/results/sweep/ALLOCATION_SWEEP.md); no sensitivity pass to pay for
     temperature: float = _f(
-        3.0, "softmax temperature (dimensionless; energies are z-scored logs); inf = uniform")
+        1.0, "softmax temperature (dimensionless; energies are z-scored logs); inf = uniform")
     energy: str = _f(
         "relative",
         "module energy for softmax/threshold: cost relative to each token's residual stream (typical "
