@@ -123,12 +123,13 @@ def summary_markdown(recs: list[dict], variants=GRID) -> str:
     env = any_rec["environment"]
     commits = sorted({r["environment"].get("git_commit") or "?" for r in recs})
     seeds = sorted({r["config"]["seed"] for r in recs})
+    threads = sorted({r["environment"].get("cpus") for r in recs} - {None})
     lines = [
         f"# Comparison benchmark: {any_rec['model']['name']}",
         "",
         f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by `benchmarks/compare.py` "
         f"(report at commit {_git_commit() or '?'}; records from commit(s) {', '.join(commits)}).",
-        f"Machine: {platform.machine()}, {env.get('cpus')} torch threads, device {any_rec['device']}, "
+        f"Machine: {platform.machine()}, {'/'.join(map(str, threads))} torch threads, device {any_rec['device']}, "
         f"{any_rec['dtype']}; torch {env.get('torch')}, transformers {env.get('transformers')}. "
         f"Model: {any_rec['model']['description']}.",
         f"{len(recs)} runs; seeds {', '.join(map(str, seeds))} (extra seeds for the main methods only). "
