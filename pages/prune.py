@@ -127,11 +127,12 @@ if config_error is not None:
 elif cfg.model:
     try:
         from structprune.estimate import estimate_memory
+        from structprune.methods import get_method
         from structprune.evaluation import resolve_device
 
         mcfg = ui.model_config(cfg.model)
         dev = str(resolve_device(cfg.device))
-        sens = cfg.method == "structprune" and cfg.allocation in ("softmax", "threshold") and cfg.energy == "sensitivity"
+        sens = get_method(cfg.method)(cfg).wants_sensitivity()
         mem = estimate_memory(mcfg, cfg.method, cfg.nsamples, cfg.seqlen, cfg.dtype, cfg.batch_size, sensitivity=sens,
                               target=cfg.target, relative=cfg.relative_error)
         secs = estimate_seconds(mcfg, cfg, dev)

@@ -5,13 +5,13 @@ G = P~ P~^T / T ((n+1) x (n+1), fp32 on the device). The last row/column carries
 so the same matrix serves the refit with bias, the OBS saliencies, Wanda-style norms (diag) and
 FLAP's fluctuation (diag minus squared mean).
 
-Relative (token-weighted) Grams, G = P~ diag(w) P~^T / T: a module's output y_t is added to the
+Relative (token-weighted) Grams, G = P~ diag(w) P~^T / sum_t w_t: a module's output y_t is added to the
 residual stream h_t, and the next RMSNorm / LayerNorm divides by that stream's size, so what an
 error e_t does downstream scales like ||e_t||^2 / ||h_t + y_t||^2. Plain Grams weigh tokens by
 ||e_t||^2 alone, and the attention-sink token, whose residual is 1e4 x larger than the others',
 then owns the Gram of the modules that write it (SmolLM2: 99.8% of layer 11's MLP input energy
-comes from the first token of each window). The relative Gram is divided by sum_t w_t instead of T,
-so G[n, n] stays 1 and every solver reads the matrix unchanged (and batching changes nothing).
+comes from the first token of each window). Dividing by sum_t w_t instead of T keeps G[n, n] = 1,
+so every solver reads the matrix unchanged (and batching changes nothing).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .streaming import StopLayer

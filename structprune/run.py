@@ -103,7 +103,7 @@ def heldout_ids(cfg: PruneConfig, tokenizer, vocab: int) -> torch.Tensor | None:
 def pass1_key(cfg: PruneConfig, loaded: LoadedModel, sensitivity: bool) -> tuple:
     """What pass-1 statistics depend on (the model object, its data and the scoring rule)."""
     sens = (cfg.sparsity, cfg.selector, cfg.refit, cfg.sensitivity_windows) if sensitivity else None
-    relative = cfg.relative_error and cfg.method == "structprune"  # the only method with relative Grams
+    relative = get_method(cfg.method)(cfg).relative_grams()
     return (id(loaded.model), cfg.method, cfg.saliency, cfg.bias, cfg.calib_data, cfg.nsamples, cfg.seqlen,
             cfg.seed, cfg.owl_m, cfg.dtype, cfg.batch_size, relative, sens)
 

@@ -158,13 +158,13 @@ class LayerStream:
             layer.to("cpu")
             self.ledger.release("layer")
 
-    @torch.no_grad()
     def batch_input(self) -> torch.Tensor:
         """The layer input of the batch `run_layer` is pushing through right now (hooks read it)."""
         if self._batch_input is None:
             raise RuntimeError("batch_input is only defined inside run_layer")
         return self._batch_input
 
+    @torch.no_grad()
     def run_layer(
         self,
         index: int,

@@ -127,3 +127,17 @@ def test_relative_gram_discounts_a_token_with_a_huge_residual():
     sink_plain = float(pa[0, :-1].pow(2).sum()) / 10 / float(G_plain.diagonal()[:-1].sum())
     sink_rel = float(w[0] * pa[0, :-1].pow(2).sum()) / float(w.sum()) / float(G_rel.diagonal()[:-1].sum())
     assert sink_plain > 0.95 and sink_rel < 0.01
+
+
+def test_run_layer_builds_no_autograd_graph_and_exposes_its_batch_only_inside():
+    """Streaming never needs gradients (a graph would keep every activation of the layer alive)."""
+    from structprune.streaming import Batches
+
+    model = build_tiny("tiny-llama").eval()
+    stream = LayerStream(model, adapter_for(model), "cpu")
+    x = stream.embed(torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0)))
+    with stream.layer_on_device(0) as layer:
+        out = stream.run_layer(0, layer, Batches(x.tensors))
+    assert not any(t.requires_grad for t in out.tensors)
+    with pytest.raises(RuntimeError, match="inside run_layer"):
+        stream.batch_input()
