@@ -49,7 +49,7 @@ ui.init({
     "device": ui.default("device"), "temperature_inf": math.isinf(ui.default("temperature")),
     "eval_data": list(ui.default("eval_data")), "eval_windows": ui.default("eval_windows") or 0,
     **{k: ui.default(k) for k in ("sparsity", "method", "allocation", "temperature", "energy", "nsamples", "seqlen",
-                                  "calib_data", "selector", "saliency", "target", "relative_error", "refit", "bias",
+                                  "calib_data", "selector", "saliency", "target", "relative_error", "refit", "bias", "damp",
                                   "s_max", "sensitivity_windows", "seed", "dtype", "batch_size")},
 })
 c1, c2, c3 = st.columns(3)
@@ -91,6 +91,7 @@ with st.expander("Advanced"):
     a2.checkbox("Relative reconstruction error", key="relative_error", help=ui.tip("relative_error"))
     a2.checkbox("Least-squares refit", key="refit", help=ui.tip("refit"))
     a2.checkbox("Bias compensation", key="bias", help=ui.tip("bias"))
+    a2.number_input("Damping", 0.0001, 1.0, step=0.001, key="damp", format="%.4g", help=ui.tip("damp"))
     a2.number_input("Largest module sparsity", 0.05, 0.9, step=0.05, key="s_max", help=ui.tip("s_max"))
     a3.number_input("Sensitivity windows", 1, 256, key="sensitivity_windows",
                     help=ui.tip("sensitivity_windows") + " (at most the calibration windows: larger values use all)")
@@ -103,7 +104,7 @@ def current_config() -> PruneConfig:
     """The settings above as a PruneConfig (raises InvalidConfigError with the library's message)."""
     s = st.session_state
     values = {k: s[k] for k in ("sparsity", "method", "allocation", "energy", "nsamples", "seqlen", "calib_data",
-                                "device", "selector", "saliency", "target", "relative_error", "refit", "bias",
+                                "device", "selector", "saliency", "target", "relative_error", "refit", "bias", "damp",
                                 "s_max", "sensitivity_windows", "seed", "dtype", "batch_size")}
     values["temperature"] = math.inf if s["temperature_inf"] else s["temperature"]
     if values["calib_data"] == FILE:

@@ -52,6 +52,9 @@ class PruneConfig:
               "(token weights 1/||h + y||^2); off: plain squared error, which the attention-sink token dominates")
     refit: bool = _f(True, "least-squares refit of the output projection on the kept units")
     bias: bool = _f(True, "let the refit add a bias (bias compensation); off keeps the saved model plain-HF loadable")
+    damp: float = _f(
+        0.01, "solver damping: lambda = damp x the mean diagonal of the input Gram, added to every weight column "
+              "(OBS / SparseGPT's percdamp); kept weights are pulled towards their original values")
     s_max: float = _f(0.9, "largest sparsity any one module may receive")
     owl_lambda: float = _f(0.08, "OWL: half-width of the sparsity range around the target")
     owl_m: float = _f(5.0, "OWL: outlier threshold, multiples of the layer's mean score")
@@ -84,6 +87,8 @@ class PruneConfig:
                 bad(f"{name} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
         if not (self.temperature > 0 or math.isinf(self.temperature)):
             bad(f"temperature must be positive or inf (got {self.temperature})")
+        if not (0 < self.damp <= 1):
+            bad(f"damp must be in (0, 1] (got {self.damp}); 0.01 is the default, 0.001-0.1 the useful range")
         if not (0 < self.s_max <= MAX_SPARSITY):
             bad(f"s_max must be in (0, {MAX_SPARSITY}] (got {self.s_max})")
         if self.sparsity > self.s_max:

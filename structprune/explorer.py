@@ -123,7 +123,7 @@ def profile_key(model: str, cfg: PruneConfig, sensitivity: bool = True) -> str:
     sensitivities were measured (a profile without them has residual / module energies only)."""
     sens = f"sens {cfg.sensitivity_windows}" if sensitivity else "no sens"
     return (f"profile|{model}|{cfg.calib_data}|{cfg.nsamples}x{cfg.seqlen}|seed {cfg.seed}|s {cfg.sparsity:g}"
-            f"|{sens}|{cfg.saliency}|bias {cfg.bias}|owl {cfg.owl_m:g}|relative {cfg.relative_error}")
+            f"|{sens}|{cfg.saliency}|bias {cfg.bias}|owl {cfg.owl_m:g}|relative {cfg.relative_error}|damp {cfg.damp:g}")
 
 
 def profile_from_stats(stats: list[LayerStats], specs: list[ModuleSpec], model: str, cfg: PruneConfig,

@@ -105,7 +105,7 @@ def pass1_key(cfg: PruneConfig, loaded: LoadedModel, sensitivity: bool) -> tuple
     sens = (cfg.sparsity, cfg.selector, cfg.refit, cfg.sensitivity_windows) if sensitivity else None
     relative = get_method(cfg.method)(cfg).relative_grams()
     return (id(loaded.model), cfg.method, cfg.saliency, cfg.bias, cfg.calib_data, cfg.nsamples, cfg.seqlen,
-            cfg.seed, cfg.owl_m, cfg.dtype, cfg.batch_size, relative, sens)
+            cfg.seed, cfg.owl_m, cfg.dtype, cfg.batch_size, relative, cfg.damp, sens)
 
 
 def random_token_data(cfg: PruneConfig, vocab: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:

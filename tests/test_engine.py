@@ -225,6 +225,41 @@ def test_config_validation():
         PruneConfig(allocation="best")
     with pytest.raises(InvalidConfigError, match="temperature must be positive"):
         PruneConfig(temperature=0)
+    for damp in (0.0, 1.5):
+        with pytest.raises(InvalidConfigError, match=r"damp must be in \(0, 1\]"):
+            PruneConfig(damp=damp)
+
+
+def test_structprune_solves_with_the_configured_damping():
+    """`damp` reaches pass 1's saliencies and pass 2's solve: the method's results equal the solver's
+    called with that damping, and a 10x larger damping changes both."""
+    from structprune.solver import group_saliency, solve_module
+    from structprune.units import unit_groups
+
+    model = build_tiny("tiny-llama")
+    ad = adapter_for(model)
+    lay = ad.layout(ad.layers(model)[0])
+    g = torch.Generator().manual_seed(0)
+    n = lay.intermediate
+    P = torch.randn(n, 400, generator=g, dtype=torch.float64)
+    P[1] = P[0] + 0.05 * P[1]  # nearly collinear channels make the damping matter
+    Pa = torch.cat([P, torch.ones(1, 400, dtype=torch.float64)])
+    G = Pa @ Pa.T / 400
+    W = torch.randn(lay.hidden, n, generator=g, dtype=torch.float64)
+    groups, _ = unit_groups(lay, "mlp")
+    k = n // 2
+    out = {}
+    for damp in (0.01, 0.1):
+        m = StructPruneMethod(PruneConfig(damp=damp))
+        score = m.score("mlp", W, None, G, lay)
+        res = m.rule("mlp", 0, W, None, G, lay, k)
+        want = solve_module(W, None, G, groups, k, selector="greedy", damp_rel=damp,
+                            per_step=max(1, n // 64), local_swaps=0 if n > 64 else 8)
+        assert torch.allclose(score, group_saliency(torch.cat([W, W.new_zeros(W.shape[0], 1)], 1), G, groups,
+                                                    damp_rel=damp))
+        assert torch.equal(res.kept, want.kept) and torch.allclose(res.W, want.W_new)
+        out[damp] = (score, res.W)
+    assert not torch.allclose(out[0.01][0], out[0.1][0]) and not torch.allclose(out[0.01][1], out[0.1][1])
 
 
 def test_module_specs_count_units():

@@ -19,7 +19,7 @@ class StructPruneMethod(Method):
     def score(self, kind, W, b, G, lay):
         groups, _ = unit_groups(lay, kind)
         return group_saliency(augmented_weights(W, b).to(G.device), G, groups.to(G.device), self.cfg.saliency,
-                              allow_bias=self.cfg.bias)
+                              allow_bias=self.cfg.bias, damp_rel=self.cfg.damp)
 
     def rule(self, kind, layer, W, b, G, lay, k_keep, selector: str | None = None) -> ModuleResult:
         cfg = self.cfg
@@ -33,7 +33,7 @@ class StructPruneMethod(Method):
         swaps = 8 if n_units <= 64 else 0
         sol = solve_module(W.to(dev), None if b is None else b.to(dev), G, groups.to(dev), k_keep,
                            None if blocks is None else blocks.to(dev), selector=selector or cfg.selector,
-                           saliency=cfg.saliency, refit_weights=cfg.refit, allow_bias=cfg.bias,
+                           saliency=cfg.saliency, refit_weights=cfg.refit, allow_bias=cfg.bias, damp_rel=cfg.damp,
                            per_step=per_step, local_swaps=swaps)
         info = {
             "err_no_refit": sol.error_dense_to_masked_no_refit,
