@@ -1,0 +1,251 @@
+"""One change at a time against structprune's default: what moves the held-out calibration loss.
+
+    .venv/bin/python -m benchmarks.ablations                        # every ablation at 30%
+    .venv/bin/python -m benchmarks.ablations --sparsities 0.3 0.5 --only damp=0.001
+    .venv/bin/python -m benchmarks.ablations --report-only
+
+Each ablation is the default run with one change: either a `PruneConfig` override or a *probe*, an
+idea patched in for the run that did not earn a place in the library (kept here so its numbers can
+be reproduced). Judged as the allocation sweep is: by the pruned model's loss on the 16 held-out
+calibration windows (never by test perplexity); test perplexities on 16 `sotu` and 16 `brown`
+windows are recorded for information. `smollm2-135m`, 64 x 512 calibration, seed 0.
+
+Records: one JSON line per (ablation, sparsity) in `benchmarks/results/ablations/ablations.jsonl`
+(resumable: finished pairs are skipped), and ABLATIONS.md next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import structprune.gram as gram
+import structprune.methods.structprune as sp_method
+from structprune.config import PruneConfig
+from structprune.models import LoadedModel, load_model
+from structprune.run import run_prune
+
+RESULTS = Path(__file__).parent / "results" / "ablations"
+EVAL_WINDOWS = 16
+
+Probe = Callable[[LoadedModel], contextlib.AbstractContextManager]
+
+
+@dataclass(frozen=True)
+class Ablation:
+    name: str
+    what: str
+    overrides: dict = field(default_factory=dict)
+    probe: Probe | None = None  # patches the method for the duration of a run
+
+
+# --------------------------------------------------------------------------------------------- probes
+
+
+@contextlib.contextmanager
+def _patched(obj, attr: str, value) -> Iterator[None]:
+    old = getattr(obj, attr)
+    setattr(obj, attr, value)
+    try:
+        yield
+    finally:
+        setattr(obj, attr, old)
+
+
+def attention_frozen(_loaded: LoadedModel):
+    """No head is pruned: the allocation may only take MLP channels (is the heads/channels split right?)."""
+    original = sp_method.StructPruneMethod.allocate
+
+    def allocate(self, specs, stats):
+        specs = [dataclasses.replace(s, min_keep=s.n_units) if s.kind == "attn" else s for s in specs]
+        return original(self, specs, stats)
+
+    return _patched(sp_method.StructPruneMethod, "allocate", allocate)
+
+
+def token_weight_power(p: float) -> Probe:
+    """Token weights 1 / ‖h + y‖^(2p): p = 1 is the relative error, p = 0 the plain one."""
+    def probe(_loaded: LoadedModel):
+        original = gram.relative_weights
+        return _patched(gram, "relative_weights", lambda y, residual: original(y, residual).pow_(p))
+    return probe
+
+
+def _output_metric(loaded: LoadedModel, mode: str) -> dict[tuple[int, str], torch.Tensor]:
+    """Per module, sqrt of a diagonal metric on its output dimensions, mean 1: how strongly the RMSNorms
+    downstream of the module (the rest of its layer, every later layer, the final norm) amplify each
+    residual dimension, as gain^2 (`gain`) or gain^2 x the squared column norms of the weights that
+    read the norm's output (`read`). Each reader's term is normalised to mean 1 before averaging."""
+    body = loaded.model.model
+    layers = body.layers
+
+    def term(norm, readers) -> torch.Tensor:
+        g2 = norm.weight.detach().double().pow(2)
+        if mode == "read":
+            g2 = g2 * torch.cat([r.weight.detach().double() for r in readers]).pow(2).sum(0)
+        return g2 / g2.mean()
+
+    def attn_in(j):
+        a = layers[j].self_attn
+        return term(layers[j].input_layernorm, (a.q_proj, a.k_proj, a.v_proj))
+
+    def mlp_in(j):
+        m = layers[j].mlp
+        return term(layers[j].post_attention_layernorm, (m.gate_proj, m.up_proj))
+
+    final = term(body.norm, (loaded.model.lm_head,))
+    out = {}
+    for i in range(len(layers)):
+        later = [t for j in range(i + 1, len(layers)) for t in (attn_in(j), mlp_in(j))] + [final]
+        for kind, terms in (("attn", [mlp_in(i)] + later), ("mlp", later)):
+            m = torch.stack(terms).mean(0)
+            out[(i, kind)] = (m / m.mean()).sqrt()
+    return out
+
+
+def output_metric(mode: str) -> Probe:
+    """Weigh each output dimension's error by how much the downstream norms amplify it: the module's
+    rows are scaled by sqrt(metric) for the saliencies and the solve, and the solution scaled back (the
+    refit is row-separable, so only the selection and the energies change)."""
+    @contextlib.contextmanager
+    def probe(loaded: LoadedModel):
+        metric = _output_metric(loaded, mode)
+        n_layers = len(loaded.model.model.layers)
+        cls = sp_method.StructPruneMethod
+        score0, rule0 = cls.score, cls.rule
+        calls = [0]  # pass 1 scores attn then mlp, layer by layer
+
+        def score(self, kind, W, b, G, lay):
+            i = (calls[0] // 2) % n_layers
+            calls[0] += 1
+            s = metric[(i, kind)].to(W.dtype)
+            return score0(self, kind, W * s[:, None], None if b is None else b * s, G, lay)
+
+        def rule(self, kind, layer, W, b, G, lay, k_keep, selector=None):
+            s = metric[(layer, kind)].to(W.dtype)
+            res = rule0(self, kind, layer, W * s[:, None], None if b is None else b * s, G, lay, k_keep, selector)
+            res.W = res.W / s[:, None].to(res.W.dtype)
+            if res.b is not None:
+                res.b = res.b / s.to(res.b.dtype)
+            return res
+
+        with _patched(cls, "score", score), _patched(cls, "rule", rule):
+            yield
+
+    return probe
+
+
+ABLATIONS = (
+    Ablation("default", "structprune's defaults (relative error, softmax relative T = 1, greedy OBS, local)"),
+    Ablation("target=dense", "fit each module to the dense model's activations (cross-Gram)", {"target": "dense"}),
+    Ablation("selector=admm", "ADMM selection (greedy start) instead of greedy OBS", {"selector": "admm"}),
+    Ablation("energy=sensitivity", "measured calibration-loss sensitivity (4 windows) as the energy, T = 1",
+             {"energy": "sensitivity"}),
+    Ablation("damp=0.1", "10x the solver damping", {"damp": 0.1}),
+    Ablation("damp=0.001", "1/10 the solver damping", {"damp": 0.001}),
+    Ablation("attention frozen", "no head pruned; the budget comes from MLP channels only", probe=attention_frozen),
+    Ablation("token weight power 0.5", "token weights 1 / ‖h + y‖ (half-way to the plain error)",
+             probe=token_weight_power(0.5)),
+    Ablation("output metric gain", "errors weighted by the downstream norms' gain^2 per dimension",
+             probe=output_metric("gain")),
+    Ablation("output metric read", "errors weighted by gain^2 x the reading weights' column norms",
+             probe=output_metric("read")),
+)
+
+
+# --------------------------------------------------------------------------------------------- runs
+
+
+def run_one(ab: Ablation, sparsity: float, loaded: LoadedModel, cache: dict, threads: int) -> dict:
+    cfg = PruneConfig(sparsity=sparsity, eval_data=("sotu", "brown"), eval_windows=EVAL_WINDOWS, **ab.overrides)
+    t0 = time.perf_counter()
+    with ab.probe(loaded) if ab.probe else contextlib.nullcontext():
+        # a probe changes pass 1's statistics: never share them
+        rec = run_prune(cfg, loaded, evaluate_dense=False, stats_cache=None if ab.probe else cache).record
+    alloc = rec["allocation"]
+    return {
+        "ablation": ab.name, "what": ab.what, "sparsity": sparsity, "config": cfg.to_dict(),
+        "heldout_loss": rec["calib_loss"].get("heldout"), "insample_loss": rec["calib_loss"]["pruned"],
+        "ppl": {name: r["value"] for name, r in rec["ppl"]["pruned"].items()},
+        "protocol": {name: r["protocol"] for name, r in rec["ppl"]["pruned"].items()},
+        "attn_heads_kept": [a["units_kept"] for a in alloc if a["module"] == "attn"],
+        "mlp_sparsity": [round(a["sparsity"], 4) for a in alloc if a["module"] == "mlp"],
+        "seconds": round(time.perf_counter() - t0, 1), "threads": threads,
+        "commit": rec["environment"]["git_commit"],
+    }
+
+
+def load_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def report(rows: list[dict]) -> str:
+    sparsities = sorted({r["sparsity"] for r in rows})
+    base = {r["sparsity"]: r["heldout_loss"] for r in rows if r["ablation"] == "default"}
+    head = "| ablation | " + " | ".join(
+        f"held-out {s:.0%} | vs default | sotu ppl {s:.0%} | brown ppl {s:.0%}" for s in sparsities) + " |"
+    lines = ["# Ablations of structprune's defaults (smollm2-135m, 64 x 512 calibration, seed 0)", "",
+             "Held-out calibration loss (nats/token, 16 windows of the calibration split that share no token "
+             "with the calibration windows) decides; lower is better. Test perplexities for information: "
+             f"`sotu-test · seqlen 512 · {EVAL_WINDOWS} windows` and `brown-test · seqlen 512 · {EVAL_WINDOWS} "
+             "windows`. Written by `benchmarks/ablations.py`.", "",
+             head, "|---|" + "---:|" * (4 * len(sparsities))]
+    for ab in ABLATIONS:
+        cells = []
+        for s in sparsities:
+            r = next((r for r in rows if r["ablation"] == ab.name and r["sparsity"] == s), None)
+            if r is None:
+                cells += ["–"] * 4
+                continue
+            delta = r["heldout_loss"] - base[s] if s in base and ab.name != "default" else None
+            cells += [f"{r['heldout_loss']:.4f}", "" if delta is None else f"{delta:+.4f}",
+                      f"{r['ppl']['sotu']:.2f}", f"{r['ppl']['brown']:.2f}"]
+        if any(c not in ("–", "") for c in cells):
+            lines.append(f"| {ab.name}: {ab.what} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sparsities", type=float, nargs="+", default=[0.3])
+    p.add_argument("--only", nargs="+", metavar="NAME", help="ablation names (default: all)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.results.mkdir(parents=True, exist_ok=True)
+    path = args.results / "ablations.jsonl"
+    known = {a.name for a in ABLATIONS}
+    unknown = set(args.only or ()) - known
+    if unknown:
+        p.error(f"unknown ablation(s) {', '.join(sorted(unknown))}; choose from: {', '.join(sorted(known))}")
+    if not args.report_only:
+        done = {(r["ablation"], r["sparsity"]) for r in load_rows(path)}
+        todo = [(a, s) for s in args.sparsities for a in ABLATIONS
+                if (not args.only or a.name in args.only) and (a.name, s) not in done]
+        loaded = load_model("smollm2-135m") if todo else None
+        cache: dict = {}
+        for ab, s in todo:
+            row = run_one(ab, s, loaded, cache, torch.get_num_threads())
+            with path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"{ab.name:28s} {s:.0%}: held-out {row['heldout_loss']:.4f}  sotu {row['ppl']['sotu']:.2f}  "
+                  f"brown {row['ppl']['brown']:.2f}  ({row['seconds']:.0f} s)", flush=True)
+    (args.results / "ABLATIONS.md").write_text(report(load_rows(path)))
+    print(f"wrote {args.results / 'ABLATIONS.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""The ablation script's probes do what they say, and leave the library as they found it."""
+
+import torch
+
+import structprune.gram as gram
+import structprune.methods.structprune as sp_method
+from benchmarks.ablations import ABLATIONS, _output_metric, attention_frozen, output_metric, report, token_weight_power
+from structprune.config import PruneConfig
+from structprune.models import load_model
+from structprune.run import run_prune
+
+
+def _tiny(seed: int = 0):
+    loaded = load_model("tiny-llama", seed=seed)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # non-trivial norm gains, so the output metric is not flat
+        for m in loaded.model.modules():
+            if type(m).__name__.endswith("RMSNorm"):
+                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g))
+    return loaded
+
+
+def test_probes_restore_the_method_and_the_gram_weights():
+    loaded = _tiny()
+    before = (sp_method.StructPruneMethod.allocate, sp_method.StructPruneMethod.score,
+              sp_method.StructPruneMethod.rule, gram.relative_weights)
+    for probe in (attention_frozen, token_weight_power(0.5), output_metric("gain")):
+        with probe(loaded):
+            pass
+    assert (sp_method.StructPruneMethod.allocate, sp_method.StructPruneMethod.score,
+            sp_method.StructPruneMethod.rule, gram.relative_weights) == before
+
+
+def test_token_weight_power_raises_the_relative_weights_to_p():
+    y, h = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    w = gram.relative_weights(y, h)
+    with token_weight_power(0.5)(None):
+        assert torch.allclose(gram.relative_weights(y, h), w.sqrt())
+
+
+def test_output_metric_against_an_explicit_average_of_downstream_gains():
+    loaded = _tiny()
+    body = loaded.model.model
+    metric = _output_metric(loaded, "gain")
+    n = len(body.layers)
+    # the MLP of the first layer: every later layer's two norms, and the final norm
+    norms = [body.layers[j].input_layernorm for j in range(1, n)] + \
+            [body.layers[j].post_attention_layernorm for j in range(1, n)] + [body.norm]
+    terms = [nm.weight.double() ** 2 / (nm.weight.double() ** 2).mean() for nm in norms]
+    want = torch.stack(terms).mean(0)
+    want = (want / want.mean()).sqrt()
+    assert torch.allclose(metric[(0, "mlp")], want.detach())
+    # the last layer's attention: its own MLP's norm and the final norm
+    last = torch.stack([x.weight.double() ** 2 / (x.weight.double() ** 2).mean()
+                        for x in (body.layers[n - 1].post_attention_layernorm, body.norm)]).mean(0)
+    assert torch.allclose(metric[(n - 1, "attn")], (last / last.mean()).sqrt().detach())
+    assert all(abs(float(m.pow(2).mean()) - 1) < 1e-9 for m in metric.values())
+
+
+def test_attention_frozen_prunes_only_channels_and_the_output_metric_changes_the_selection():
+    loaded = _tiny()
+    cfg = PruneConfig(model="tiny-llama", sparsity=0.3, nsamples=4, seqlen=32, eval_windows=1)
+    with attention_frozen(loaded):
+        rec = run_prune(cfg, loaded, evaluate_dense=False).record
+    attn = [a for a in rec["allocation"] if a["module"] == "attn"]
+    assert attn and all(a["units_pruned"] == 0 for a in attn)
+    assert rec["sparsity"]["achieved_prunable"] > 0.25
+    plain = run_prune(cfg, loaded, evaluate_dense=False).record
+    with output_metric("gain")(loaded):
+        weighted = run_prune(cfg, loaded, evaluate_dense=False).record
+    # the refit is row-separable, so the weights differ only where the selection (or allocation) did
+    assert weighted["ppl"]["pruned"]["random"]["value"] != plain["ppl"]["pruned"]["random"]["value"]
+
+
+def test_report_lists_deltas_against_the_default():
+    names = [a.name for a in ABLATIONS[:2]]
+    rows = [{"ablation": names[0], "sparsity": 0.3, "heldout_loss": 3.5, "ppl": {"sotu": 30.0, "brown": 60.0}},
+            {"ablation": names[1], "sparsity": 0.3, "heldout_loss": 3.6, "ppl": {"sotu": 33.0, "brown": 70.0}}]
+    md = report(rows)
+    assert "| 3.6000 | +0.1000 | 33.00 | 70.00 |" in md and md.count("\n| ") == 3
