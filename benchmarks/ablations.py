@@ -79,6 +79,19 @@ def token_weight_power(p: float) -> Probe:
     return probe
 
 
+def pass2_damping(d: float) -> Probe:
+    """Pass 2's solves at damping d while pass 1's saliencies (hence the energies and the allocation)
+    keep the default: separates damping's effect on the selection and refit from its effect on the
+    allocation, which `--damp` changes together."""
+    def probe(_loaded: LoadedModel):
+        original = sp_method.solve_module
+
+        def solve(*args, **kw):
+            return original(*args, **{**kw, "damp_rel": d})
+        return _patched(sp_method, "solve_module", solve)
+    return probe
+
+
 def _output_metric(loaded: LoadedModel, mode: str) -> dict[tuple[int, str], torch.Tensor]:
     """Per module, sqrt of a diagonal metric on its output dimensions, mean 1: how strongly the RMSNorms
     downstream of the module (the rest of its layer, every later layer, the final norm) amplify each
@@ -149,8 +162,11 @@ ABLATIONS = (
     Ablation("selector=admm", "ADMM selection (greedy start) instead of greedy OBS", {"selector": "admm"}),
     Ablation("energy=sensitivity", "measured calibration-loss sensitivity (4 windows) as the energy, T = 1",
              {"energy": "sensitivity"}),
-    Ablation("damp=0.1", "10x the solver damping", {"damp": 0.1}),
-    Ablation("damp=0.001", "1/10 the solver damping", {"damp": 0.001}),
+    Ablation("damp=0.1", "10x the solver damping (pass 1's saliencies and pass 2)", {"damp": 0.1}),
+    Ablation("damp=0.001", "1/10 the solver damping (pass 1's saliencies and pass 2)", {"damp": 0.001}),
+    Ablation("pass-2 damp=0.1", "10x the damping in pass 2's solves only (pass 1 and the allocation as default)",
+             probe=pass2_damping(0.1)),
+    Ablation("pass-2 damp=0.001", "1/10 the damping in pass 2's solves only", probe=pass2_damping(0.001)),
     Ablation("attention frozen", "no head pruned; the budget comes from MLP channels only", probe=attention_frozen),
     Ablation("token weight power 0.5", "token weights 1 / ‖h + y‖ (half-way to the plain error)",
              probe=token_weight_power(0.5)),
