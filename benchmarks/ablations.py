@@ -114,11 +114,13 @@ def _output_metric(loaded: LoadedModel, mode: str) -> dict[tuple[int, str], torc
         m = layers[j].mlp
         return term(layers[j].post_attention_layernorm, (m.gate_proj, m.up_proj))
 
+    n = len(layers)
+    attn_terms, mlp_terms = [attn_in(j) for j in range(n)], [mlp_in(j) for j in range(n)]  # each once
     final = term(body.norm, (loaded.model.lm_head,))
     out = {}
-    for i in range(len(layers)):
-        later = [t for j in range(i + 1, len(layers)) for t in (attn_in(j), mlp_in(j))] + [final]
-        for kind, terms in (("attn", [mlp_in(i)] + later), ("mlp", later)):
+    for i in range(n):
+        later = [t for j in range(i + 1, n) for t in (attn_terms[j], mlp_terms[j])] + [final]
+        for kind, terms in (("attn", [mlp_terms[i]] + later), ("mlp", later)):
             m = torch.stack(terms).mean(0)
             out[(i, kind)] = (m / m.mean()).sqrt()
     return out
@@ -180,7 +182,7 @@ ABLATIONS = (
 # --------------------------------------------------------------------------------------------- runs
 
 
-def run_one(ab: Ablation, sparsity: float, loaded: LoadedModel, cache: dict, threads: int) -> dict:
+def run_one(ab: Ablation, sparsity: float, loaded: LoadedModel, cache: dict) -> dict:
     cfg = PruneConfig(sparsity=sparsity, eval_data=("sotu", "brown"), eval_windows=EVAL_WINDOWS, **ab.overrides)
     t0 = time.perf_counter()
     with ab.probe(loaded) if ab.probe else contextlib.nullcontext():
@@ -194,7 +196,7 @@ def run_one(ab: Ablation, sparsity: float, loaded: LoadedModel, cache: dict, thr
         "protocol": {name: r["protocol"] for name, r in rec["ppl"]["pruned"].items()},
         "attn_heads_kept": [a["units_kept"] for a in alloc if a["module"] == "attn"],
         "mlp_sparsity": [round(a["sparsity"], 4) for a in alloc if a["module"] == "mlp"],
-        "seconds": round(time.perf_counter() - t0, 1), "threads": threads,
+        "seconds": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads(),
         "commit": rec["environment"]["git_commit"],
     }
 
@@ -254,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
         loaded = load_model("smollm2-135m") if todo else None
         cache: dict = {}
         for ab, s in todo:
-            row = run_one(ab, s, loaded, cache, torch.get_num_threads())
+            row = run_one(ab, s, loaded, cache)
             with path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(f"{ab.name:28s} {s:.0%}: held-out {row['heldout_loss']:.4f}  sotu {row['ppl']['sotu']:.2f}  "

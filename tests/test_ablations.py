@@ -4,7 +4,8 @@ import torch
 
 import structprune.gram as gram
 import structprune.methods.structprune as sp_method
-from benchmarks.ablations import ABLATIONS, _output_metric, attention_frozen, output_metric, report, token_weight_power
+from benchmarks.ablations import (ABLATIONS, _output_metric, attention_frozen, output_metric, pass2_damping, report,
+                                  token_weight_power)
 from structprune.config import PruneConfig
 from structprune.models import load_model
 from structprune.run import run_prune
@@ -23,12 +24,12 @@ def _tiny(seed: int = 0):
 def test_probes_restore_the_method_and_the_gram_weights():
     loaded = _tiny()
     before = (sp_method.StructPruneMethod.allocate, sp_method.StructPruneMethod.score,
-              sp_method.StructPruneMethod.rule, gram.relative_weights)
-    for probe in (attention_frozen, token_weight_power(0.5), output_metric("gain")):
+              sp_method.StructPruneMethod.rule, gram.relative_weights, sp_method.solve_module)
+    for probe in (attention_frozen, token_weight_power(0.5), output_metric("gain"), pass2_damping(0.1)):
         with probe(loaded):
             pass
     assert (sp_method.StructPruneMethod.allocate, sp_method.StructPruneMethod.score,
-            sp_method.StructPruneMethod.rule, gram.relative_weights) == before
+            sp_method.StructPruneMethod.rule, gram.relative_weights, sp_method.solve_module) == before
 
 
 def test_token_weight_power_raises_the_relative_weights_to_p():

@@ -233,7 +233,7 @@ def test_config_validation():
 def test_structprune_solves_with_the_configured_damping():
     """`damp` reaches pass 1's saliencies and pass 2's solve: the method's results equal the solver's
     called with that damping, and a 10x larger damping changes both."""
-    from structprune.solver import group_saliency, solve_module
+    from structprune.solver import augmented_weights, group_saliency, solve_module
     from structprune.units import unit_groups
 
     model = build_tiny("tiny-llama")
@@ -255,7 +255,7 @@ def test_structprune_solves_with_the_configured_damping():
         res = m.rule("mlp", 0, W, None, G, lay, k)
         want = solve_module(W, None, G, groups, k, selector="greedy", damp_rel=damp,
                             per_step=max(1, n // 64), local_swaps=0 if n > 64 else 8)
-        assert torch.allclose(score, group_saliency(torch.cat([W, W.new_zeros(W.shape[0], 1)], 1), G, groups,
+        assert torch.allclose(score, group_saliency(augmented_weights(W, None), G, groups,
                                                     damp_rel=damp))
         assert torch.equal(res.kept, want.kept) and torch.allclose(res.W, want.W_new)
         out[damp] = (score, res.W)
