@@ -260,7 +260,8 @@ class Bench:
         est = estimate_memory(self.loaded.model.config, cfg.method, cfg.nsamples,
                               cfg.seqlen, cfg.dtype, cfg.batch_size,
                               sensitivity=get_method(cfg.method)(cfg).wants_sensitivity(),
-                              target=cfg.target, relative=cfg.relative_error)
+                              target=cfg.target, relative=cfg.relative_error,
+                              host_grams=self.device.type == "cuda")
         prune_s = rec["timing"].get("pass1_s", 0.0) + rec["timing"].get("pass2_s", 0.0)
         rec["benchmark"] = {
             "key": key, "variant": variant.label, "main": variant.main,

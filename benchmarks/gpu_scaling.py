@@ -420,7 +420,7 @@ def run_spec(runner: Runner, spec: RunSpec) -> dict:
     }
     try:
         est = estimate_memory(full, spec.method, spec.nsamples, spec.seqlen, dtype_name, batch_size=1,
-                              sensitivity=rec["sensitivity"])
+                              sensitivity=rec["sensitivity"], host_grams=dev.type == "cuda")
         rec["estimate_bytes"], rec["estimate_phases"] = est["peak_bytes"], est["phases"]
     except Exception as exc:  # noqa: BLE001 - an estimator gap is a finding, not a crash
         rec["estimate_message"] = f"{type(exc).__name__}: {exc}"

@@ -28,7 +28,8 @@ st.title("Memory")
 st.caption("Peak compute-device memory of a pruning run, predicted from a config's shapes alone "
            "(`estimate_memory`: the same byte formulas the pipeline accounts with). Global methods (global-taylor) "
            "hold the whole model, its gradients and activations; layer-wise ones one decoder layer, its Grams and "
-           "one batch; structprune adds the solver's state.")
+           "one batch; structprune adds the solver's state and, as on CUDA, keeps its Grams in host memory "
+           "while it solves.")
 
 c1, c2, c3, c4, c5 = st.columns(5)
 ui.init({"mem_nsamples": 128, "mem_seqlen": 2048, "mem_dtype": "bfloat16", "mem_batch": 1,

@@ -135,7 +135,7 @@ elif cfg.model:
         dev = str(resolve_device(cfg.device))
         sens = get_method(cfg.method)(cfg).wants_sensitivity()
         mem = estimate_memory(mcfg, cfg.method, cfg.nsamples, cfg.seqlen, cfg.dtype, cfg.batch_size, sensitivity=sens,
-                              target=cfg.target, relative=cfg.relative_error)
+                              target=cfg.target, relative=cfg.relative_error, host_grams=dev.startswith("cuda"))
         secs = estimate_seconds(mcfg, cfg, dev)
         st.session_state["estimate_bytes"] = mem["peak_bytes"]
         e1, e2, e3 = st.columns(3)

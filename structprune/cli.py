@@ -130,7 +130,8 @@ def cmd_estimate(args) -> int:
     from .estimate import estimate_memory, load_config
 
     config = load_config(args.model)
-    est = estimate_memory(config, args.method, args.nsamples, args.seqlen, args.dtype, batch_size=args.batch_size)
+    est = estimate_memory(config, args.method, args.nsamples, args.seqlen, args.dtype, batch_size=args.batch_size,
+                          host_grams=args.device == "cuda")
     print(json.dumps(est, indent=1))
     return 0
 
@@ -170,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="the pipeline keeps Grams in host memory on cuda, on the device on cpu")
     p.set_defaults(func=cmd_estimate)
     return parser
 

@@ -70,7 +70,7 @@ def model_params(config) -> int:
 
 def estimate_memory(config, method: str = "structprune", nsamples: int = 64, seqlen: int = 512,
                     dtype: str = "float32", batch_size: int = 1, sensitivity: bool = True,
-                    target: str = "local", relative: bool | None = None) -> dict:
+                    target: str = "local", relative: bool | None = None, host_grams: bool = False) -> dict:
     """Predicted peak device bytes, per phase, for one pruning run.
 
     Layer-wise methods: the maximum over embedding (the base's weights, the embeddings and the
@@ -80,7 +80,9 @@ def estimate_memory(config, method: str = "structprune", nsamples: int = 64, seq
     column-score rule). Host memory for the activations (nsamples x seqlen x d, twice) is
     reported separately: it never sits on the device. global-taylor: `global_taylor_terms`
     (returned under "terms"). `relative`: whether the Gram hooks are token-weighted (default: for
-    structprune, as its default config).
+    structprune, as its default config). `host_grams`: the pipeline keeps structprune's Grams in
+    host memory between accumulation and solve (its default on CUDA; `LayerStream.host_grams`):
+    no solve then sits next to a Gram, and no Gram is checked or kept on the device.
     """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}")
@@ -108,17 +110,19 @@ def estimate_memory(config, method: str = "structprune", nsamples: int = 64, seq
         # still referenced (pipeline.collect_stats)
         prev = grams if config.num_hidden_layers > 1 else 0
         check_attn, check_mlp = gram_check_bytes(lay.n_heads * lay.head_dim), gram_check_bytes(lay.intermediate)
-        pass1 = layer + grams + prev + max(run, check_attn, check_mlp)
+        host = host_grams and solver  # Grams leave the device once accumulated (pipeline.py)
+        held = 0 if host else grams  # what stays on the device next to the solves
+        pass1 = layer + grams + (run if host else prev + max(run, check_attn, check_mlp))
         if solver:
             sal = max(saliency_bytes(lay.hidden, lay.n_heads * lay.head_dim, lay.head_dim),
                       saliency_bytes(lay.hidden, lay.intermediate))
-            pass1 = max(pass1, layer + grams + sal)
+            pass1 = max(pass1, layer + held + sal)
         if sensitivity and solver:
-            pass1 = max(pass1, layer + grams + max(solve_attn, solve_mlp))
+            pass1 = max(pass1, layer + held + max(solve_attn, solve_mlp))
         phases["pass1"] = pass1
         if sensitivity and solver:  # only the sensitivity streams run the LM head during pruning
             phases["head"] = (_head_params(config) * db + act + logits_bytes(B, S, config.vocab_size)
-                              + grams)  # the last layer's Grams, still referenced
+                              + held)  # the last layer's Grams, still referenced (on the device)
         extra = layer if target == "dense" else 0
         if solver:
             rules = (solve_attn, solve_mlp)
@@ -126,7 +130,10 @@ def estimate_memory(config, method: str = "structprune", nsamples: int = 64, seq
             rules = (column_rule_bytes(lay.hidden, lay.n_heads * lay.head_dim, db),
                      column_rule_bytes(lay.hidden, lay.intermediate, db))
         checks = (check_attn, check_mlp) if target != "dense" else (0, 0)
-        p2 = [layer + extra + g + max(run, c, r) for g, c, r in zip((g_attn, g_mlp), checks, rules)]
+        if host and target == "local":  # the Gram goes to the host before the solve
+            p2 = [layer + max(g + run, r) for g, r in zip((g_attn, g_mlp), rules)]
+        else:
+            p2 = [layer + extra + g + max(run, c, r) for g, c, r in zip((g_attn, g_mlp), checks, rules)]
         phases["pass2"] = max(p2)
         peak = max(phases.values())
     elif method == "global-taylor":

@@ -106,6 +106,21 @@ class GramHook:
         return self.sum
 
 
+    def to_host(self) -> torch.Tensor:
+        """The finished Gram in host memory (pinned when it came from CUDA), dropping the device
+        copy first: with the Grams off the device, a solve holds only its own (n+1)^2 buffers.
+        Normalized and checked on the host, so the device never holds the check's transients."""
+        if self._final:
+            raise RuntimeError("the Gram was already read; to_host takes it before `gram`")
+        if self.tokens == 0:
+            raise RuntimeError("no tokens were accumulated")
+        if self.sum.device.type != "cpu":
+            host = torch.empty(self.sum.shape, dtype=self.sum.dtype, pin_memory=self.sum.is_cuda)
+            host.copy_(self.sum)
+            self.sum = host  # the device buffer is freed here: nothing else references it
+        return self.gram
+
+
 class InputCapture:
     """Keeps the (augmented) input of `module` for the current batch only; used to pair the dense
     path's input with the pruned path's input token by token (cross-Gram for dense targets)."""

@@ -27,6 +27,7 @@ from .adapters import LayerLayout, set_output_bias
 from .errors import RunCancelledError
 from .gram import GramHook, InputCapture, relative_weights
 from .memory import column_rule_bytes, gram_bytes, gram_check_bytes, saliency_bytes, solver_bytes
+from .solver import quadratic_form
 from .streaming import Batches, LayerStream
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ def module_output_energy(W: torch.Tensor, b: torch.Tensor | None, G: torch.Tenso
     """tr(W~ G W~^T): the module's mean squared output, in G's dtype (no fp64 copy of G)."""
     bias = b if b is not None else W.new_zeros(W.shape[0])
     Wt = torch.cat([W, bias[:, None]], 1).to(G.dtype)  # (d_out, n+1)
-    return float(((Wt @ G) * Wt).sum(dtype=torch.float64))
+    return quadratic_form(Wt, G)  # G may be in host memory
 
 
 def apply_result(stream: LayerStream, layer: nn.Module, kind: str, res: ModuleResult) -> None:
@@ -152,7 +153,10 @@ def collect_stats(
     """Pass 1 over the dense model. With `sensitivity_rule`, each module is also pruned alone (by
     that rule, on this layer's dense Gram) and the first `sensitivity_windows` calibration windows
     are streamed through the rest of the dense model from there: one extra activation stream per
-    module in host memory, one layer on the device. Returns the stats and the dense calib loss."""
+    module in host memory, one layer on the device. Returns the stats and the dense calib loss.
+    With `solves` and `stream.host_grams`, a layer's Grams move to host memory as soon as they are
+    accumulated, so the solves that score the units never sit next to them."""
+    host = solves and stream.host_grams
     x = stream.embed(calib_ids)
     emit("embed", -1)
     sens_ids = calib_ids[:sensitivity_windows]
@@ -177,11 +181,16 @@ def collect_stats(
                 x = stream.run_layer(i, layer, x, on_batch=residual)
             grams = {}
             for k, h in hooks.items():
+                if host:
+                    grams[k] = h.to_host()
+                    continue
                 stream.ledger.hold("gram-check", gram_check_bytes(h.module.in_features))
                 grams[k] = h.gram
                 stream.ledger.release("gram-check")
+            if host:
+                stream.ledger.release("grams")
             st = LayerStats(lay, {}, {}, energy[0] / max(energy[1], 1), residual_energy_hm=energy[1] / max(energy[2], 1e-30))
-            # the previous layer's Grams stay referenced (by `wanda` and the old `hooks`) up to here
+            # device Grams: the previous layer's stay referenced (by `wanda` and the old `hooks`) up to here
             wanda = []  # (W, G) per module, for OWL's outlier ratio
             stream.ledger.release("grams-prev")
             for kind in ("attn", "mlp"):
@@ -204,7 +213,8 @@ def collect_stats(
                     perturbed[(i, kind)] = _masked_forward_outputs(stream, i, layer, kind, res, dense_sub)
                 dense_sub = stream.run_layer(i, layer, dense_sub)
             stream.ledger.release("grams")
-            stream.ledger.hold("grams-prev", grams_held)  # alive until the next layer's Grams are read
+            if not host:
+                stream.ledger.hold("grams-prev", grams_held)  # alive until the next layer's Grams are read
             del grams
         stats.append(st)
         emit("pass1", i)
@@ -233,8 +243,10 @@ def prune_sequential(
 ) -> list[dict]:
     """Pass 2: prunes every layer with `keep_counts[i][kind]` units kept. target="dense" also
     streams the dense model's activations and fits each module to the dense model's output of that
-    module (cross-Gram; METHOD.md "Targets"). Returns one info dict per module."""
+    module (cross-Gram; METHOD.md "Targets"). Returns one info dict per module. With `solves` and
+    `stream.host_grams` (local targets), each Gram moves to host memory before its solve."""
     ad = stream.adapter
+    host = solves and stream.host_grams and target == "local"
     x = stream.embed(calib_ids)
     xd = x if target == "dense" else None
     infos = []
@@ -261,9 +273,13 @@ def prune_sequential(
                     hook = GramHook(lin, stop=True, residual=_residual(stream))
                     with hook:
                         stream.run_layer(i, layer, x, keep_outputs=False)
-                    stream.ledger.hold("gram-check", gram_check_bytes(lin.in_features))
-                    G = hook.gram
-                    stream.ledger.release("gram-check")
+                    if host:  # the solve copies the damped G it needs; the undamped one waits on the host
+                        G = hook.to_host()
+                        stream.ledger.release("grams")
+                    else:
+                        stream.ledger.hold("gram-check", gram_check_bytes(lin.in_features))
+                        G = hook.gram
+                        stream.ledger.release("gram-check")
                     hook = None
                 stream.ledger.hold("solver", solver_bytes(W.shape[0], W.shape[1], _group(lay, kind)) if solves
                                    else column_rule_bytes(W.shape[0], W.shape[1], stream.dtype_bytes))
@@ -325,7 +341,7 @@ def outlier_ratio(modules: list[tuple[torch.Tensor, torch.Tensor]], m: float) ->
     over each module instead of one concatenated score matrix."""
 
     def scores(W, G):
-        return W.abs().float() * G.diagonal()[:-1].clamp_min(0).sqrt().float()[None, :]
+        return W.abs().float() * G.diagonal()[:-1].clamp_min(0).sqrt().float().to(W.device)[None, :]
 
     total = sum(float(scores(W, G).sum(dtype=torch.float64)) for W, G in modules)
     count = sum(W.numel() for W, _ in modules)

@@ -21,9 +21,11 @@ exactly 1 and it is always kept), so keeping no unit gives exactly the mean outp
 ``allow_bias=False`` holds the bias column fixed at its value in ``Wt`` (zero when the module has
 no bias): the problem then lives on the ``n`` weight columns and ``G[:n, :n]``.
 
-Math runs on the device of the inputs in float64, or in float32 for modules wider than
+Math runs on the weights' device in float64, or in float32 for modules wider than
 ``FP64_MAX_COLUMNS`` (a 7B model's MLP: 11008 columns), where fp64 copies of the Gram would cost
-more device memory than the layer itself; with the damping below fp32 Cholesky solves are sound
+more device memory than the layer itself. G itself may sit in host memory (on CUDA the structprune
+pipeline keeps Grams there between their accumulation and the solves): each solve copies its
+damped G to the device, and losses read G in column blocks; with the damping below fp32 Cholesky solves are sound
 there (SparseGPT solves in fp32 too). The problem holds one damped copy of G and frees it as soon
 as its inverse exists. ADMM and the swap local search live in ``structprune.solver_admm``.
 """
@@ -71,10 +73,37 @@ def damped(G: Tensor, rel: float = DAMP_REL, dtype: torch.dtype = torch.float64)
     return Gd
 
 
+def _all_finite(t: Tensor) -> bool:
+    """Whether every entry is finite, without a mask the size of `t`: a NaN or Inf anywhere makes
+    the sum non-finite; only when it is (or the sum overflowed) are rows checked block by block."""
+    if t.numel() == 0 or bool(torch.isfinite(t.sum())):
+        return True
+    rows = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(1, -1)
+    step = max(1, (1 << 20) // max(1, rows.shape[1]))
+    return all(bool(torch.isfinite(rows[i:i + step]).all()) for i in range(0, rows.shape[0], step))
+
+
 def check_finite(name: str, t: Tensor) -> None:
-    if not bool(torch.isfinite(t).all()):
+    if not _all_finite(t):
         raise SolverError(f"{name} contains NaN or Inf; check the calibration activations "
                           "(fp16 overflow?) or the weights before pruning")
+
+
+QUAD_BLOCK = 1024  # columns of G per step of quadratic_form
+
+
+def quadratic_form(A: Tensor, G: Tensor, block: int | None = None) -> float:
+    """tr(A G A^T), summed in float64, on A's device. G on that device: one product (``block``
+    None); G elsewhere (host memory: see the module doc): G's columns are copied over
+    ``block`` (default QUAD_BLOCK) at a time. A: (d, m), G: (m, m) symmetric -> float"""
+    if block is None and G.device == A.device:
+        return float(((A @ G.to(A.dtype)) * A).sum(dtype=torch.float64))
+    block = block or QUAD_BLOCK
+    total = 0.0
+    for j in range(0, G.shape[1], block):
+        Gb = G[:, j:j + block].to(device=A.device, dtype=A.dtype, non_blocking=True)  # (m, b)
+        total += float(((A @ Gb) * A[:, j:j + block]).sum(dtype=torch.float64))
+    return total
 
 
 def _cholesky(A: Tensor, what: str) -> Tensor:
@@ -207,7 +236,7 @@ def _prepare(Wt: Tensor, G: Tensor, groups: Tensor, blocks: Tensor | None = None
     lam = damp_rel * float(G.diagonal().to(torch.float64).mean())  # as damped(G) computes it
     Gd = None
     if gram:
-        Gd = (G if allow_bias else G[:n, :n]).to(dt, copy=True)
+        Gd = (G if allow_bias else G[:n, :n]).to(device=Wt.device, dtype=dt, copy=True)
         Gd.diagonal()[:n] += lam  # the n weight columns; never the bias column
     if not allow_bias:
         W64 = W64[:, :n]
@@ -254,11 +283,11 @@ def _obs_saliency(W: Tensor, Hinv: Tensor, groups: Tensor) -> Tensor:
 
 def reconstruction_error(Wt: Tensor, W_new: Tensor, G: Tensor) -> float:
     """Mean squared output error per token, ``tr((Wt - W_new) G (Wt - W_new)^T)``, on the
-    undamped G. Wt, W_new: (d_out, n+1); G: (n+1, n+1)."""
-    D = torch.empty(Wt.shape, dtype=G.dtype, device=G.device)  # (d_out, n+1)
+    undamped G (on Wt's device or in host memory). Wt, W_new: (d_out, n+1); G: (n+1, n+1)."""
+    D = torch.empty(Wt.shape, dtype=G.dtype, device=Wt.device)  # (d_out, n+1)
     for i in range(0, D.shape[0], 256):  # the fp64 difference by row blocks: no fp64 (d_out, n+1) copies
         D[i:i + 256] = Wt[i:i + 256].to(torch.float64) - W_new[i:i + 256].to(torch.float64)
-    err = float((D @ G).mul_(D).sum(dtype=torch.float64))  # no fp64 copy of G
+    err = quadratic_form(D, G)  # no fp64 copy of G; G may be in host memory
     if err != err or err in (float("inf"), float("-inf")):
         raise SolverError("reconstruction error is not finite")
     return max(err, 0.0)

@@ -81,6 +81,7 @@ class LayerStream:
         device: torch.device | str,
         ledger: DeviceLedger | None = None,
         batch_size: int = 1,
+        host_grams: bool | None = None,
     ) -> None:
         self.model = model
         self.adapter = adapter
@@ -90,6 +91,9 @@ class LayerStream:
         self._batch_input: torch.Tensor | None = None
         # Gram hooks of the pipeline weigh tokens by their residual stream (gram.py); set per method
         self.relative_grams = False
+        # solving methods keep Grams in host memory between accumulation and solve (pipeline.py):
+        # by default on CUDA, where it takes (n+1)^2 fp32 off the device; on the CPU it would move nothing
+        self.host_grams = self.device.type == "cuda" if host_grams is None else bool(host_grams)
         self.dtype = next(model.parameters()).dtype
         self.dtype_bytes = DTYPE_BYTES[self.dtype]
         self._kwargs: dict[tuple[int, int], dict[int, dict]] = {}

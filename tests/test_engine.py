@@ -170,6 +170,11 @@ def test_streamed_pruning_equals_whole_model_pruning(name, relative):
 
 
 def _accounted_peak(name, n_layers, **kw):
+    res, cfg, pc = _prune_tiny(name, n_layers, **kw)
+    return res.record["memory"]["peak_bytes"], cfg, pc
+
+
+def _prune_tiny(name, n_layers, **kw):
     cfg = tiny_config(name)
     cfg.num_hidden_layers = n_layers
     if hasattr(cfg, "layer_types"):
@@ -180,7 +185,7 @@ def _accounted_peak(name, n_layers, **kw):
     model = AutoModelForCausalLM.from_config(cfg).eval()
     pc = PruneConfig(model=name, sparsity=0.3, nsamples=4, seqlen=32, eval_windows=1, device="cpu", **kw)
     res = run_prune(pc, loaded=LoadedModel(name, model, None, "tiny"), evaluate_dense=False)
-    return res.record["memory"]["peak_bytes"], cfg, pc
+    return res, cfg, pc
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt", "tiny-gemma3"])
@@ -198,6 +203,25 @@ def test_estimator_equals_accounted_peak(name, allocation, energy):
     est = estimate_memory(cfg, "structprune", pc.nsamples, pc.seqlen, "float32", batch_size=pc.batch_size,
                           sensitivity=energy == "sensitivity" and allocation == "softmax")
     assert est["peak_bytes"] == peak
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt"])
+def test_host_grams_change_memory_not_results(name, monkeypatch):
+    """The CUDA default of keeping Grams in host memory between accumulation and solve, forced on
+    the CPU: the same pruned model to the bit, and the accounted peak the estimator predicts for
+    it, below the device-Gram peak."""
+    from structprune.streaming import LayerStream
+
+    kw = dict(allocation="softmax", energy="sensitivity")
+    dev, cfg, pc = _prune_tiny(name, 2, **kw)
+    init = LayerStream.__init__
+    monkeypatch.setattr(LayerStream, "__init__", lambda self, *a, **k: init(self, *a, **{**k, "host_grams": True}))
+    host, _, _ = _prune_tiny(name, 2, **kw)
+    for (k, a), (_, b) in zip(dev.model.state_dict().items(), host.model.state_dict().items()):
+        assert torch.equal(a, b), k
+    est = estimate_memory(cfg, "structprune", pc.nsamples, pc.seqlen, "float32", batch_size=pc.batch_size,
+                          sensitivity=True, host_grams=True)
+    assert est["peak_bytes"] == host.record["memory"]["peak_bytes"] < dev.record["memory"]["peak_bytes"]
 
 
 def test_estimator_counts_parameters_of_real_configs():

@@ -382,3 +382,28 @@ def test_input_validation():
         solve_module(W, b, bad, groups, 2)
     with pytest.raises(SolverError, match="NaN"):
         refit(Wt * float("inf"), G, torch.tensor([0]), groups)
+
+
+def test_quadratic_form_by_column_blocks_equals_one_product():
+    """The blocked read of G (how losses read a Gram kept in host memory) gives tr(A G A^T)."""
+    from structprune.solver import quadratic_form
+
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(5, 23, generator=g, dtype=torch.float64)
+    X = torch.randn(40, 23, generator=g, dtype=torch.float64)
+    G = X.T @ X / 40
+    expected = float(torch.trace(A @ G @ A.T))
+    for block in (None, 1, 7, 23, 64):
+        assert quadratic_form(A, G, block) == pytest.approx(expected, rel=1e-12)
+
+
+def test_check_finite_finds_one_bad_entry_and_tolerates_an_overflowing_sum():
+    from structprune.solver import SolverError, check_finite
+
+    big = torch.full((300, 300), 3e36)  # finite entries whose fp32 sum overflows to inf
+    check_finite("big", big)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        t = torch.ones(2000, 700)
+        t[1999, 3] = bad
+        with pytest.raises(SolverError, match="NaN or Inf"):
+            check_finite("t", t)

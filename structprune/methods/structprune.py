@@ -18,13 +18,14 @@ class StructPruneMethod(Method):
 
     def score(self, kind, W, b, G, lay):
         groups, _ = unit_groups(lay, kind)
-        return group_saliency(augmented_weights(W, b).to(G.device), G, groups.to(G.device), self.cfg.saliency,
+        # on W's device: G may be in host memory (pipeline.collect_stats with stream.host_grams)
+        return group_saliency(augmented_weights(W, b), G, groups.to(W.device), self.cfg.saliency,
                               allow_bias=self.cfg.bias, damp_rel=self.cfg.damp)
 
     def rule(self, kind, layer, W, b, G, lay, k_keep, selector: str | None = None) -> ModuleResult:
         cfg = self.cfg
         groups, blocks = unit_groups(lay, kind)
-        dev = G.device
+        dev = W.device  # G may be in host memory (pipeline with stream.host_grams)
         # Measured on SmolLM2's MLPs (1536 channels, 30%): 24 channels per OBS update loses 0.1%
         # of reconstruction error against 1 at a third of the time; swap search gains < 0.1% there
         # but is cheap on a layer's few heads.
