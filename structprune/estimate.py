@@ -17,7 +17,8 @@ from .memory import (DTYPE_BYTES, activation_bytes, backprop_saved_bytes, column
                      loss_head_bytes, norm_saved_bytes, saliency_bytes, solver_bytes)
 
 _DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
-LAYERWISE_METHODS = ("structprune", "magnitude", "wanda-sp", "flap", "owl")
+LAYERWISE_METHODS = ("structprune", "wanda-sp", "flap", "owl")
+WEIGHTS_ONLY_METHODS = ("magnitude",)  # prune the host copy from its weights: the device holds nothing
 
 
 def config_layout(config) -> LayerLayout:
@@ -136,6 +137,9 @@ def estimate_memory(config, method: str = "structprune", nsamples: int = 64, seq
             p2 = [layer + extra + g + max(run, c, r) for g, c, r in zip((g_attn, g_mlp), checks, rules)]
         phases["pass2"] = max(p2)
         peak = max(phases.values())
+    elif method in WEIGHTS_ONLY_METHODS:
+        phases["weights-only"] = 0
+        peak = 0
     elif method == "global-taylor":
         terms = global_taylor_terms(config, n_params, B, S, db, nsamples)
         phases["global"] = sum(terms.values())

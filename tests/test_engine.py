@@ -296,7 +296,7 @@ def test_module_specs_count_units():
     assert count_params(model, ad).prunable == 4 * (8 * 1024 + 96 * 192)
 
 
-@pytest.mark.parametrize("method", ["wanda-sp", "flap"])
+@pytest.mark.parametrize("method", ["wanda-sp", "flap", "owl", "magnitude"])
 def test_estimator_equals_accounted_peak_for_layerwise_baselines(method):
     peak, cfg, pc = _accounted_peak("tiny-llama", 2, method=method)
     est = estimate_memory(cfg, method, pc.nsamples, pc.seqlen, "float32", batch_size=pc.batch_size,
