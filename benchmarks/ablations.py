@@ -158,85 +158,6 @@ def output_metric(mode: str) -> Probe:
     return probe
 
 
-def block_refit(epochs: int, lr: float) -> Probe:
-    """After pass 2 prunes a layer, fit all its remaining parameters through its nonlinearities (Adam,
-    one calibration window per step, `epochs` passes over 56 of the 64 windows) to the dense layer's
-    output on the same pruned-stream input, in the relative error ||out_t - y_t||^2 / ||y_t||^2; the
-    other 8 windows pick the best epoch (early stopping). One layer and its dense copy on the device:
-    the proposal's block-wise fit, measured before building it into the library."""
-    import copy
-    import random
-
-    from structprune.streaming import _to
-
-    def fit(stream, i, layer, dense_layer, x) -> None:
-        ys = stream.run_layer(i, dense_layer, x)  # targets, in host memory like x
-        n_val = max(1, len(x) // 8)
-        train, val = list(range(len(x) - n_val)), list(range(len(x) - n_val, len(x)))
-
-        def loss(b):
-            xb = x.tensors[b].to(stream.device)
-            out = layer(xb, **_to(stream.layer_kwargs(i, xb), stream.device))
-            out = out[0] if isinstance(out, tuple) else out
-            y = ys.tensors[b].to(stream.device)
-            return ((out - y).pow(2).sum(-1) / y.pow(2).sum(-1).clamp_min(1e-30)).mean()
-
-        def val_loss():
-            with torch.no_grad():
-                return sum(float(loss(b)) for b in val) / len(val)
-
-        params = list(layer.parameters())
-        with torch.enable_grad():
-            for q in params:
-                q.requires_grad_(True)
-            opt = torch.optim.Adam(params, lr=lr)
-            best, best_state, rng = val_loss(), copy.deepcopy(layer.state_dict()), random.Random(i)
-            for _ in range(epochs):
-                rng.shuffle(train)
-                for b in train:
-                    opt.zero_grad(set_to_none=True)
-                    loss(b).backward()
-                    opt.step()
-                v = val_loss()
-                if v < best:
-                    best, best_state = v, copy.deepcopy(layer.state_dict())
-            for q in params:
-                q.requires_grad_(False)
-        layer.load_state_dict(best_state)
-
-    @contextlib.contextmanager
-    def probe(_loaded: LoadedModel):
-        import structprune.run as run_mod
-
-        original = run_mod.prune_sequential
-
-        def prune_sequential(stream, *args, **kw):
-            # pass 2 pushes each pruned layer's calibration batches on with run_layer(i, layer, x): fit first
-            on_device, run_layer, dense = stream.layer_on_device, stream.run_layer, {}
-
-            @contextlib.contextmanager
-            def layer_on_device(index):
-                with on_device(index) as layer:
-                    dense["layer"] = copy.deepcopy(layer)
-                    yield layer
-
-            def run(index, layer, inputs, keep_outputs=True, on_batch=None):
-                if keep_outputs and on_batch is None and layer is not dense.get("layer"):
-                    fit(stream, index, layer, dense["layer"], inputs)
-                return run_layer(index, layer, inputs, keep_outputs=keep_outputs, on_batch=on_batch)
-
-            stream.layer_on_device, stream.run_layer = layer_on_device, run
-            try:
-                return original(stream, *args, **kw)
-            finally:
-                stream.layer_on_device, stream.run_layer = on_device, run_layer
-
-        with _patched(run_mod, "prune_sequential", prune_sequential):
-            yield
-
-    return probe
-
-
 ABLATIONS = (
     Ablation("default", "structprune's defaults (relative error, softmax relative T = 1, greedy OBS, local)"),
     Ablation("target=dense", "fit each module to the dense model's activations (cross-Gram)", {"target": "dense"}),
@@ -256,8 +177,8 @@ ABLATIONS = (
     Ablation("output metric read", "errors weighted by gain^2 x the reading weights' column norms",
              probe=output_metric("read")),
     Ablation("block refit 2 ep lr 1e-4", "each pruned layer fit to the dense layer's output through its "
-             "nonlinearities: Adam lr 1e-4, 2 epochs, early stopping on 8 windows", probe=block_refit(2, 1e-4)),
-    Ablation("block refit 3 ep lr 3e-4", "as above at lr 3e-4, 3 epochs", probe=block_refit(3, 3e-4)),
+             "nonlinearities (`--refine-epochs 2 --refine-lr 1e-4`)", {"refine_epochs": 2, "refine_lr": 1e-4}),
+    Ablation("block refit 3 ep lr 3e-4", "as above at lr 3e-4, 3 epochs", {"refine_epochs": 3, "refine_lr": 3e-4}),
 )
 
 

@@ -261,7 +261,7 @@ class Bench:
                               cfg.seqlen, cfg.dtype, cfg.batch_size,
                               sensitivity=get_method(cfg.method)(cfg).wants_sensitivity(),
                               target=cfg.target, relative=cfg.relative_error,
-                              host_grams=self.device.type == "cuda")
+                              host_grams=self.device.type == "cuda", refine=cfg.refine_epochs > 0)
         prune_s = rec["timing"].get("pass1_s", 0.0) + rec["timing"].get("pass2_s", 0.0)
         rec["benchmark"] = {
             "key": key, "variant": variant.label, "main": variant.main,

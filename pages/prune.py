@@ -50,7 +50,7 @@ ui.init({
     "eval_data": list(ui.default("eval_data")), "eval_windows": ui.default("eval_windows") or 0,
     **{k: ui.default(k) for k in ("sparsity", "method", "allocation", "temperature", "energy", "nsamples", "seqlen",
                                   "calib_data", "selector", "saliency", "target", "relative_error", "refit", "bias", "damp",
-                                  "s_max", "sensitivity_windows", "seed", "dtype", "batch_size")},
+                                  "refine_epochs", "refine_lr", "s_max", "sensitivity_windows", "seed", "dtype", "batch_size")},
 })
 c1, c2, c3 = st.columns(3)
 with c1:
@@ -93,6 +93,9 @@ with st.expander("Advanced"):
     a2.checkbox("Bias compensation", key="bias", help=ui.tip("bias"))
     a2.number_input("Damping", 0.0001, 1.0, step=0.001, key="damp", format="%.4g", help=ui.tip("damp"))
     a2.number_input("Largest module sparsity", 0.05, 0.9, step=0.05, key="s_max", help=ui.tip("s_max"))
+    a3.number_input("Block refit epochs (0 = off)", 0, 100, key="refine_epochs", help=ui.tip("refine_epochs"))
+    a3.number_input("Block refit learning rate", 1e-6, 0.1, step=1e-5, key="refine_lr", format="%.2g",
+                    help=ui.tip("refine_lr"))
     a3.number_input("Sensitivity windows", 1, 256, key="sensitivity_windows",
                     help=ui.tip("sensitivity_windows") + " (at most the calibration windows: larger values use all)")
     a3.number_input("Seed", 0, 2**31 - 1, key="seed", help=ui.tip("seed"))
@@ -105,7 +108,7 @@ def current_config() -> PruneConfig:
     s = st.session_state
     values = {k: s[k] for k in ("sparsity", "method", "allocation", "energy", "nsamples", "seqlen", "calib_data",
                                 "device", "selector", "saliency", "target", "relative_error", "refit", "bias", "damp",
-                                "s_max", "sensitivity_windows", "seed", "dtype", "batch_size")}
+                                "refine_epochs", "refine_lr", "s_max", "sensitivity_windows", "seed", "dtype", "batch_size")}
     values["temperature"] = math.inf if s["temperature_inf"] else s["temperature"]
     if values["calib_data"] == FILE:
         values["calib_data"] = s.get("calib_path", "").strip()
@@ -135,7 +138,8 @@ elif cfg.model:
         dev = str(resolve_device(cfg.device))
         sens = get_method(cfg.method)(cfg).wants_sensitivity()
         mem = estimate_memory(mcfg, cfg.method, cfg.nsamples, cfg.seqlen, cfg.dtype, cfg.batch_size, sensitivity=sens,
-                              target=cfg.target, relative=cfg.relative_error, host_grams=dev.startswith("cuda"))
+                              target=cfg.target, relative=cfg.relative_error, host_grams=dev.startswith("cuda"),
+                              refine=cfg.refine_epochs > 0)
         secs = estimate_seconds(mcfg, cfg, dev)
         st.session_state["estimate_bytes"] = mem["peak_bytes"]
         e1, e2, e3 = st.columns(3)

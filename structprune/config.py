@@ -55,6 +55,11 @@ class PruneConfig:
     damp: float = _f(
         0.01, "solver damping: lambda = damp x the mean diagonal of the input Gram, added to every weight column "
               "(OBS / SparseGPT's percdamp); kept weights are pulled towards their original values")
+    refine_epochs: int = _f(
+        0, "block refit after each layer is pruned (structprune): epochs of Adam on all of the layer's remaining "
+           "weights, fit through its nonlinearities to the dense layer's output on the same inputs, the best epoch "
+           "kept by held-out windows; 0 = off. Lowers the loss a little at several times the prune time")
+    refine_lr: float = _f(1e-4, "block refit: Adam's learning rate")
     s_max: float = _f(0.9, "largest sparsity any one module may receive")
     owl_lambda: float = _f(0.08, "OWL: half-width of the sparsity range around the target")
     owl_m: float = _f(5.0, "OWL: outlier threshold, multiples of the layer's mean score")
@@ -89,6 +94,12 @@ class PruneConfig:
             bad(f"temperature must be positive or inf (got {self.temperature})")
         if not (0 < self.damp <= 1):
             bad(f"damp must be in (0, 1] (got {self.damp}); 0.01 is the default, 0.001-0.1 the useful range")
+        if not (isinstance(self.refine_epochs, int) and 0 <= self.refine_epochs <= 100):
+            bad(f"refine_epochs must be a whole number from 0 (off) to 100 (got {self.refine_epochs!r})")
+        if self.refine_epochs and self.method != "structprune":
+            bad(f"refine_epochs is a structprune setting; set it to 0 for {self.method}")
+        if not (0 < self.refine_lr <= 0.1):
+            bad(f"refine_lr must be in (0, 0.1] (got {self.refine_lr}); 1e-4 is the default")
         if not (0 < self.s_max <= MAX_SPARSITY):
             bad(f"s_max must be in (0, {MAX_SPARSITY}] (got {self.s_max})")
         if self.sparsity > self.s_max:

@@ -14,7 +14,7 @@ from pathlib import Path
 from .adapters import LayerLayout, adapter_for
 from .memory import (DTYPE_BYTES, activation_bytes, backprop_saved_bytes, column_rule_bytes, embed_workspace_bytes,
                      forward_workspace_bytes, gram_bytes, gram_check_bytes, layer_weight_bytes, logits_bytes,
-                     loss_head_bytes, norm_saved_bytes, saliency_bytes, solver_bytes)
+                     loss_head_bytes, norm_saved_bytes, refine_bytes, saliency_bytes, solver_bytes)
 
 _DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
 LAYERWISE_METHODS = ("structprune", "wanda-sp", "flap", "owl")
@@ -71,7 +71,8 @@ def model_params(config) -> int:
 
 def estimate_memory(config, method: str = "structprune", nsamples: int = 64, seqlen: int = 512,
                     dtype: str = "float32", batch_size: int = 1, sensitivity: bool = True,
-                    target: str = "local", relative: bool | None = None, host_grams: bool = False) -> dict:
+                    target: str = "local", relative: bool | None = None, host_grams: bool = False,
+                    refine: bool = False) -> dict:
     """Predicted peak device bytes, per phase, for one pruning run.
 
     Layer-wise methods: the maximum over embedding (the base's weights, the embeddings and the
@@ -83,7 +84,9 @@ def estimate_memory(config, method: str = "structprune", nsamples: int = 64, seq
     (returned under "terms"). `relative`: whether the Gram hooks are token-weighted (default: for
     structprune, as its default config). `host_grams`: the pipeline keeps structprune's Grams in
     host memory between accumulation and solve (its default on CUDA; `LayerStream.host_grams`):
-    no solve then sits next to a Gram, and no Gram is checked or kept on the device.
+    no solve then sits next to a Gram, and no Gram is checked or kept on the device. `refine`: the
+    block refit after each pruned layer (structprune's refine_epochs > 0), with a dense copy of the
+    layer through pass 2.
     """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}")
@@ -124,7 +127,8 @@ def estimate_memory(config, method: str = "structprune", nsamples: int = 64, seq
         if sensitivity and solver:  # only the sensitivity streams run the LM head during pruning
             phases["head"] = (_head_params(config) * db + act + logits_bytes(B, S, config.vocab_size)
                               + held)  # the last layer's Grams, still referenced (on the device)
-        extra = layer if target == "dense" else 0
+        refine = refine and solver
+        extra = layer if target == "dense" or refine else 0  # the dense copy of the layer
         if solver:
             rules = (solve_attn, solve_mlp)
         else:
@@ -132,9 +136,11 @@ def estimate_memory(config, method: str = "structprune", nsamples: int = 64, seq
                      column_rule_bytes(lay.hidden, lay.intermediate, db))
         checks = (check_attn, check_mlp) if target != "dense" else (0, 0)
         if host and target == "local":  # the Gram goes to the host before the solve
-            p2 = [layer + max(g + run, r) for g, r in zip((g_attn, g_mlp), rules)]
+            p2 = [layer + extra + max(g + run, r) for g, r in zip((g_attn, g_mlp), rules)]
         else:
             p2 = [layer + extra + g + max(run, c, r) for g, c, r in zip((g_attn, g_mlp), checks, rules)]
+        if refine:
+            p2.append(2 * layer + refine_bytes(lay, family, B, S, db))
         phases["pass2"] = max(p2)
         peak = max(phases.values())
     elif method in WEIGHTS_ONLY_METHODS:

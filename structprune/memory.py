@@ -96,6 +96,16 @@ def backprop_saved_bytes(lay: LayerLayout, family: str, batch: int, seqlen: int,
     return tokens * (norms + attn + mlp)
 
 
+def refine_bytes(lay: LayerLayout, family: str, batch: int, seqlen: int, dtype_bytes: int) -> int:
+    """The block refit of one layer (refine.fit_layer), besides the layer and its dense copy: in fp32,
+    the gradients, Adam's two moments and the best epoch's copy of the parameters (and the working
+    copy itself when the model is not fp32); what autograd saves of one batch's forward; and the
+    batch's input, target, output and the loss's two temporaries."""
+    w = layer_weight_bytes(lay, 4)
+    state = 4 * w + (w if dtype_bytes != 4 else 0)
+    return state + backprop_saved_bytes(lay, family, batch, seqlen, 4) + 5 * activation_bytes(batch, seqlen, lay.hidden, 4)
+
+
 def norm_saved_bytes(hidden: int, dtype_bytes: int, family: str = "llama") -> int:
     """Per token, what one norm keeps for the backward (see `backprop_saved_bytes`)."""
     if family == "opt":

@@ -26,7 +26,7 @@ from torch import nn
 from .adapters import LayerLayout, set_output_bias
 from .errors import RunCancelledError
 from .gram import GramHook, InputCapture, relative_weights
-from .memory import column_rule_bytes, gram_bytes, gram_check_bytes, saliency_bytes, solver_bytes
+from .memory import column_rule_bytes, gram_bytes, gram_check_bytes, layer_weight_bytes, saliency_bytes, solver_bytes
 from .solver import quadratic_form
 from .streaming import Batches, LayerStream
 
@@ -240,11 +240,14 @@ def prune_sequential(
     emit: Emitter,
     target: str = "local",
     solves: bool = True,
+    refine: Callable[..., dict] | None = None,
 ) -> list[dict]:
     """Pass 2: prunes every layer with `keep_counts[i][kind]` units kept. target="dense" also
     streams the dense model's activations and fits each module to the dense model's output of that
     module (cross-Gram; METHOD.md "Targets"). Returns one info dict per module. With `solves` and
-    `stream.host_grams` (local targets), each Gram moves to host memory before its solve."""
+    `stream.host_grams` (local targets), each Gram moves to host memory before its solve. `refine`
+    (refine.fit_layer's signature, settings bound) is called on each pruned layer before the
+    calibration batches move on through it; its report lands in the layer's MLP info."""
     ad = stream.adapter
     host = solves and stream.host_grams and target == "local"
     x = stream.embed(calib_ids)
@@ -253,8 +256,8 @@ def prune_sequential(
     for i in range(stream.n_layers):
         with stream.layer_on_device(i) as layer:
             dense_layer = None
-            if target == "dense":
-
+            if target == "dense" or refine is not None:  # the layer as it was, next to the one pruned
+                stream.ledger.hold("dense-layer", layer_weight_bytes(ad.layout(layer), stream.dtype_bytes))
                 dense_layer = copy.deepcopy(layer)
             lay = ad.layout(layer)
             for kind in ("attn", "mlp"):
@@ -289,9 +292,12 @@ def prune_sequential(
                 apply_result(stream, layer, kind, res)
                 lay = ad.layout(layer)
                 infos.append({"layer": i, "module": kind, "kept": int(len(res.kept)), **res.info})
+            if refine is not None and not all(info.get("skipped") for info in infos[-2:]):
+                infos[-1]["refine"] = refine(stream, i, layer, dense_layer, x)
             x = stream.run_layer(i, layer, x)
             if dense_layer is not None:
-                xd = stream.run_layer(i, dense_layer, xd)
+                if target == "dense":
+                    xd = stream.run_layer(i, dense_layer, xd)
                 del dense_layer
                 stream.ledger.release("dense-layer")
         emit("pass2", i)

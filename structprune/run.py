@@ -5,6 +5,7 @@ evaluation, and the JSON record of PROTOCOL.md. The CLI, the app and the benchma
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import platform
@@ -28,6 +29,7 @@ from .memory import DTYPE_BYTES, DeviceLedger
 from .methods import get_method
 from .models import LoadedModel, load_model
 from .pipeline import Emitter, ProgressEvent, collect_stats, prune_sequential
+from .refine import fit_layer
 from .streaming import LayerStream
 from .units import count_params, layouts_of, module_specs
 
@@ -170,8 +172,11 @@ def prune_layerwise(method, stream: LayerStream, calib_ids: torch.Tensor, specs,
         keep[sp.layer][sp.kind] = int(k)
     t = time.perf_counter()
     if method.needs_calibration:
+        refine = None
+        if cfg.refine_epochs:
+            refine = functools.partial(fit_layer, epochs=cfg.refine_epochs, lr=cfg.refine_lr, seed=cfg.seed)
         infos = prune_sequential(stream, calib_ids, keep, method.rule, emit, target=cfg.target,
-                                 solves=method.solves)
+                                 solves=method.solves, refine=refine)
     else:
         infos = method.prune_weights_only(stream.model, stream.adapter, keep)
     timing["pass2_s"] = time.perf_counter() - t

@@ -183,7 +183,7 @@ def _prune_tiny(name, n_layers, **kw):
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).eval()
-    pc = PruneConfig(model=name, sparsity=0.3, nsamples=4, seqlen=32, eval_windows=1, device="cpu", **kw)
+    pc = PruneConfig(**{"model": name, "sparsity": 0.3, "nsamples": 4, "seqlen": 32, "eval_windows": 1, "device": "cpu", **kw})
     res = run_prune(pc, loaded=LoadedModel(name, model, None, "tiny"), evaluate_dense=False)
     return res, cfg, pc
 
@@ -222,6 +222,41 @@ def test_host_grams_change_memory_not_results(name, monkeypatch):
     est = estimate_memory(cfg, "structprune", pc.nsamples, pc.seqlen, "float32", batch_size=pc.batch_size,
                           sensitivity=True, host_grams=True)
     assert est["peak_bytes"] == host.record["memory"]["peak_bytes"] < dev.record["memory"]["peak_bytes"]
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt"])
+def test_block_refit_never_worsens_the_held_out_error_and_is_accounted(name):
+    res, cfg, pc = _prune_tiny(name, 2, refine_epochs=2, refine_lr=1e-3, nsamples=16)
+    reports = [m["refine"] for m in res.record["modules"] if "refine" in m]
+    assert len(reports) == 2  # one per pruned layer, in its MLP's entry
+    for r in reports:
+        errs = r["heldout_error"]
+        assert len(errs) == 3 and errs[r["epoch_kept"]] == min(errs) <= errs[0]
+    est = estimate_memory(cfg, "structprune", pc.nsamples, pc.seqlen, "float32", batch_size=pc.batch_size,
+                          sensitivity=False, refine=True)
+    assert est["peak_bytes"] == res.record["memory"]["peak_bytes"]
+    plain, _, _ = _prune_tiny(name, 2, nsamples=16)
+    assert est["peak_bytes"] > plain.record["memory"]["peak_bytes"]  # the dense copy and Adam's state
+
+
+def test_a_block_refit_that_diverges_leaves_the_pass_2_weights():
+    """A learning rate far too large: every epoch's held-out error is above the start, epoch 0 is
+    kept, and the model is exactly the one pass 2 gave without the refit."""
+    import structprune.refine as refine
+
+    res, _, _ = _prune_tiny("tiny-llama", 2, refine_epochs=2, refine_lr=3e-2, nsamples=16)
+    plain, _, _ = _prune_tiny("tiny-llama", 2, nsamples=16)
+    for r in (m["refine"] for m in res.record["modules"] if "refine" in m):
+        assert r["epoch_kept"] == 0 and min(r["heldout_error"][1:]) > r["heldout_error"][0]
+    for (k, a), (_, b) in zip(plain.model.state_dict().items(), res.model.state_dict().items()):
+        assert torch.equal(a, b), k
+    with pytest.raises(InvalidConfigError, match="refine_epochs"):
+        PruneConfig(refine_epochs=-1)
+    with pytest.raises(InvalidConfigError, match="structprune setting"):
+        PruneConfig(method="flap", refine_epochs=1)
+    with pytest.raises(InvalidConfigError, match="refine_lr"):
+        PruneConfig(refine_lr=0.0)
+    assert refine.relative_error(torch.ones(1, 2, 3), 2 * torch.ones(1, 2, 3)) == pytest.approx(0.25)
 
 
 def test_estimator_counts_parameters_of_real_configs():
