@@ -337,3 +337,26 @@ def test_estimator_equals_accounted_peak_for_layerwise_baselines(method):
     est = estimate_memory(cfg, method, pc.nsamples, pc.seqlen, "float32", batch_size=pc.batch_size,
                           sensitivity=False)
     assert est["peak_bytes"] == peak
+
+
+def test_block_refit_of_a_bf16_layer_fits_an_fp32_copy_and_writes_back_bf16():
+    """The CUDA path (bf16 weights; the CPU run_prune forces fp32): fit_layer on a bf16 layer whose
+    MLP lost a third of its channels lowers the held-out error and leaves bf16 weights."""
+    from structprune.refine import fit_layer
+    from structprune.streaming import LayerStream
+
+    torch.manual_seed(0)
+    model = build_tiny("tiny-llama").to(torch.bfloat16)
+    ad = adapter_for(model)
+    stream = LayerStream(model, ad, "cpu")
+    x = stream.embed(torch.randint(0, model.config.vocab_size, (16, 32), generator=torch.Generator().manual_seed(0)))
+    with stream.layer_on_device(0) as layer:
+        dense = copy.deepcopy(layer)
+        with torch.no_grad():
+            layer.mlp.down_proj.weight[:, ::3] = 0
+        before = layer.mlp.up_proj.weight.clone()
+        rep = fit_layer(stream, 0, layer, dense, x, epochs=2, lr=1e-4)
+        assert all(p.dtype == torch.bfloat16 for p in layer.parameters())
+        assert rep["epoch_kept"] > 0 and rep["heldout_error"][rep["epoch_kept"]] < rep["heldout_error"][0]
+        assert not torch.equal(before, layer.mlp.up_proj.weight)
+    assert stream.ledger.current == 0
