@@ -69,3 +69,31 @@ def test_gram_hook_holds_one_fp32_copy_of_a_batch():
     with probe() as r:
         hook._pre_hook(lin, (x,))
     assert 0 <= r.peak - 100 * 301 * 4 < 64  # one (T, n+1) fp32 buffer (and a scalar)
+
+
+def test_block_refit_allocations_match_the_byte_formula():
+    """What fit_layer allocates (the targets aside: host memory, like every activation stream) is
+    within 15% of memory.refine_bytes on a real layer shape, LayerNorm and RMSNorm families alike."""
+    import copy
+
+    import benchmarks.gpu_configs as gcfg
+    from structprune.adapters import adapter_for
+    from structprune.memory import activation_bytes, refine_bytes
+    from structprune.refine import fit_layer
+    from structprune.streaming import LayerStream
+
+    for name in ("opt-125m", "smollm2-135m"):
+        cfg = gcfg.get_config(name, 1)
+        cfg.vocab_size = 512
+        model = gcfg.build_random(cfg, torch.float32)
+        ad = adapter_for(model)
+        stream = LayerStream(model, ad, "cpu")
+        n, seqlen = 4, 128
+        x = stream.embed(torch.randint(0, 512, (n, seqlen), generator=torch.Generator().manual_seed(0)))
+        with stream.layer_on_device(0) as layer:
+            dense = copy.deepcopy(layer)
+            with probe() as r:
+                fit_layer(stream, 0, layer, dense, x, epochs=1, lr=1e-5)
+            lay = ad.layout(layer)
+        measured = r.peak - n * activation_bytes(1, seqlen, lay.hidden, 4)
+        assert abs(measured / refine_bytes(lay, ad.spec.family, 1, seqlen, 4) - 1) < 0.15, name
