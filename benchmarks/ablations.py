@@ -164,6 +164,10 @@ ABLATIONS = (
     Ablation("selector=admm", "ADMM selection (greedy start) instead of greedy OBS", {"selector": "admm"}),
     Ablation("energy=sensitivity", "measured calibration-loss sensitivity (4 windows) as the energy, T = 1",
              {"energy": "sensitivity"}),
+    Ablation("energy=module", "module-normalized costs (each module's cost over its own output energy) as the "
+             "energy, T = 1", {"energy": "module"}),
+    Ablation("energy=residual", "costs over the residual stream's mean energy as the energy, T = 1",
+             {"energy": "residual"}),
     Ablation("damp=0.1", "10x the solver damping (pass 1's saliencies and pass 2)", {"damp": 0.1}),
     Ablation("damp=0.001", "1/10 the solver damping (pass 1's saliencies and pass 2)", {"damp": 0.001}),
     Ablation("pass-2 damp=0.1", "10x the damping in pass 2's solves only (pass 1 and the allocation as default)",
