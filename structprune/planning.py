@@ -119,6 +119,11 @@ def estimate_seconds(config, cfg: PruneConfig, device: str = "cpu", eval_tokens:
         if structprune:
             p2 += SOLVE_CUBES[cfg.selector] * cubes / fp64
         phases["pass2"] = p2
+        if structprune and cfg.refine_epochs:
+            # block refit: the dense layer's targets, then per epoch forward + backward (3 forwards' worth) on
+            # 7/8 of the windows and a forward of the held-out 1/8; one held-out forward before the first epoch
+            passes = 1 + 1 / 8 + cfg.refine_epochs * (3 * 7 / 8 + 1 / 8)
+            phases["refine"] = calib * L * per_token * passes / fwd
     return {"total_s": sum(phases.values()), "phases": phases, "fp32_flops": fp32, "fp64_flops": fp64,
             "note": "rough estimate (within about 2x): the run's FLOPs over this device's measured matmul speed"}
 

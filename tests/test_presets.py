@@ -27,3 +27,17 @@ def test_every_preset_builds_and_one_layer_shrinks_relative_to_n():
     slope = loglog_slope([r["n_params"] for r in opt], [r["layer_params"] for r in opt])
     assert 0.5 < slope < 1.0  # one layer grows slower than the model (sqrt-like, not linear)
     assert loglog_slope([1, 10, 100], [1, 10, 100]) == pytest.approx(1.0)
+
+
+def test_time_estimate_counts_the_block_refit_per_epoch():
+    from structprune.config import PruneConfig
+    from structprune.models import tiny_config
+    from structprune.planning import estimate_seconds
+
+    cfg = tiny_config("tiny-llama")
+    t = [estimate_seconds(cfg, PruneConfig(refine_epochs=e), "cpu", fp32_flops=1e10, fp64_flops=1e9) for e in (0, 1, 2, 3)]
+    assert "refine" not in t[0]["phases"]
+    r = [x["phases"]["refine"] for x in t[1:]]
+    # each epoch adds the same cost: forward + backward on 7/8 of the windows, a forward on 1/8
+    assert r[2] - r[1] == pytest.approx(r[1] - r[0]) and r[1] - r[0] > 0
+    assert t[3]["total_s"] > t[0]["total_s"]
