@@ -15,6 +15,7 @@ are on the device: the memory bound of the pipeline holds (`memory.refine_bytes`
 
 from __future__ import annotations
 
+import copy
 import random
 import time
 
@@ -42,7 +43,7 @@ def fit_layer(stream: LayerStream, index: int, layer: nn.Module, dense_layer: nn
     n_val = max(1, n // 8)
     train, val = list(range(n - n_val)), list(range(n - n_val, n))
     # the fit runs in fp32 (Adam on bf16 weights would round most steps away)
-    work = layer if next(layer.parameters()).dtype == torch.float32 else _fp32_copy(layer)
+    work = layer if next(layer.parameters()).dtype == torch.float32 else copy.deepcopy(layer).float()
     # counted at the dense layer's size, as the ledger counts the layer itself: the bound the estimator
     # can know before the allocation is made
     lay = stream.adapter.layout(dense_layer)
@@ -86,9 +87,3 @@ def fit_layer(stream: LayerStream, index: int, layer: nn.Module, dense_layer: nn
             orig.copy_(keep.to(orig.dtype))  # (work is layer itself in fp32: a copy onto itself)
     stream.ledger.release("refine")
     return {"heldout_error": history, "epoch_kept": best_epoch, "seconds": round(time.perf_counter() - t0, 3)}
-
-
-def _fp32_copy(layer: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(layer).float()
