@@ -81,6 +81,7 @@ GRID: tuple[Variant, ...] = (
     Variant("structprune target=dense", "structprune", (("target", "dense"),)),
     Variant("structprune saliency=diag", "structprune", (("saliency", "diag"),)),
     Variant("structprune block refit", "structprune", (("refine_epochs", 2), ("refine_lr", 1e-4))),
+    Variant("structprune block refit 3ep", "structprune", (("refine_epochs", 3), ("refine_lr", 3e-4))),
     # session 2's default (plain squared error, residual energy by the mean, T=3) and its ablations
     Variant("structprune plain error", "structprune", PLAIN),
     Variant("structprune plain error alloc=uniform", "structprune", (("relative_error", False), ("allocation", "uniform"))),
