@@ -189,8 +189,12 @@ ABLATIONS = (
     Ablation("output metric read", "errors weighted by gain^2 x the reading weights' column norms",
              probe=output_metric("read")),
     Ablation("block refit 2 ep lr 1e-4", "each pruned layer fit to the dense layer's output through its "
-             "nonlinearities (`--refine-epochs 2 --refine-lr 1e-4`)", {"refine_epochs": 2, "refine_lr": 1e-4}),
-    Ablation("block refit 3 ep lr 3e-4", "as above at lr 3e-4, 3 epochs", {"refine_epochs": 3, "refine_lr": 3e-4}),
+             "nonlinearities, constant learning rate (`--refine-epochs 2 --refine-lr 1e-4 --refine-schedule constant`)",
+             {"refine_epochs": 2, "refine_lr": 1e-4, "refine_schedule": "constant"}),
+    Ablation("block refit 3 ep lr 3e-4", "as above at lr 3e-4, 3 epochs",
+             {"refine_epochs": 3, "refine_lr": 3e-4, "refine_schedule": "constant"}),
+    Ablation("block refit 6 ep cosine", "as above, 6 epochs, lr 1e-3 decayed by a half cosine (`--refine-epochs 6`)",
+             {"refine_epochs": 6}),
 )
 
 

@@ -80,8 +80,11 @@ GRID: tuple[Variant, ...] = (
     Variant("structprune selector=saliency", "structprune", (("selector", "saliency"),)),
     Variant("structprune target=dense", "structprune", (("target", "dense"),)),
     Variant("structprune saliency=diag", "structprune", (("saliency", "diag"),)),
-    Variant("structprune block refit", "structprune", (("refine_epochs", 2), ("refine_lr", 1e-4))),
-    Variant("structprune block refit 3ep", "structprune", (("refine_epochs", 3), ("refine_lr", 3e-4))),
+    Variant("structprune block refit 6ep", "structprune", (("refine_epochs", 6),)),  # lr 1e-3, cosine
+    Variant("structprune block refit 2ep constant lr 1e-4", "structprune",
+            (("refine_epochs", 2), ("refine_lr", 1e-4), ("refine_schedule", "constant"))),
+    Variant("structprune block refit 3ep constant lr 3e-4", "structprune",
+            (("refine_epochs", 3), ("refine_lr", 3e-4), ("refine_schedule", "constant"))),
     # session 2's default (plain squared error, residual energy by the mean, T=3) and its ablations
     Variant("structprune plain error", "structprune", PLAIN),
     Variant("structprune plain error alloc=uniform", "structprune", (("relative_error", False), ("allocation", "uniform"))),

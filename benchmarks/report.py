@@ -33,9 +33,10 @@ OKABE_ITO = ("#000000", "#E69F00", "#56B4E9", "#009E73", "#D55E00", "#0072B2", "
 SYMBOLS = ("circle", "square", "diamond", "triangle-up", "x", "cross", "triangle-down", "star", "hexagon",
            "pentagon", "star-square", "hourglass")
 _STRUCTPRUNE_FIELDS = ("allocation", "temperature", "energy", "selector", "saliency", "target", "refit", "bias",
-                      "relative_error", "damp", "refine_epochs", "refine_lr")
+                      "relative_error", "damp", "refine_epochs", "refine_lr", "refine_schedule")
 # fields added after records were written, with the value those records ran with
-_FIELD_BEFORE_IT_EXISTED = {"relative_error": False, "damp": 0.01, "refine_epochs": 0, "refine_lr": 1e-4}
+_FIELD_BEFORE_IT_EXISTED = {"relative_error": False, "damp": 0.01, "refine_epochs": 0, "refine_lr": 1e-4,
+                            "refine_schedule": "constant"}
 
 
 def load_records(folder: Path) -> list[dict]:

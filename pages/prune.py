@@ -50,7 +50,7 @@ ui.init({
     "eval_data": list(ui.default("eval_data")), "eval_windows": ui.default("eval_windows") or 0,
     **{k: ui.default(k) for k in ("sparsity", "method", "allocation", "temperature", "energy", "nsamples", "seqlen",
                                   "calib_data", "selector", "saliency", "target", "relative_error", "refit", "bias", "damp",
-                                  "refine_epochs", "refine_lr", "s_max", "sensitivity_windows", "seed", "dtype", "batch_size")},
+                                  "refine_epochs", "refine_lr", "refine_schedule", "s_max", "sensitivity_windows", "seed", "dtype", "batch_size")},
 })
 c1, c2, c3 = st.columns(3)
 with c1:
@@ -96,6 +96,8 @@ with st.expander("Advanced"):
     a3.number_input("Block refit epochs (0 = off)", 0, 100, key="refine_epochs", help=ui.tip("refine_epochs"))
     a3.number_input("Block refit learning rate", 1e-6, 0.1, step=1e-5, key="refine_lr", format="%.2g",
                     help=ui.tip("refine_lr"))
+    a3.selectbox("Block refit schedule", ui.options("refine_schedule"), key="refine_schedule",
+                 help=ui.tip("refine_schedule"))
     a3.number_input("Sensitivity windows", 1, 256, key="sensitivity_windows",
                     help=ui.tip("sensitivity_windows") + " (at most the calibration windows: larger values use all)")
     a3.number_input("Seed", 0, 2**31 - 1, key="seed", help=ui.tip("seed"))
@@ -108,7 +110,7 @@ def current_config() -> PruneConfig:
     s = st.session_state
     values = {k: s[k] for k in ("sparsity", "method", "allocation", "energy", "nsamples", "seqlen", "calib_data",
                                 "device", "selector", "saliency", "target", "relative_error", "refit", "bias", "damp",
-                                "refine_epochs", "refine_lr", "s_max", "sensitivity_windows", "seed", "dtype", "batch_size")}
+                                "refine_epochs", "refine_lr", "refine_schedule", "s_max", "sensitivity_windows", "seed", "dtype", "batch_size")}
     values["temperature"] = math.inf if s["temperature_inf"] else s["temperature"]
     if values["calib_data"] == FILE:
         values["calib_data"] = s.get("calib_path", "").strip()

@@ -7,7 +7,7 @@ norms, and it sees each module's error in isolation. Here the target is the dens
 the pruned stream's input (the block-level version of the "local" target; the dense model's own
 activations over-fit, see the ablations), the loss each token's squared error relative to that
 output's squared norm (the relative error of `gram.py`: the output *is* the residual stream the next
-norm divides by), and the optimizer Adam, one calibration batch per step. The last eighth of the
+norm divides by), and the optimizer Adam, one calibration batch per step, the learning rate decayed by a half cosine. The last eighth of the
 batches (at least one) is held out and picks the best epoch; epoch 0 is the layer as pass 2 left it,
 so the fit never makes the held-out error worse. One layer, its dense copy and the optimizer state
 are on the device: the memory bound of the pipeline holds (`memory.refine_bytes`).
@@ -16,6 +16,7 @@ are on the device: the memory bound of the pipeline holds (`memory.refine_bytes`
 from __future__ import annotations
 
 import copy
+import math
 import random
 import time
 
@@ -32,7 +33,7 @@ def relative_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def fit_layer(stream: LayerStream, index: int, layer: nn.Module, dense_layer: nn.Module, inputs: Batches,
-              epochs: int, lr: float, seed: int = 0) -> dict:
+              epochs: int, lr: float, seed: int = 0, schedule: str = "cosine") -> dict:
     """Fits `layer` (pruned, on the device) to `dense_layer`'s outputs on `inputs` in place.
     Returns the held-out relative error per epoch (index 0: before the fit), the epoch kept, the time."""
     t0 = time.perf_counter()
@@ -68,12 +69,17 @@ def fit_layer(stream: LayerStream, index: int, layer: nn.Module, dense_layer: nn
         for p in params:
             p.requires_grad_(True)
         opt = torch.optim.Adam(params, lr=lr)
+        steps = epochs * len(train)
+        # cosine: large steps early, small ones to settle (a constant 1e-3 oscillates; see config.refine_lr)
+        decay = torch.optim.lr_scheduler.LambdaLR(
+            opt, (lambda t: 0.5 * (1 + math.cos(math.pi * t / steps))) if schedule == "cosine" else (lambda t: 1.0))
         for epoch in range(1, epochs + 1):
             rng.shuffle(train)
             for b in train:
                 opt.zero_grad(set_to_none=True)
                 loss(b).backward()
                 opt.step()
+                decay.step()
             history.append(held_out())
             if history[-1] < history[best_epoch]:
                 best_epoch = epoch
@@ -81,7 +87,7 @@ def fit_layer(stream: LayerStream, index: int, layer: nn.Module, dense_layer: nn
                     keep.copy_(p.detach())
         for p in params:
             p.requires_grad_(False)
-        del opt
+        del opt, decay
     with torch.no_grad():
         for p, keep, orig in zip(params, best, layer.parameters()):
             orig.copy_(keep.to(orig.dtype))  # (work is layer itself in fp32: a copy onto itself)

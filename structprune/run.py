@@ -174,7 +174,8 @@ def prune_layerwise(method, stream: LayerStream, calib_ids: torch.Tensor, specs,
     if method.needs_calibration:
         refine = None
         if cfg.refine_epochs:
-            refine = functools.partial(fit_layer, epochs=cfg.refine_epochs, lr=cfg.refine_lr, seed=cfg.seed)
+            refine = functools.partial(fit_layer, epochs=cfg.refine_epochs, lr=cfg.refine_lr, seed=cfg.seed,
+                                       schedule=cfg.refine_schedule)
         infos = prune_sequential(stream, calib_ids, keep, method.rule, emit, target=cfg.target,
                                  solves=method.solves, refine=refine)
     else:

@@ -1,6 +1,7 @@
 """The streaming engine on tiny random models of every adapter family."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -257,6 +258,30 @@ def test_a_block_refit_that_diverges_leaves_the_pass_2_weights():
     with pytest.raises(InvalidConfigError, match="refine_lr"):
         PruneConfig(refine_lr=0.0)
     assert refine.relative_error(torch.ones(1, 2, 3), 2 * torch.ones(1, 2, 3)) == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_block_refit_learning_rate_follows_its_schedule(monkeypatch, schedule):
+    """The rate Adam steps with, step by step: a half cosine from refine_lr to 0 over all of the
+    fit's steps, or refine_lr throughout."""
+    seen: list[float] = []
+    step = torch.optim.Adam.step
+
+    def record(self, *a, **k):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", record)
+    lr, epochs, nsamples = 2e-3, 3, 16
+    _prune_tiny("tiny-llama", 2, refine_epochs=epochs, refine_lr=lr, refine_schedule=schedule, nsamples=nsamples)
+    train = nsamples - nsamples // 8  # batch size 1; the last eighth is held out
+    per_layer = epochs * train
+    assert len(seen) == 2 * per_layer  # two pruned layers
+    want = [lr * (0.5 * (1 + math.cos(math.pi * t / per_layer)) if schedule == "cosine" else 1.0)
+            for t in range(per_layer)]
+    assert seen[:per_layer] == pytest.approx(want) and seen[per_layer:] == pytest.approx(want)
+    with pytest.raises(InvalidConfigError, match="refine_schedule"):
+        PruneConfig(refine_schedule="linear")
 
 
 def test_estimator_counts_parameters_of_real_configs():
