@@ -81,6 +81,7 @@ GRID: tuple[Variant, ...] = (
     Variant("structprune target=dense", "structprune", (("target", "dense"),)),
     Variant("structprune saliency=diag", "structprune", (("saliency", "diag"),)),
     Variant("structprune block refit 6ep", "structprune", (("refine_epochs", 6),)),  # lr 1e-3, cosine
+    Variant("structprune block refit 12ep", "structprune", (("refine_epochs", 12),)),
     Variant("structprune block refit 2ep constant lr 1e-4", "structprune",
             (("refine_epochs", 2), ("refine_lr", 1e-4), ("refine_schedule", "constant"))),
     Variant("structprune block refit 3ep constant lr 3e-4", "structprune",
