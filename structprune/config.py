@@ -59,7 +59,8 @@ class PruneConfig:
     refine_epochs: int = _f(
         0, "block refit after each layer is pruned (structprune): epochs of Adam on all of the layer's remaining "
            "weights, fit through its nonlinearities to the dense layer's output on the same inputs, the best epoch "
-           "kept by held-out windows; 0 = off, 6 = the quality setting. Lowers the loss at several times the prune time")
+           "kept by held-out windows; 0 = off. On smollm2-135m at 30%: 6 epochs -0.062 nats held out, 12 epochs "
+           "-0.068, at about 4x and 7x the prune time")
     # per-layer probe (a pruned layer's held-out error after the fit, layers 5 and 20 at 30%): cosine from
     # 1e-3 over 6 epochs 0.81 / 0.89 of the error before, constant 3e-4 0.82 / 0.90, constant 1e-3 unstable
     refine_lr: float = _f(1e-3, "block refit: Adam's initial learning rate")
