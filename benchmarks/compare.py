@@ -132,6 +132,18 @@ def _num(x: float) -> str:
     return "inf" if math.isinf(x) else f"{x:g}"
 
 
+def ignored_fields(cfg: dict) -> set[str]:
+    """Settings that do not change a structprune run with these settings (a config as a dict)."""
+    out = set()
+    if cfg["allocation"] != "softmax":
+        out.add("temperature")
+    if cfg["allocation"] not in ("softmax", "threshold"):
+        out.add("energy")
+    if not cfg.get("refine_epochs"):
+        out |= {"refine_lr", "refine_schedule"}
+    return out
+
+
 def run_key(cfg: PruneConfig, ev: EvalSpec) -> str:
     """A stable file name for one run. Settings a method ignores are left out (baselines fix their
     own allocation); other settings appear only when they differ from PruneConfig's defaults, so
@@ -145,8 +157,9 @@ def run_key(cfg: PruneConfig, ev: EvalSpec) -> str:
             alloc += f"-{cfg.energy}"
         parts += [alloc, f"{cfg.selector}-{cfg.saliency}", cfg.target]
     defaults = PruneConfig()
+    ignored = ignored_fields(cfg.to_dict())
     for f in fields(PruneConfig):
-        if f.name in _KEYED | _NOT_KEYED:
+        if f.name in _KEYED | _NOT_KEYED | ignored:
             continue
         value = getattr(cfg, f.name)
         if value != getattr(defaults, f.name):

@@ -26,7 +26,7 @@ from statistics import mean
 
 from structprune.config import PruneConfig
 
-from .compare import GRID, SWEEP_ENERGIES, SWEEP_TEMPERATURES, Variant, sweep_variants
+from .compare import GRID, SWEEP_ENERGIES, SWEEP_TEMPERATURES, Variant, ignored_fields, sweep_variants
 
 # Okabe & Ito (2008): distinguishable with every common colour-vision deficiency
 OKABE_ITO = ("#000000", "#E69F00", "#56B4E9", "#009E73", "#D55E00", "#0072B2", "#CC79A7", "#F0E442")
@@ -57,9 +57,7 @@ def matches(rec: dict, v: Variant) -> bool:
     if v.method != "structprune":
         return True
     want = v.config().to_dict()
-    fields = [k for k in _STRUCTPRUNE_FIELDS  # as in compare.run_key: what the allocation ignores, is ignored
-              if not (k == "temperature" and want["allocation"] != "softmax")
-              and not (k == "energy" and want["allocation"] not in ("softmax", "threshold"))]
+    fields = set(_STRUCTPRUNE_FIELDS) - ignored_fields(want)  # as in compare.run_key
     return all(rec["config"].get(k, _FIELD_BEFORE_IT_EXISTED.get(k)) == want[k] for k in fields)
 
 
@@ -202,6 +200,17 @@ def _bar_section(grid, sparsities, names) -> list[str]:
             held = [_seed0(r)["calib_loss"].get("heldout") for r in (sp, uni) if r]
             delta = f"{held[0] - held[1]:+.4f}" if len(held) == 2 and None not in held else "–"
             lines.append(f"| {s:.0%} | {name} | " + " | ".join(cells) + f" | {lowest} | {delta} |")
+    refits = [label for label in grid if label.startswith("structprune block refit")]
+    rows = [(label, s, name) for label in refits for s in sparsities if s in grid[label] for name in names]
+    if rows:
+        lines += ["", "With the block refit (an option, not the default; see the time table):", "",
+                  "| variant | sparsity | eval | / flap | / global-taylor | held-out loss - the default's |",
+                  "|---|---|---|---:|---:|---:|"]
+        for label, s, name in rows:
+            cells = [_fmt(_ratio(grid, label, b, s, name), 3) for b in ("flap", "global-taylor")]
+            held = [_seed0(r)["calib_loss"].get("heldout") for r in (grid[label][s], grid["structprune"].get(s)) if r]
+            delta = f"{held[0] - held[1]:+.4f}" if len(held) == 2 and None not in held else "–"
+            lines.append(f"| {label} | {s:.0%} | {name} | " + " | ".join(cells) + f" | {delta} |")
     return lines + [""]
 
 

@@ -63,9 +63,34 @@ def test_summary_states_the_bar_ratios_and_the_held_out_gap_to_uniform():
 
     v = {g.label: g for g in GRID}
     recs = [_grid_record(v["structprune"], 0.3, 36.0, 3.50), _grid_record(v["structprune alloc=uniform"], 0.3, 40.0, 3.62),
-            _grid_record(v["flap"], 0.3, 45.0, 3.78)]
+            _grid_record(v["flap"], 0.3, 45.0, 3.78), _grid_record(v["structprune block refit 12ep"], 0.3, 31.5, 3.43)]
     md = summary_markdown(recs)
     row = next(line for line in md.splitlines() if line.startswith("| 30% | sotu |"))
     # 36 / 45 = 0.8 of FLAP, 36 / 40 = 0.9 of uniform, the lowest, 0.12 nats below uniform held out
     assert row == "| 30% | sotu | 0.8 | – | 0.9 | yes | -0.1200 |"
+    # the refit has its own table (it is not the default): 31.5 / 45 = 0.7, 0.07 nats below the default
+    assert "| structprune block refit 12ep | 30% | sotu | 0.7 | – | -0.0700 |" in md.splitlines()
     assert "3.5 / 3.45" in md and "dense 3.1923" not in md and "dense 3.19)" in md
+
+
+def test_records_from_before_the_refit_settings_match_their_variants():
+    """Records written before refine_lr's default moved (1e-4 -> 1e-3) and refine_schedule existed
+    (they ran a constant rate) still land in their rows, and a refit setting without refit epochs
+    neither renames a run nor splits a row."""
+    from benchmarks.compare import GRID, EvalSpec, run_key
+    from benchmarks.report import matches
+    from structprune.config import PruneConfig
+
+    v = {x.label: x for x in GRID}
+    old_default = {**v["structprune"].config().to_dict(), "refine_lr": 1e-4}
+    old_default.pop("refine_schedule")
+    old_refit = {**old_default, "refine_epochs": 2}
+    rec = lambda cfg: {"method": "structprune", "config": cfg}  # noqa: E731
+    assert matches(rec(old_default), v["structprune"])
+    assert not matches(rec(old_default), v["structprune block refit 6ep"])
+    assert matches(rec(old_refit), v["structprune block refit 2ep constant lr 1e-4"])
+    assert not matches(rec(old_refit), v["structprune block refit 6ep"])
+    assert not matches(rec({**old_refit, "refine_schedule": "cosine"}), v["structprune block refit 2ep constant lr 1e-4"])
+    ev = EvalSpec((("sotu", None),))
+    assert run_key(PruneConfig(refine_lr=5e-4, refine_schedule="constant"), ev) == run_key(PruneConfig(), ev)
+    assert "refine_schedule=constant" in run_key(PruneConfig(refine_epochs=2, refine_schedule="constant"), ev)
