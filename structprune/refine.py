@@ -7,9 +7,10 @@ norms, and it sees each module's error in isolation. Here the target is the dens
 the pruned stream's input (the block-level version of the "local" target; the dense model's own
 activations over-fit, see the ablations), the loss each token's squared error relative to that
 output's squared norm (the relative error of `gram.py`: the output *is* the residual stream the next
-norm divides by), and the optimizer Adam, one calibration batch per step, the learning rate decayed by a half cosine. The last eighth of the
-batches (at least one) is held out and picks the best epoch; epoch 0 is the layer as pass 2 left it,
-so the fit never makes the held-out error worse. One layer, its dense copy and the optimizer state
+norm divides by), and the optimizer Adam, one calibration batch per step, its learning rate decayed
+to 0 by a half cosine over all steps. The last eighth of the batches (at least one) is held out and
+picks the best epoch; epoch 0 is the layer as pass 2 left it, so the fit never makes the held-out
+error worse. One layer, its dense copy and the optimizer state
 are on the device: the memory bound of the pipeline holds (`memory.refine_bytes`).
 """
 
