@@ -177,6 +177,12 @@ def _ratio(grid, a: str, b: str, s: float, name: str) -> float | None:
     return pa / pb
 
 
+def _heldout_delta(a: list[dict] | None, b: list[dict] | None) -> str:
+    """Seed 0's held-out calibration loss of runs a minus that of runs b, or a dash."""
+    held = [_seed0(r)["calib_loss"].get("heldout") if r else None for r in (a, b)]
+    return "–" if None in held else f"{held[0] - held[1]:+.4f}"
+
+
 def _bar_section(grid, sparsities, names) -> list[str]:
     if "structprune" not in grid:
         return []
@@ -196,9 +202,7 @@ def _bar_section(grid, sparsities, names) -> list[str]:
             lowest = "yes" if mine is not None and all(o is None or mine <= o for o in others) else "no"
             cells = [_fmt(_ratio(grid, "structprune", b, s, name), 3)
                      for b in ("flap", "global-taylor", "structprune alloc=uniform")]
-            uni = grid.get("structprune alloc=uniform", {}).get(s)
-            held = [_seed0(r)["calib_loss"].get("heldout") for r in (sp, uni) if r]
-            delta = f"{held[0] - held[1]:+.4f}" if len(held) == 2 and None not in held else "–"
+            delta = _heldout_delta(sp, grid.get("structprune alloc=uniform", {}).get(s))
             lines.append(f"| {s:.0%} | {name} | " + " | ".join(cells) + f" | {lowest} | {delta} |")
     refits = [label for label in grid if label.startswith("structprune block refit")]
     rows = [(label, s, name) for label in refits for s in sparsities if s in grid[label] for name in names]
@@ -208,8 +212,7 @@ def _bar_section(grid, sparsities, names) -> list[str]:
                   "|---|---|---|---:|---:|---:|"]
         for label, s, name in rows:
             cells = [_fmt(_ratio(grid, label, b, s, name), 3) for b in ("flap", "global-taylor")]
-            held = [_seed0(r)["calib_loss"].get("heldout") for r in (grid[label][s], grid["structprune"].get(s)) if r]
-            delta = f"{held[0] - held[1]:+.4f}" if len(held) == 2 and None not in held else "–"
+            delta = _heldout_delta(grid[label][s], grid["structprune"].get(s))
             lines.append(f"| {label} | {s:.0%} | {name} | " + " | ".join(cells) + f" | {delta} |")
     return lines + [""]
 

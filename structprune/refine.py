@@ -10,8 +10,8 @@ output's squared norm (the relative error of `gram.py`: the output *is* the resi
 norm divides by), and the optimizer Adam, one calibration batch per step, its learning rate decayed
 to 0 by a half cosine over all steps. The last eighth of the batches (at least one) is held out and
 picks the best epoch; epoch 0 is the layer as pass 2 left it, so the fit never makes the held-out
-error worse. One layer, its dense copy and the optimizer state
-are on the device: the memory bound of the pipeline holds (`memory.refine_bytes`).
+error worse. One layer, its dense copy and the optimizer state are on the device: the memory bound
+of the pipeline holds (`memory.refine_bytes`).
 """
 
 from __future__ import annotations
