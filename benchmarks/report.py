@@ -162,6 +162,7 @@ def summary_markdown(recs: list[dict], variants=GRID) -> str:
             lines.append(f"| {label_v} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += _bar_section(grid, sparsities, _eval_sets(recs))
+    lines += _seed_section(grid, sparsities, _eval_sets(recs))
     lines += _calib_section(grid, sparsities, recs)
     lines += _cost_section(grid)
     return "\n".join(lines) + "\n"
@@ -214,6 +215,46 @@ def _bar_section(grid, sparsities, names) -> list[str]:
             cells = [_fmt(_ratio(grid, label, b, s, name), 3) for b in ("flap", "global-taylor")]
             delta = _heldout_delta(grid[label][s], grid["structprune"].get(s))
             lines.append(f"| {label} | {s:.0%} | {name} | " + " | ".join(cells) + f" | {delta} |")
+    return lines + [""]
+
+
+def _by_seed(runs: list[dict] | None, name: str) -> dict[int, float]:
+    return {r["config"]["seed"]: v for r in runs or [] if (v := _ppl(r, name)) is not None}
+
+
+def _seed_section(grid, sparsities, names) -> list[str]:
+    """The bar over calibration draws: each seed picks other calibration windows, so a ratio is taken
+    between runs of the same seed (same data), and the worst seed is what the bar has to survive."""
+    mains = [label for label in grid if label == "structprune" or label.startswith("structprune block refit")]
+    rows = [(label, s) for label in mains for s in sparsities
+            if len({r["config"]["seed"] for r in grid[label].get(s, [])}) > 1]
+    if not rows:
+        return []
+    others = [label for label in grid if not label.startswith("structprune")]
+    lines = ["## Over calibration seeds (ratios between runs of the same seed)", "",
+             "Each seed draws other calibration windows; the eval windows stay the same. Worst = the largest "
+             "ratio over the seeds both methods ran; lowest = below every other method at every seed they share.",
+             "", "| variant | sparsity | eval | seeds | ppl mean (range) | / flap per seed | worst / flap "
+             "| worst / wanda-sp | lowest at every seed |", "|---|---|---|---|---|---|---:|---:|---|"]
+    for label, s in rows:
+        for name in names:
+            mine = _by_seed(grid[label][s], name)
+            if not mine:
+                continue
+            vals = list(mine.values())
+            spread = f"{_fmt(mean(vals))} ({_fmt(min(vals))}–{_fmt(max(vals))})"
+
+            def paired(other: str) -> dict[int, float]:
+                theirs = _by_seed(grid.get(other, {}).get(s), name)
+                return {k: mine[k] / theirs[k] for k in sorted(mine.keys() & theirs.keys()) if theirs[k]}
+
+            per_flap = paired("flap")
+            worst = [_fmt(max(r.values()), 3) if (r := paired(o)) else "–" for o in ("flap", "wanda-sp")]
+            beaten = [mine[k] > v for o in others for k, v in _by_seed(grid[o].get(s), name).items() if k in mine]
+            lowest = "–" if not beaten else ("no" if any(beaten) else "yes")
+            lines.append(f"| {label} | {s:.0%} | {name} | {', '.join(map(str, sorted(mine)))} | {spread} | "
+                         + (", ".join(_fmt(r, 3) for r in per_flap.values()) or "–")
+                         + f" | {worst[0]} | {worst[1]} | {lowest} |")
     return lines + [""]
 
 

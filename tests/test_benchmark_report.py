@@ -94,3 +94,33 @@ def test_records_from_before_the_refit_settings_match_their_variants():
     ev = EvalSpec((("sotu", None),))
     assert run_key(PruneConfig(refine_lr=5e-4, refine_schedule="constant"), ev) == run_key(PruneConfig(), ev)
     assert "refine_schedule=constant" in run_key(PruneConfig(refine_epochs=2, refine_schedule="constant"), ev)
+
+
+def test_summary_pairs_seeds_and_reports_the_worst_ratio_to_flap():
+    """The bar over seeds: ratios between runs on the same calibration draw, the worst one shown,
+    and 'lowest' fails when any other method beats structprune at any shared seed."""
+    from benchmarks.compare import GRID
+    from benchmarks.report import summary_markdown
+
+    v = {g.label: g for g in GRID}
+
+    def seeded(label: str, s: float, ppl: float, seed: int) -> dict:
+        rec = _grid_record(v[label], s, ppl, 3.5)
+        rec["config"]["seed"] = seed
+        return rec
+
+    sp = {0: 30.0, 1: 33.0, 2: 36.0}
+    flap = {0: 50.0, 1: 44.0, 2: 60.0}
+    wanda = {0: 40.0, 1: 34.0, 2: 35.0}  # beats structprune at seed 2 only
+    recs = ([seeded("structprune", 0.3, p, k) for k, p in sp.items()]
+            + [seeded("flap", 0.3, p, k) for k, p in flap.items()]
+            + [seeded("wanda-sp", 0.3, p, k) for k, p in wanda.items()]
+            + [seeded("structprune", 0.5, 90.0, 0)])  # one seed: no row
+    lines = summary_markdown(recs).splitlines()
+    rows = [line for line in lines if line.startswith("| structprune | 30% | sotu | 0, ")]
+    # mean 33 (30-36); 30/50, 33/44, 36/60; worst 0.75; worst / wanda-sp 36/35
+    assert rows == ["| structprune | 30% | sotu | 0, 1, 2 | 33 (30–36) | 0.6, 0.75, 0.6 | 0.75 | 1.03 | no |"]
+    assert not any(line.startswith("| structprune | 50% |") for line in lines)
+    recs = [r for r in recs if not (r["method"] == "wanda-sp" and r["config"]["seed"] == 2)]
+    rows = [line for line in summary_markdown(recs).splitlines() if line.startswith("| structprune | 30% | sotu | 0, ")]
+    assert rows[0].endswith("| 0.75 | 0.971 | yes |")
