@@ -73,7 +73,7 @@ def _fmt(x: float | None, digits: int = 4) -> str:
         return "–"
     if math.isinf(x):
         return "inf"
-    return f"{x:.{digits}g}" if abs(x) < 10 ** digits else f"{x:,.0f}"
+    return f"{x:.{digits}g}" if abs(x) < 1000 else f"{x:,.0f}"
 
 
 def _grid(recs: list[dict], variants) -> dict[str, dict[float, list[dict]]]:
@@ -136,7 +136,7 @@ def summary_markdown(recs: list[dict], variants=GRID) -> str:
         "",
     ]
     for name in _eval_sets(recs):
-        protos = sorted({r["ppl"]["pruned"][name]["protocol"] for r in recs if name in r["ppl"]["pruned"]})
+        protos = _protocols_over_seeds(r["ppl"]["pruned"][name]["protocol"] for r in recs if name in r["ppl"]["pruned"])
         label = next(r["ppl"]["pruned"][name].get("label", name) for r in recs if name in r["ppl"]["pruned"])
         dense = next((r["ppl"]["dense"].get(name, {}).get("value") for r in recs if r["ppl"]["dense"].get(name)), None)
         lines += [f"## Perplexity: {label} (dense {_fmt(dense)})", "", "Protocol: " + "; ".join(f"`{p}`" for p in protos),
@@ -166,6 +166,19 @@ def summary_markdown(recs: list[dict], variants=GRID) -> str:
     lines += _calib_section(grid, sparsities, recs)
     lines += _cost_section(grid)
     return "\n".join(lines) + "\n"
+
+
+def _protocols_over_seeds(protocols) -> list[str]:
+    """'... calib sotu-calib 64x512 seed 1' for seeds 0-2 -> one '... 64x512 seeds 0, 1, 2'."""
+    seeds = defaultdict(set)
+    for proto in protocols:
+        head, sep, seed = proto.rpartition(" seed ")
+        if sep and seed.isdigit():
+            seeds[head].add(int(seed))
+        else:
+            seeds[proto]
+    return [head + (f" seed{'s' if len(k) > 1 else ''} " + ", ".join(map(str, sorted(k))) if k else "")
+            for head, k in sorted(seeds.items())]
 
 
 def _ratio(grid, a: str, b: str, s: float, name: str) -> float | None:

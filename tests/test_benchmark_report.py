@@ -107,6 +107,8 @@ def test_summary_pairs_seeds_and_reports_the_worst_ratio_to_flap():
     def seeded(label: str, s: float, ppl: float, seed: int) -> dict:
         rec = _grid_record(v[label], s, ppl, 3.5)
         rec["config"]["seed"] = seed
+        sotu = rec["ppl"]["pruned"]["sotu"]
+        sotu["protocol"] = sotu["protocol"].replace("seed 0", f"seed {seed}")
         return rec
 
     sp = {0: 30.0, 1: 33.0, 2: 36.0}
@@ -117,6 +119,7 @@ def test_summary_pairs_seeds_and_reports_the_worst_ratio_to_flap():
             + [seeded("wanda-sp", 0.3, p, k) for k, p in wanda.items()]
             + [seeded("structprune", 0.5, 90.0, 0)])  # one seed: no row
     lines = summary_markdown(recs).splitlines()
+    assert "Protocol: `sotu-test · seqlen 512 · 340 windows · calib sotu-calib 64x512 seeds 0, 1, 2`" in lines
     rows = [line for line in lines if line.startswith("| structprune | 30% | sotu | 0, ")]
     # mean 33 (30-36); 30/50, 33/44, 36/60; worst 0.75; worst / wanda-sp 36/35
     assert rows == ["| structprune | 30% | sotu | 0, 1, 2 | 33 (30–36) | 0.6, 0.75, 0.6 | 0.75 | 1.03 | no |"]
