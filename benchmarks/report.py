@@ -1,7 +1,8 @@
 """Tables and plots from the comparison records in a results folder (see compare.py).
 
 - SUMMARY.md: perplexity per method x sparsity for each eval set (with protocol, machine, date,
-  commit), StructPrune's ratios against the issue's bar, calibration losses, and device memory
+  commit), StructPrune's ratios against the issue's bar (seed 0, then the worst of the calibration
+  seeds, ratios between runs of the same seed), calibration losses, and device memory
   (measured on CUDA / accounted on CPU, labelled) and pruning time over the forward floor.
 - ppl_vs_sparsity.html: plotly, ppl vs sparsity per method (log y, Okabe-Ito colours plus distinct
   markers and dashes, so it reads without colour), then memory and time per method.
@@ -175,8 +176,8 @@ def _protocols_over_seeds(protocols) -> list[str]:
         head, sep, seed = proto.rpartition(" seed ")
         if sep and seed.isdigit():
             seeds[head].add(int(seed))
-        else:
-            seeds[proto]
+        else:  # a protocol without a seed stays as it is
+            seeds.setdefault(proto, set())
     return [head + (f" seed{'s' if len(k) > 1 else ''} " + ", ".join(map(str, sorted(k))) if k else "")
             for head, k in sorted(seeds.items())]
 
