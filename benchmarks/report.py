@@ -262,12 +262,12 @@ def _seed_section(grid, sparsities, names) -> list[str]:
                 theirs = _by_seed(grid.get(other, {}).get(s), name)
                 return {k: mine[k] / theirs[k] for k in sorted(mine.keys() & theirs.keys()) if theirs[k]}
 
-            per_flap = paired("flap")
-            worst = [_fmt(max(r.values()), 3) if (r := paired(o)) else "–" for o in ("flap", "wanda-sp")]
+            ratios = [paired(o) for o in ("flap", "wanda-sp")]
+            worst = [_fmt(max(r.values()), 3) if r else "–" for r in ratios]
             beaten = [mine[k] > v for o in others for k, v in _by_seed(grid[o].get(s), name).items() if k in mine]
             lowest = "–" if not beaten else ("no" if any(beaten) else "yes")
             lines.append(f"| {label} | {s:.0%} | {name} | {', '.join(map(str, sorted(mine)))} | {spread} | "
-                         + (", ".join(_fmt(r, 3) for r in per_flap.values()) or "–")
+                         + (", ".join(_fmt(r, 3) for r in ratios[0].values()) or "–")
                          + f" | {worst[0]} | {worst[1]} | {lowest} |")
     return lines + [""]
 
