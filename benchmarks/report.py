@@ -74,7 +74,9 @@ def _fmt(x: float | None, digits: int = 4) -> str:
         return "–"
     if math.isinf(x):
         return "inf"
-    return f"{x:.{digits}g}" if abs(x) < 1000 else f"{x:,.0f}"
+    if abs(x) >= 1000:
+        return f"{x:,.0f}"
+    return f"{x:#.{digits}g}".removesuffix(".")  # "#" keeps trailing zeros (29.20, not 29.2), not "187."
 
 
 def _grid(recs: list[dict], variants) -> dict[str, dict[float, list[dict]]]:

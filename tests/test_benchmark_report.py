@@ -67,10 +67,10 @@ def test_summary_states_the_bar_ratios_and_the_held_out_gap_to_uniform():
     md = summary_markdown(recs)
     row = next(line for line in md.splitlines() if line.startswith("| 30% | sotu |"))
     # 36 / 45 = 0.8 of FLAP, 36 / 40 = 0.9 of uniform, the lowest, 0.12 nats below uniform held out
-    assert row == "| 30% | sotu | 0.8 | – | 0.9 | yes | -0.1200 |"
+    assert row == "| 30% | sotu | 0.800 | – | 0.900 | yes | -0.1200 |"
     # the refit has its own table (it is not the default): 31.5 / 45 = 0.7, 0.07 nats below the default
-    assert "| structprune block refit 12ep | 30% | sotu | 0.7 | – | -0.0700 |" in md.splitlines()
-    assert "3.5 / 3.45" in md and "dense 3.1923" not in md and "dense 3.19)" in md
+    assert "| structprune block refit 12ep | 30% | sotu | 0.700 | – | -0.0700 |" in md.splitlines()
+    assert "3.5000 / 3.4500" in md and "dense 3.1923" not in md and "dense 3.1900)" in md
 
 
 def test_records_from_before_the_refit_settings_match_their_variants():
@@ -122,8 +122,8 @@ def test_summary_pairs_seeds_and_reports_the_worst_ratio_to_flap():
     assert "Protocol: `sotu-test · seqlen 512 · 340 windows · calib sotu-calib 64x512 seeds 0, 1, 2`" in lines
     rows = [line for line in lines if line.startswith("| structprune | 30% | sotu | 0, ")]
     # mean 33 (30-36); 30/50, 33/44, 36/60; worst 0.75; worst / wanda-sp 36/35
-    assert rows == ["| structprune | 30% | sotu | 0, 1, 2 | 33 (30–36) | 0.6, 0.75, 0.6 | 0.75 | 1.03 | no |"]
+    assert rows == ["| structprune | 30% | sotu | 0, 1, 2 | 33.00 (30.00–36.00) | 0.600, 0.750, 0.600 | 0.750 | 1.03 | no |"]
     assert not any(line.startswith("| structprune | 50% |") for line in lines)
     recs = [r for r in recs if not (r["method"] == "wanda-sp" and r["config"]["seed"] == 2)]
     rows = [line for line in summary_markdown(recs).splitlines() if line.startswith("| structprune | 30% | sotu | 0, ")]
-    assert rows[0].endswith("| 0.75 | 0.971 | yes |")
+    assert rows[0].endswith("| 0.750 | 0.971 | yes |")
