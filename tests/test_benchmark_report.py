@@ -1,5 +1,7 @@
 """The benchmark report's choice of the default allocation, on synthetic records."""
 
+import json
+
 from benchmarks.compare import sweep_variants
 from benchmarks.report import sweep_markdown, sweep_summary
 
@@ -127,3 +129,29 @@ def test_summary_pairs_seeds_and_reports_the_worst_ratio_to_flap():
     recs = [r for r in recs if not (r["method"] == "wanda-sp" and r["config"]["seed"] == 2)]
     rows = [line for line in summary_markdown(recs).splitlines() if line.startswith("| structprune | 30% | sotu | 0, ")]
     assert rows[0].endswith("| 0.750 | 0.971 | yes |")
+
+
+def test_calibration_size_table_pairs_runs_of_one_size_and_reports_damage_over_dense(tmp_path, monkeypatch):
+    from benchmarks import calibration_size as cs
+    from benchmarks.compare import GRID
+
+    v = {x.label: x for x in GRID}
+    folders = {32: tmp_path / "n32", 64: tmp_path / "grid"}
+    for n, (sp_ppl, flap_ppl) in {32: (40.0, 50.0), 64: (33.0, 45.0)}.items():
+        folders[n].mkdir()
+        for label, ppl in (("structprune", sp_ppl), ("flap", flap_ppl)):
+            rec = _grid_record(v[label], 0.3, ppl, heldout=3.19 + ppl / 100)
+            rec["config"]["nsamples"] = n
+            rec["ppl"]["pruned"]["brown"] = {"value": 2 * ppl}
+            (folders[n] / f"{label}.json").write_text(json.dumps(rec))
+        # a structprune variant at the same size must not be taken for the default
+        other = _grid_record(v["structprune alloc=uniform"], 0.3, 1.0, heldout=3.2)
+        other["config"]["nsamples"] = n
+        (folders[n] / "uniform.json").write_text(json.dumps(other))
+    monkeypatch.setattr(cs, "folder", folders.__getitem__)
+    md = cs.table([32, 64], [0.3])
+    rows = [line for line in md.splitlines() if line.startswith("| 30%")]
+    assert len(rows) == 2
+    assert rows[0].startswith("| 30% | 32 x 512 (16,384 tokens) | 40.00 / 80.00 | 50.00 / 100.0 | 0.800 / 0.800 ")
+    assert "| 0.4000 / 0.5000 |" in rows[0]  # held-out loss minus the dense 3.19
+    assert "| 33.00 / 66.00 | 45.00 / 90.00 | 0.733 / 0.733 | 0.3300 / 0.4500 | 3 / 3 |" in rows[1]
