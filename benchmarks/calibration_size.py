@@ -63,7 +63,9 @@ def table(sizes, sparsities) -> str:
              "Perplexity on `sotu-test · seqlen 512 · 340 windows` / `brown-test · seqlen 512 · 64 windows` "
              "with `calib sotu-calib Nx512 seed 0`. Held-out damage: the pruned model's loss on 16 held-out "
              "calibration windows minus the dense model's on the same windows (nats/token). Prune time: "
-             "pass 1 + pass 2 on this machine's CPU, one run each. Written by `benchmarks/calibration_size.py`.",
+             "pass 1 + pass 2 on this machine's CPU, one run each (records of different days: compare the "
+             "ratio to one plain forward pass over that run's calibration set, in brackets). Written by "
+             "`benchmarks/calibration_size.py`.",
              "",
              "| sparsity | calibration | structprune sotu / brown | FLAP sotu / brown | structprune / FLAP "
              "| held-out damage structprune / FLAP | prune time structprune / FLAP (s) |",
@@ -78,7 +80,11 @@ def table(sizes, sparsities) -> str:
                 return " / ".join(_fmt(_ppl(rec, e)) if rec else "–" for e in EVALS)
 
             def secs(rec):
-                return "–" if rec is None else f"{rec['timing'].get('pass1_s', 0) + rec['timing'].get('pass2_s', 0):.0f}"
+                if rec is None:
+                    return "–"
+                s = rec["timing"].get("pass1_s", 0) + rec["timing"].get("pass2_s", 0)
+                floor = rec["benchmark"].get("prune_over_floor")
+                return f"{s:.0f}" + ("" if floor is None else f" ({floor:.1f}x)")
 
             ratio = " / ".join(f"{_ppl(sp, e) / _ppl(fl, e):.3f}" for e in EVALS) if sp and fl else "–"
             dmg = " / ".join("–" if d is None else f"{d:.4f}" for d in (damage(sp), damage(fl)))

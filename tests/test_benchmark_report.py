@@ -154,4 +154,4 @@ def test_calibration_size_table_pairs_runs_of_one_size_and_reports_damage_over_d
     assert len(rows) == 2
     assert rows[0].startswith("| 30% | 32 x 512 (16,384 tokens) | 40.00 / 80.00 | 50.00 / 100.0 | 0.800 / 0.800 ")
     assert "| 0.4000 / 0.5000 |" in rows[0]  # held-out loss minus the dense 3.19
-    assert "| 33.00 / 66.00 | 45.00 / 90.00 | 0.733 / 0.733 | 0.3300 / 0.4500 | 3 / 3 |" in rows[1]
+    assert "| 33.00 / 66.00 | 45.00 / 90.00 | 0.733 / 0.733 | 0.3300 / 0.4500 | 3 (3.0x) / 3 (3.0x) |" in rows[1]
