@@ -10,6 +10,10 @@ point is the grid's own records (`benchmarks/results/`); the others run through 
 into `benchmarks/results/calibration-size/n<N>/` (resumable: finished records are skipped). Writes
 CALIBRATION_SIZE.md in that folder.
 
+With `--dense-targets` (default: at 64 and 256 windows) structprune with `--target dense` runs too:
+fitting each module to the dense model's output over-fits 64 windows (ABLATIONS.md); the second table
+asks whether it pays with 4x the data.
+
 The held-out calibration windows depend on the calibration draw (they avoid its tokens), so the
 table gives each run's held-out loss *over the dense model's on the same windows*: the damage
 pruning did, comparable across sizes.
@@ -27,6 +31,7 @@ RESULTS = compare.RESULTS / "calibration-size"
 SIZES = (32, 64, 128, 256)
 GRID_SIZE = 64  # the comparison grid's calibration: its records are reused, not rerun
 METHODS = ("structprune", "flap")
+DENSE_TARGETS = "structprune target=dense"  # run at the sizes --dense-targets names
 EVALS = ("sotu", "brown")
 
 
@@ -34,12 +39,15 @@ def folder(n: int) -> Path:
     return compare.RESULTS if n == GRID_SIZE else RESULTS / f"n{n}"
 
 
-def run_missing(sizes, sparsities) -> None:
-    for n in sizes:
-        if n == GRID_SIZE:
-            continue
-        compare.main(["--methods", *METHODS, "--sparsities", *map(str, sparsities), "--nsamples", str(n),
-                      "--seeds", "0", "--extra-seeds", "--results", str(folder(n))])
+def run_missing(sizes, sparsities, dense_target_sizes=()) -> None:
+    """Runs the records not there yet (the grid's own 64-window runs for structprune and FLAP are
+    not rerun here: `benchmarks.compare` owns them)."""
+    for n in sorted(set(sizes) | set(dense_target_sizes)):
+        labels = [*(METHODS if n in sizes and n != GRID_SIZE else ()),
+                  *((DENSE_TARGETS,) if n in dense_target_sizes else ())]
+        if labels:
+            compare.main(["--methods", *labels, "--sparsities", *map(str, sparsities), "--nsamples", str(n),
+                          "--seeds", "0", "--extra-seeds", "--results", str(folder(n))])
 
 
 def find(recs: list[dict], label: str, sparsity: float, n: int) -> dict | None:
@@ -57,6 +65,26 @@ def damage(rec: dict | None) -> float | None:
     return None if held is None or dense is None else held - dense
 
 
+def _ppls(rec: dict | None) -> str:
+    return " / ".join(_fmt(_ppl(rec, e)) if rec else "–" for e in EVALS)
+
+
+def _ratios(a: dict | None, b: dict | None) -> str:
+    return " / ".join(f"{_ppl(a, e) / _ppl(b, e):.3f}" for e in EVALS) if a and b else "–"
+
+
+def _damages(*recs) -> str:
+    return " / ".join("–" if d is None else f"{d:.4f}" for d in map(damage, recs))
+
+
+def _prune_time(rec: dict | None) -> str:
+    if rec is None:
+        return "–"
+    seconds = rec["timing"].get("pass1_s", 0) + rec["timing"].get("pass2_s", 0)
+    floor = rec["benchmark"].get("prune_over_floor")
+    return f"{seconds:.0f}" + ("" if floor is None else f" ({floor:.1f}x)")
+
+
 def table(sizes, sparsities) -> str:
     recs = {n: load_records(folder(n)) for n in sizes}
     lines = ["# Calibration size: structprune and FLAP (smollm2-135m, seed 0)", "",
@@ -70,26 +98,25 @@ def table(sizes, sparsities) -> str:
              "| sparsity | calibration | structprune sotu / brown | FLAP sotu / brown | structprune / FLAP "
              "| held-out damage structprune / FLAP | prune time structprune / FLAP (s) |",
              "|---|---|---|---|---|---|---|"]
+    dense_rows = []
     for s in sparsities:
         for n in sizes:
-            sp, fl = (find(recs[n], label, s, n) for label in METHODS)
-            if sp is None and fl is None:
-                continue
-
-            def ppl(rec):
-                return " / ".join(_fmt(_ppl(rec, e)) if rec else "–" for e in EVALS)
-
-            def secs(rec):
-                if rec is None:
-                    return "–"
-                s = rec["timing"].get("pass1_s", 0) + rec["timing"].get("pass2_s", 0)
-                floor = rec["benchmark"].get("prune_over_floor")
-                return f"{s:.0f}" + ("" if floor is None else f" ({floor:.1f}x)")
-
-            ratio = " / ".join(f"{_ppl(sp, e) / _ppl(fl, e):.3f}" for e in EVALS) if sp and fl else "–"
-            dmg = " / ".join("–" if d is None else f"{d:.4f}" for d in (damage(sp), damage(fl)))
-            lines.append(f"| {s:.0%} | {n} x 512 ({n * 512:,} tokens) | {ppl(sp)} | {ppl(fl)} | {ratio} | {dmg} "
-                         f"| {secs(sp)} / {secs(fl)} |")
+            sp, fl, dt = (find(recs[n], label, s, n) for label in (*METHODS, DENSE_TARGETS))
+            size = f"{n} x 512 ({n * 512:,} tokens)"
+            if sp or fl:
+                lines.append(f"| {s:.0%} | {size} | {_ppls(sp)} | {_ppls(fl)} | {_ratios(sp, fl)} "
+                             f"| {_damages(sp, fl)} | {_prune_time(sp)} / {_prune_time(fl)} |")
+            if dt:
+                dense_rows.append(f"| {s:.0%} | {size} | {_ppls(dt)} | {_ppls(sp)} | {_ratios(dt, sp)} "
+                                  f"| {_damages(dt, sp)} | {_prune_time(dt)} |")
+    if dense_rows:
+        lines += ["", "## Dense targets as the calibration grows", "",
+                  "`--target dense` fits each module to the dense model's output (cross-Gram: it compensates the "
+                  "errors of the layers pruned before it) instead of to its own input's local reconstruction; "
+                  "with 64 windows it over-fits (ABLATIONS.md). Does it pay with more data?", "",
+                  "| sparsity | calibration | dense targets sotu / brown | local (default) sotu / brown "
+                  "| dense / local | held-out damage dense / local | prune time dense (s) |",
+                  "|---|---|---|---|---|---|---|"] + dense_rows
     return "\n".join(lines) + "\n"
 
 
@@ -97,10 +124,12 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="calibration windows of 512 tokens")
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.3])
+    p.add_argument("--dense-targets", type=int, nargs="*", default=[64, 256], metavar="SIZE",
+                   help="sizes at which structprune with --target dense runs too (none: omit)")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)
     if not args.report_only:
-        run_missing(args.sizes, args.sparsities)
+        run_missing(args.sizes, args.sparsities, args.dense_targets)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "CALIBRATION_SIZE.md"
     out.write_text(table(args.sizes, args.sparsities))

@@ -144,14 +144,34 @@ def test_calibration_size_table_pairs_runs_of_one_size_and_reports_damage_over_d
             rec["config"]["nsamples"] = n
             rec["ppl"]["pruned"]["brown"] = {"value": 2 * ppl}
             (folders[n] / f"{label}.json").write_text(json.dumps(rec))
-        # a structprune variant at the same size must not be taken for the default
-        other = _grid_record(v["structprune alloc=uniform"], 0.3, 1.0, heldout=3.2)
-        other["config"]["nsamples"] = n
-        (folders[n] / "uniform.json").write_text(json.dumps(other))
+        # structprune variants at the same size must not be taken for the default
+        for label, name in (("structprune alloc=uniform", "uniform"), ("structprune target=dense", "dense")):
+            other = _grid_record(v[label], 0.3, 1.0 if n == 32 else 66.0, heldout=3.2)
+            other["config"]["nsamples"] = n
+            other["ppl"]["pruned"]["brown"] = {"value": 99.0}
+            (folders[n] / f"{name}.json").write_text(json.dumps(other))
     monkeypatch.setattr(cs, "folder", folders.__getitem__)
     md = cs.table([32, 64], [0.3])
-    rows = [line for line in md.splitlines() if line.startswith("| 30%")]
+    main_table, dense_table = md.split("## Dense targets")
+    rows = [line for line in main_table.splitlines() if line.startswith("| 30%")]
     assert len(rows) == 2
     assert rows[0].startswith("| 30% | 32 x 512 (16,384 tokens) | 40.00 / 80.00 | 50.00 / 100.0 | 0.800 / 0.800 ")
     assert "| 0.4000 / 0.5000 |" in rows[0]  # held-out loss minus the dense 3.19
     assert "| 33.00 / 66.00 | 45.00 / 90.00 | 0.733 / 0.733 | 0.3300 / 0.4500 | 3 (3.0x) / 3 (3.0x) |" in rows[1]
+    dense_rows = [line for line in dense_table.splitlines() if line.startswith("| 30%")]
+    assert dense_rows[1] == ("| 30% | 64 x 512 (32,768 tokens) | 66.00 / 99.00 | 33.00 / 66.00 | 2.000 / 1.500 "
+                             "| 0.0100 / 0.3300 | 3 (3.0x) |")
+
+
+def test_calibration_size_runs_each_size_once_and_leaves_the_grid_s_own_records_to_compare(monkeypatch):
+    from benchmarks import calibration_size as cs
+
+    calls = []
+    monkeypatch.setattr(cs.compare, "main", lambda argv: calls.append(argv))
+    cs.run_missing([32, 64], [0.3], dense_target_sizes=[64, 256])
+    runs = {argv[argv.index("--nsamples") + 1]: argv[argv.index("--methods") + 1:argv.index("--sparsities")]
+            for argv in calls}
+    assert runs == {"32": ["structprune", "flap"], "64": ["structprune target=dense"],
+                    "256": ["structprune target=dense"]}
+    grid = next(argv for argv in calls if "64" in argv)
+    assert grid[grid.index("--results") + 1] == str(cs.compare.RESULTS)
