@@ -1,4 +1,4 @@
-"""The benchmark report's choice of the default allocation, on synthetic records."""
+"""The benchmark reports (comparison grid, allocation sweep, calibration size), on synthetic records."""
 
 import json
 
