@@ -30,6 +30,9 @@ with st.sidebar:
         ui.show_error(exc, "cannot open the run store in that folder; choose another")
         st.stop()
 
+# The pages, listed here (st.navigation: nothing in pages/ is a page unless it is named here). The
+# pages/_*.py modules are the pieces the pages share (widgets, the live job progress, the Prune page's
+# sections), not pages.
 pages = [
     st.Page("pages/prune.py", title="Prune", icon=":material/content_cut:", default=True),
     st.Page("pages/explorer.py", title="Allocation explorer", icon=":material/tune:"),

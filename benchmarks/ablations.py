@@ -4,9 +4,10 @@
     .venv/bin/python -m benchmarks.ablations --sparsities 0.3 0.5 --only damp=0.001
     .venv/bin/python -m benchmarks.ablations --report-only
 
-Each ablation is the default run with one change: either a `PruneConfig` override or a *probe*, an
-idea patched in for the run that did not earn a place in the library (kept here so its numbers can
-be reproduced). Judged as the allocation sweep is: by the pruned model's loss on the 16 held-out
+Each ablation is the default run with one change: either a `PruneConfig` override or a *variant*,
+a subclass of `StructPruneMethod` run through `run_prune(..., method=...)` (the engine's extension
+point): an idea that did not earn a place in the library, kept here so its numbers can be
+reproduced. Judged as the allocation sweep is: by the pruned model's loss on the 16 held-out
 calibration windows (never by test perplexity); test perplexities on 16 `sotu` and 16 `brown`
 windows are recorded for information. `smollm2-135m`, 64 x 512 calibration, seed 0.
 
@@ -17,26 +18,26 @@ Records: one JSON line per (ablation, sparsity) in `benchmarks/results/ablations
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-import structprune.gram as gram
-import structprune.methods.structprune as sp_method
 from structprune.config import PruneConfig
+from structprune.gram import relative_weights
+from structprune.methods import Method
+from structprune.methods.structprune import StructPruneMethod
 from structprune.models import LoadedModel, load_model
 from structprune.run import run_prune
 
 RESULTS = Path(__file__).parent / "results" / "ablations"
 EVAL_WINDOWS = 16
 
-Probe = Callable[[LoadedModel], contextlib.AbstractContextManager]
+Variant = Callable[[LoadedModel, PruneConfig], Method]  # the method a run uses instead of the default
 
 
 @dataclass(frozen=True)
@@ -44,53 +45,47 @@ class Ablation:
     name: str
     what: str
     overrides: dict = field(default_factory=dict)
-    probe: Probe | None = None  # patches the method for the duration of a run
+    variant: Variant | None = None  # a structprune variant for the run
     finding: str = ""  # what the numbers were traced to, printed under the table
 
 
-# --------------------------------------------------------------------------------------------- probes
+# --------------------------------------------------------------------------------------------- variants
 
 
-@contextlib.contextmanager
-def _patched(obj, attr: str, value) -> Iterator[None]:
-    old = getattr(obj, attr)
-    setattr(obj, attr, value)
-    try:
-        yield
-    finally:
-        setattr(obj, attr, old)
-
-
-def attention_frozen(_loaded: LoadedModel):
+class AttentionFrozen(StructPruneMethod):
     """No head is pruned: the allocation may only take MLP channels (is the heads/channels split right?)."""
-    original = sp_method.StructPruneMethod.allocate
 
     def allocate(self, specs, stats):
         specs = [dataclasses.replace(s, min_keep=s.n_units) if s.kind == "attn" else s for s in specs]
-        return original(self, specs, stats)
-
-    return _patched(sp_method.StructPruneMethod, "allocate", allocate)
+        return super().allocate(specs, stats)
 
 
-def token_weight_power(p: float) -> Probe:
+def attention_frozen(_loaded: LoadedModel, cfg: PruneConfig) -> Method:
+    return AttentionFrozen(cfg)
+
+
+def token_weight_power(p: float) -> Variant:
     """Token weights 1 / ‖h + y‖^(2p): p = 1 is the relative error, p = 0 the plain one."""
-    def probe(_loaded: LoadedModel):
-        original = gram.relative_weights
-        return _patched(gram, "relative_weights", lambda y, residual: original(y, residual).pow_(p))
-    return probe
+    class TokenWeightPower(StructPruneMethod):
+        def token_weights(self):
+            return lambda y, residual: relative_weights(y, residual).pow_(p)
+
+    return lambda _loaded, cfg: TokenWeightPower(cfg)
 
 
-def pass2_damping(d: float) -> Probe:
-    """Pass 2's solves at damping d while pass 1's saliencies (hence the energies and the allocation)
-    keep the default: separates damping's effect on the selection and refit from its effect on the
-    allocation, which `--damp` changes together."""
-    def probe(_loaded: LoadedModel):
-        original = sp_method.solve_module
+def pass2_damping(d: float) -> Variant:
+    """The module solves at damping d while pass 1's saliencies (hence the energies and the
+    allocation) keep the default: separates damping's effect on the selection and refit from its
+    effect on the allocation, which `--damp` changes together."""
+    class Pass2Damping(StructPruneMethod):
+        def rule(self, *args, **kw):
+            cfg, self.cfg = self.cfg, dataclasses.replace(self.cfg, damp=d)
+            try:
+                return super().rule(*args, **kw)
+            finally:
+                self.cfg = cfg
 
-        def solve(*args, **kw):
-            return original(*args, **{**kw, "damp_rel": d})
-        return _patched(sp_method, "solve_module", solve)
-    return probe
+    return lambda _loaded, cfg: Pass2Damping(cfg)
 
 
 def _output_metric(loaded: LoadedModel, mode: str) -> dict[tuple[int, str], torch.Tensor]:
@@ -127,36 +122,34 @@ def _output_metric(loaded: LoadedModel, mode: str) -> dict[tuple[int, str], torc
     return out
 
 
-def output_metric(mode: str) -> Probe:
+def output_metric(mode: str) -> Variant:
     """Weigh each output dimension's error by how much the downstream norms amplify it: the module's
     rows are scaled by sqrt(metric) for the saliencies and the solve, and the solution scaled back (the
     refit is row-separable, so only the selection and the energies change)."""
-    @contextlib.contextmanager
-    def probe(loaded: LoadedModel):
+    def variant(loaded: LoadedModel, cfg: PruneConfig) -> Method:
         metric = _output_metric(loaded, mode)
         n_layers = len(loaded.model.model.layers)
-        cls = sp_method.StructPruneMethod
-        score0, rule0 = cls.score, cls.rule
-        calls = [0]  # pass 1 scores attn then mlp, layer by layer
 
-        def score(self, kind, W, b, G, lay):
-            i = (calls[0] // 2) % n_layers
-            calls[0] += 1
-            s = metric[(i, kind)].to(W.dtype)
-            return score0(self, kind, W * s[:, None], None if b is None else b * s, G, lay)
+        class OutputMetric(StructPruneMethod):
+            calls = 0  # pass 1 scores attn then mlp, layer by layer
 
-        def rule(self, kind, layer, W, b, G, lay, k_keep, selector=None):
-            s = metric[(layer, kind)].to(W.dtype)
-            res = rule0(self, kind, layer, W * s[:, None], None if b is None else b * s, G, lay, k_keep, selector)
-            res.W = res.W / s[:, None].to(res.W.dtype)
-            if res.b is not None:
-                res.b = res.b / s.to(res.b.dtype)
-            return res
+            def score(self, kind, W, b, G, lay):
+                i = (self.calls // 2) % n_layers
+                self.calls += 1
+                s = metric[(i, kind)].to(W.dtype)
+                return super().score(kind, W * s[:, None], None if b is None else b * s, G, lay)
 
-        with _patched(cls, "score", score), _patched(cls, "rule", rule):
-            yield
+            def rule(self, kind, layer, W, b, G, lay, k_keep, selector=None):
+                s = metric[(layer, kind)].to(W.dtype)
+                res = super().rule(kind, layer, W * s[:, None], None if b is None else b * s, G, lay, k_keep, selector)
+                res.W = res.W / s[:, None].to(res.W.dtype)
+                if res.b is not None:
+                    res.b = res.b / s.to(res.b.dtype)
+                return res
 
-    return probe
+        return OutputMetric(cfg)
+
+    return variant
 
 
 ABLATIONS = (
@@ -185,15 +178,15 @@ ABLATIONS = (
     Ablation("damp=0.1", "10x the solver damping (pass 1's saliencies and pass 2)", {"damp": 0.1}),
     Ablation("damp=0.001", "1/10 the solver damping (pass 1's saliencies and pass 2)", {"damp": 0.001}),
     Ablation("pass-2 damp=0.1", "10x the damping in pass 2's solves only (pass 1 and the allocation as default)",
-             probe=pass2_damping(0.1)),
-    Ablation("pass-2 damp=0.001", "1/10 the damping in pass 2's solves only", probe=pass2_damping(0.001)),
-    Ablation("attention frozen", "no head pruned; the budget comes from MLP channels only", probe=attention_frozen),
+             variant=pass2_damping(0.1)),
+    Ablation("pass-2 damp=0.001", "1/10 the damping in pass 2's solves only", variant=pass2_damping(0.001)),
+    Ablation("attention frozen", "no head pruned; the budget comes from MLP channels only", variant=attention_frozen),
     Ablation("token weight power 0.5", "token weights 1 / ‖h + y‖ (half-way to the plain error)",
-             probe=token_weight_power(0.5)),
+             variant=token_weight_power(0.5)),
     Ablation("output metric gain", "errors weighted by the downstream norms' gain^2 per dimension",
-             probe=output_metric("gain")),
+             variant=output_metric("gain")),
     Ablation("output metric read", "errors weighted by gain^2 x the reading weights' column norms",
-             probe=output_metric("read")),
+             variant=output_metric("read")),
     Ablation("block refit 2 ep lr 1e-4", "each pruned layer fit to the dense layer's output through its "
              "nonlinearities, constant learning rate (`--refine-epochs 2 --refine-lr 1e-4 --refine-schedule constant`)",
              {"refine_epochs": 2, "refine_lr": 1e-4, "refine_schedule": "constant"}),
@@ -210,9 +203,9 @@ ABLATIONS = (
 def run_one(ab: Ablation, sparsity: float, loaded: LoadedModel, cache: dict) -> dict:
     cfg = PruneConfig(sparsity=sparsity, eval_data=("sotu", "brown"), eval_windows=EVAL_WINDOWS, **ab.overrides)
     t0 = time.perf_counter()
-    with ab.probe(loaded) if ab.probe else contextlib.nullcontext():
-        # a probe changes pass 1's statistics: never share them
-        rec = run_prune(cfg, loaded, evaluate_dense=False, stats_cache=None if ab.probe else cache).record
+    method = ab.variant(loaded, cfg) if ab.variant else None
+    # a variant may change pass 1's statistics: never share them
+    rec = run_prune(cfg, loaded, evaluate_dense=False, stats_cache=None if ab.variant else cache, method=method).record
     alloc = rec["allocation"]
     return {
         "ablation": ab.name, "what": ab.what, "sparsity": sparsity, "config": cfg.to_dict(),

@@ -26,7 +26,7 @@ import argparse
 from pathlib import Path
 
 from benchmarks import compare
-from benchmarks.report import _fmt, _ppl, load_records, matches
+from benchmarks.report import format_value, load_records, matches, pruned_ppl
 
 RESULTS = compare.RESULTS / "calibration-size"
 SIZES = (32, 64, 128, 256)
@@ -67,11 +67,11 @@ def damage(rec: dict | None) -> float | None:
 
 
 def _ppls(rec: dict | None) -> str:
-    return " / ".join(_fmt(_ppl(rec, e)) if rec else "–" for e in EVALS)
+    return " / ".join(format_value(pruned_ppl(rec, e)) if rec else "–" for e in EVALS)
 
 
 def _ratios(a: dict | None, b: dict | None) -> str:
-    return " / ".join(f"{_ppl(a, e) / _ppl(b, e):.3f}" for e in EVALS) if a and b else "–"
+    return " / ".join(f"{pruned_ppl(a, e) / pruned_ppl(b, e):.3f}" for e in EVALS) if a and b else "–"
 
 
 def _damages(*recs) -> str:

@@ -2,7 +2,7 @@
 
 Every model here is built from a config written in code (the published shapes of OPT, Llama-2 and
 SmolLM2) with random weights: memory and time do not depend on the weights' values, and no model
-file can travel to the GPU machine (ASSETS.md). Only torch, transformers and structprune are
+file can travel to the GPU machine (docs/ASSETS.md). Only torch, transformers and structprune are
 imported, so this runs on the GPU machine's bare image.
 
 `build_random` skips transformers' weight initialisation (slow for 13B parameters on a CPU) and

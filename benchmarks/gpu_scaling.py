@@ -58,9 +58,7 @@ from structprune.errors import DeviceOutOfMemoryError, InvalidConfigError, RunCa
 from structprune.estimate import estimate_memory  # noqa: E402
 from structprune.memory import DTYPE_BYTES, DeviceLedger  # noqa: E402
 from structprune.methods import get_method  # noqa: E402
-from structprune.pipeline import Emitter, prune_sequential  # noqa: E402
-from structprune.run import pass1_stats  # noqa: E402
-from structprune.streaming import LayerStream  # noqa: E402
+from structprune.engine import PruneEngine  # noqa: E402
 from structprune.units import count_params, layouts_of, module_specs  # noqa: E402
 
 SCHEMA = "structprune.gpu-scaling/1"
@@ -268,44 +266,51 @@ class Meter:
 def prune_core(pc: PruneConfig, model: torch.nn.Module, calib: torch.Tensor, device: torch.device,
                cancel: Deadline | None, capture: dict | None = None,
                events: list[tuple[str, int, float]] | None = None) -> dict:
-    """The method's passes as `run_prune` runs them (no data loading, no evaluation, no copy of
+    """The engine's passes as `run_prune` runs them (no data loading, no evaluation, no copy of
     the model), with device peaks per pass. `capture[(layer, kind)]` receives kept unit ids and
     the refit error of every solved module."""
     method = get_method(pc.method)(pc)
-    adapter = adapter_for(model)
-    ledger = DeviceLedger(device)
-    meter = Meter(ledger)
-    stream = LayerStream(model, adapter, device, ledger=ledger, batch_size=pc.batch_size)
+    impl = f"structprune.methods:{type(method).__name__}"
+    if capture is not None:
+        method = _Capturing(method, capture)
     events = [] if events is None else events  # (stage, layer, seconds since start), per layer
     t0 = time.perf_counter()
-    emit = Emitter(stream, lambda ev: events.append((ev.stage, ev.layer, round(ev.elapsed_s, 4))), cancel, t0)
-    specs = module_specs(layouts_of(model, adapter))
-    out = {"events": events, "impl": f"structprune.methods:{type(method).__name__}"}
+    engine = PruneEngine(model, device, method, batch_size=pc.batch_size, cancel=cancel, t0=t0,
+                         on_event=lambda ev: events.append((ev.stage, ev.layer, round(ev.elapsed_s, 4))))
+    meter = Meter(engine.ledger)
+    out = {"events": events, "impl": impl}
     if method.whole_model:
-        method.prune_whole(model, adapter, calib, specs, stream, emit)
+        engine.run(calib)
         _sync(device)
         out.update(pass1_s=time.perf_counter() - t0, pass2_s=0.0, pass1_peak=meter.segment(), pass2_peak=0,
                    accounted_peak=max(meter.accounted))
         return out
-    rule = method.rule
-    if capture is not None:
-        def rule(kind, i, W, b, G, lay, k, _rule=method.rule):
-            res = _rule(kind, i, W, b, G, lay, k)
-            capture[(i, kind)] = {"kept": res.kept.cpu().tolist(), "err": res.info.get("err_after_refit")}
-            return res
-    stats, _ = pass1_stats(method, stream, calib, specs, emit)
+    p1 = engine.pass1(calib)
     _sync(device)
     t1 = time.perf_counter()
     out.update(pass1_s=t1 - t0, pass1_peak=meter.segment())
-    alloc, _ = method.allocate(specs, stats)
-    keep = [{} for _ in range(stream.n_layers)]
-    for sp, k in zip(specs, alloc.units_kept):
-        keep[sp.layer][sp.kind] = int(k)
-    infos = prune_sequential(stream, calib, keep, rule, emit, target=pc.target, solves=method.solves)
+    infos = engine.pass2(calib, engine.allocate(p1).keep, p1)
     _sync(device)
     out.update(pass2_s=time.perf_counter() - t1, pass2_peak=meter.segment(), accounted_peak=max(meter.accounted),
                solve_s=sum(float(i.get("solve_s", 0.0)) for i in infos))
     return out
+
+
+class _Capturing:
+    """A method whose rule also records each solved module's kept units and refit error (the
+    bf16-vs-fp32 correctness check compares them); everything else is the wrapped method's."""
+
+    def __init__(self, method, capture: dict) -> None:
+        self._method, self._capture = method, capture
+
+    def __getattr__(self, name):
+        return getattr(self._method, name)
+
+    def rule(self, kind, i, W, b, G, lay, k, **kw):
+        res = self._method.rule(kind, i, W, b, G, lay, k, **kw)
+        if not kw:  # pass 1's sensitivity solves name their one-shot selector; pass 2's are recorded
+            self._capture[(i, kind)] = {"kept": res.kept.cpu().tolist(), "err": res.info.get("err_after_refit")}
+        return res
 
 
 def _sync(device: torch.device) -> None:

@@ -20,15 +20,12 @@ from pathlib import Path
 
 import torch
 
-from structprune.adapters import adapter_for
 from structprune.config import PruneConfig
-from structprune.memory import DeviceLedger
+from structprune.engine import Pass1, PruneEngine
 from structprune.methods import get_method
 from structprune.models import load_model
-from structprune.pipeline import Emitter, prune_sequential
 from structprune.refine import fit_layer
 from structprune.run import prepare_data
-from structprune.streaming import LayerStream
 
 RESULTS = Path(__file__).parent / "results"
 RECORD = RESULTS / ("smollm2-135m__structprune__softmax-T1-relative__greedy-obs__local__s0.30__seed0__"
@@ -49,10 +46,8 @@ def probe(layers: list[int], settings: list[str], record: Path = RECORD) -> dict
     model = copy.deepcopy(loaded.model).eval()
     method = get_method("structprune")(cfg)
     calib, _, _ = prepare_data(cfg, loaded.tokenizer, model)
-    stream = LayerStream(model, adapter_for(model), "cpu", ledger=DeviceLedger(torch.device("cpu")))
-    stream.relative_grams = method.relative_grams()
-    layout = stream.adapter.layout(stream.adapter.layers(model)[0])
-    keep = [{"attn": layout.n_heads, "mlp": layout.intermediate} for _ in range(stream.n_layers)]
+    engine = PruneEngine(model, "cpu", method)
+    keep = [{sp.kind: sp.n_units for sp in engine.specs if sp.layer == i} for i in range(engine.n_layers)]
     for a in json.loads(record.read_text())["allocation"]:
         if a["layer"] in layers:
             keep[a["layer"]][a["module"]] = a["units_kept"]
@@ -69,8 +64,8 @@ def probe(layers: list[int], settings: list[str], record: Path = RECORD) -> dict
                   + f"  ({time.perf_counter() - t:.0f} s)", flush=True)
         return {}  # the layer itself is left as pass 2 gave it
 
-    prune_sequential(stream, calib, keep, method.rule, Emitter(stream, None, None, time.perf_counter()),
-                     refine=refit_copies)
+    # no pass 1: the keep counts come from the record; Grams weighed as a run weighs them
+    engine.pass2(calib, keep, Pass1([], {}, method.token_weights()), refine=refit_copies)
     return out
 
 

@@ -27,7 +27,7 @@ from statistics import mean
 
 from structprune.config import PruneConfig
 
-from .compare import GRID, SWEEP_ENERGIES, SWEEP_TEMPERATURES, Variant, ignored_fields, sweep_variants
+from .variants import GRID, SWEEP_ENERGIES, SWEEP_TEMPERATURES, Variant, ignored_fields, sweep_variants
 
 # Okabe & Ito (2008): distinguishable with every common colour-vision deficiency
 OKABE_ITO = ("#000000", "#E69F00", "#56B4E9", "#009E73", "#D55E00", "#0072B2", "#CC79A7", "#F0E442")
@@ -62,14 +62,16 @@ def matches(rec: dict, v: Variant) -> bool:
     return all(rec["config"].get(k, _FIELD_BEFORE_IT_EXISTED.get(k)) == want[k] for k in fields)
 
 
-def _ppl(rec: dict, name: str) -> float | None:
+def pruned_ppl(rec: dict, name: str) -> float | None:
+    """The pruned model's perplexity on eval set `name` (inf if it diverged; None if not evaluated)."""
     r = rec["ppl"]["pruned"].get(name)
     if r is None:
         return None
     return r["value"] if r["value"] is not None else math.inf
 
 
-def _fmt(x: float | None, digits: int = 4) -> str:
+def format_value(x: float | None, digits: int = 4) -> str:
+    """A table cell: `digits` significant digits (trailing zeros kept), "–" for None, "inf"."""
     if x is None:
         return "–"
     if math.isinf(x):
@@ -142,10 +144,10 @@ def summary_markdown(recs: list[dict], variants=GRID) -> str:
         protos = _protocols_over_seeds(r["ppl"]["pruned"][name]["protocol"] for r in recs if name in r["ppl"]["pruned"])
         label = next(r["ppl"]["pruned"][name].get("label", name) for r in recs if name in r["ppl"]["pruned"])
         dense = next((r["ppl"]["dense"].get(name, {}).get("value") for r in recs if r["ppl"]["dense"].get(name)), None)
-        lines += [f"## Perplexity: {label} (dense {_fmt(dense)})", "", "Protocol: " + "; ".join(f"`{p}`" for p in protos),
+        lines += [f"## Perplexity: {label} (dense {format_value(dense)})", "", "Protocol: " + "; ".join(f"`{p}`" for p in protos),
                   "", "| method | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |",
                   "|---|" + "---:|" * len(sparsities)]
-        best = {s: min((_ppl(_seed0(by_s[s]), name) or math.inf) for by_s in grid.values() if s in by_s)
+        best = {s: min((pruned_ppl(_seed0(by_s[s]), name) or math.inf) for by_s in grid.values() if s in by_s)
                 for s in sparsities}
         for label_v, by_s in grid.items():
             cells = []
@@ -154,13 +156,13 @@ def summary_markdown(recs: list[dict], variants=GRID) -> str:
                 if not runs:
                     cells.append("–")
                     continue
-                v0 = _ppl(_seed0(runs), name)
-                cell = _fmt(v0)
+                v0 = pruned_ppl(_seed0(runs), name)
+                cell = format_value(v0)
                 if v0 is not None and v0 == best[s]:
                     cell = f"**{cell}**"
-                vals = [_ppl(r, name) for r in runs if _ppl(r, name) is not None]
+                vals = [pruned_ppl(r, name) for r in runs if pruned_ppl(r, name) is not None]
                 if len(vals) > 1:
-                    cell += f" ({_fmt(min(vals))}–{_fmt(max(vals))}, {len(vals)} seeds)"
+                    cell += f" ({format_value(min(vals))}–{format_value(max(vals))}, {len(vals)} seeds)"
                 cells.append(cell)
             lines.append(f"| {label_v} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -188,7 +190,7 @@ def _ratio(grid, a: str, b: str, s: float, name: str) -> float | None:
     ra, rb = grid.get(a, {}).get(s), grid.get(b, {}).get(s)
     if not ra or not rb:
         return None
-    pa, pb = _ppl(_seed0(ra), name), _ppl(_seed0(rb), name)
+    pa, pb = pruned_ppl(_seed0(ra), name), pruned_ppl(_seed0(rb), name)
     if pa is None or pb is None or pb == 0 or math.isinf(pb):
         return None
     return pa / pb
@@ -213,11 +215,11 @@ def _bar_section(grid, sparsities, names) -> list[str]:
             sp = grid["structprune"].get(s)
             if not sp:
                 continue
-            mine = _ppl(_seed0(sp), name)
-            others = [_ppl(_seed0(by_s[s]), name) for label, by_s in grid.items()
+            mine = pruned_ppl(_seed0(sp), name)
+            others = [pruned_ppl(_seed0(by_s[s]), name) for label, by_s in grid.items()
                       if s in by_s and label != "structprune" and not label.startswith("structprune ")]
             lowest = "yes" if mine is not None and all(o is None or mine <= o for o in others) else "no"
-            cells = [_fmt(_ratio(grid, "structprune", b, s, name), 3)
+            cells = [format_value(_ratio(grid, "structprune", b, s, name), 3)
                      for b in ("flap", "global-taylor", "structprune alloc=uniform")]
             delta = _heldout_delta(sp, grid.get("structprune alloc=uniform", {}).get(s))
             lines.append(f"| {s:.0%} | {name} | " + " | ".join(cells) + f" | {lowest} | {delta} |")
@@ -228,14 +230,14 @@ def _bar_section(grid, sparsities, names) -> list[str]:
                   "| variant | sparsity | eval | / flap | / global-taylor | held-out loss - the default's |",
                   "|---|---|---|---:|---:|---:|"]
         for label, s, name in rows:
-            cells = [_fmt(_ratio(grid, label, b, s, name), 3) for b in ("flap", "global-taylor")]
+            cells = [format_value(_ratio(grid, label, b, s, name), 3) for b in ("flap", "global-taylor")]
             delta = _heldout_delta(grid[label][s], grid["structprune"].get(s))
             lines.append(f"| {label} | {s:.0%} | {name} | " + " | ".join(cells) + f" | {delta} |")
     return lines + [""]
 
 
 def _by_seed(runs: list[dict] | None, name: str) -> dict[int, float]:
-    return {r["config"]["seed"]: v for r in runs or [] if (v := _ppl(r, name)) is not None}
+    return {r["config"]["seed"]: v for r in runs or [] if (v := pruned_ppl(r, name)) is not None}
 
 
 def _seed_section(grid, sparsities, names) -> list[str]:
@@ -258,18 +260,18 @@ def _seed_section(grid, sparsities, names) -> list[str]:
             if not mine:
                 continue
             vals = list(mine.values())
-            spread = f"{_fmt(mean(vals))} ({_fmt(min(vals))}–{_fmt(max(vals))})"
+            spread = f"{format_value(mean(vals))} ({format_value(min(vals))}–{format_value(max(vals))})"
 
             def paired(other: str) -> dict[int, float]:
                 theirs = _by_seed(grid.get(other, {}).get(s), name)
                 return {k: mine[k] / theirs[k] for k in sorted(mine.keys() & theirs.keys()) if theirs[k]}
 
             ratios = [paired(o) for o in ("flap", "wanda-sp")]
-            worst = [_fmt(max(r.values()), 3) if r else "–" for r in ratios]
+            worst = [format_value(max(r.values()), 3) if r else "–" for r in ratios]
             beaten = [mine[k] > v for o in others for k, v in _by_seed(grid[o].get(s), name).items() if k in mine]
             lowest = "–" if not beaten else ("no" if any(beaten) else "yes")
             lines.append(f"| {label} | {s:.0%} | {name} | {', '.join(map(str, sorted(mine)))} | {spread} | "
-                         + (", ".join(_fmt(r, 3) for r in ratios[0].values()) or "–")
+                         + (", ".join(format_value(r, 3) for r in ratios[0].values()) or "–")
                          + f" | {worst[0]} | {worst[1]} | {lowest} |")
     return lines + [""]
 
@@ -282,8 +284,8 @@ def _calib_section(grid, sparsities, recs) -> list[str]:
     windows = next((r["calib_loss"].get("pruned_windows") for r in recs), None)
     lines = ["## Calibration loss (nats/token, seed 0)", "",
              f"Held out: {held_n} windows of the calibration split disjoint from the calibration windows (dense "
-             f"{_fmt(dense_held, 5)}), the loss allocations are chosen by. In-sample: the first {windows} "
-             f"calibration windows (dense {_fmt(dense, 5)}), which the refit was fitted to.", "",
+             f"{format_value(dense_held, 5)}), the loss allocations are chosen by. In-sample: the first {windows} "
+             f"calibration windows (dense {format_value(dense, 5)}), which the refit was fitted to.", "",
              "| method | " + " | ".join(f"{s:.0%} held out / in-sample" for s in sparsities) + " |",
              "|---|" + "---:|" * len(sparsities)]
     for label, by_s in grid.items():
@@ -293,7 +295,7 @@ def _calib_section(grid, sparsities, recs) -> list[str]:
                 cells.append("–")
                 continue
             cl = _seed0(by_s[s])["calib_loss"]
-            cells.append(f"{_fmt(cl.get('heldout'), 5)} / {_fmt(cl.get('pruned'), 5)}")
+            cells.append(f"{format_value(cl.get('heldout'), 5)} / {format_value(cl.get('pruned'), 5)}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines + [""]
 
@@ -328,8 +330,8 @@ def _cost_section(grid) -> list[str]:
              "|---|---:|---|---:|---:|---:|---:|"]
     for r in cost_rows(grid):
         lines.append(f"| {r['label']} | {r['peak_bytes'] / 2**20:.1f} | {r['kind']} | "
-                     f"{r['estimated_bytes'] / 2**20:.1f} | {_fmt(r['prune_over_floor'], 3)} | "
-                     f"{_fmt(r['pass1_s'], 3)} | {_fmt(r['pass2_s'], 3)} |")
+                     f"{r['estimated_bytes'] / 2**20:.1f} | {format_value(r['prune_over_floor'], 3)} | "
+                     f"{format_value(r['pass1_s'], 3)} | {format_value(r['pass2_s'], 3)} |")
     return lines + [""]
 
 
@@ -359,8 +361,8 @@ def plot_html(recs: list[dict], variants=GRID) -> str:
             xs = sorted(by_s)
             ys, lo, hi = [], [], []
             for s in xs:
-                v0 = _ppl(_seed0(by_s[s]), name)
-                vals = [v for v in (_ppl(r, name) for r in by_s[s]) if v is not None and math.isfinite(v)]
+                v0 = pruned_ppl(_seed0(by_s[s]), name)
+                vals = [v for v in (pruned_ppl(r, name) for r in by_s[s]) if v is not None and math.isfinite(v)]
                 ys.append(v0 if v0 is not None and math.isfinite(v0) else None)
                 lo.append((v0 - min(vals)) if vals and ys[-1] else 0)
                 hi.append((max(vals) - v0) if vals and ys[-1] else 0)
@@ -429,7 +431,7 @@ def sweep_summary(recs: list[dict], temperatures=None, energies=None) -> dict:
                           "energy": cfg["energy"] if cfg["allocation"] in ("softmax", "threshold") else None,
                           "temperature": cfg["temperature"] if cfg["allocation"] == "softmax" else None,
                           "calib_loss": loss, "calib_loss_in_sample": r["calib_loss"]["pruned"],
-                          "ppl": {n: _ppl(r, n) for n in r["ppl"]["pruned"]}})
+                          "ppl": {n: pruned_ppl(r, n) for n in r["ppl"]["pruned"]}})
         if not cands:
             continue
         best = min(cands, key=lambda c: c["calib_loss"])
@@ -469,7 +471,7 @@ def sweep_markdown(summary: dict, recs: list[dict]) -> str:
              f"calibration {r0['config']['nsamples']}x{r0['config']['seqlen']} seed 0; machine "
              f"{platform.machine()}; commit {_git_commit() or '?'}.", "",
              f"Choice by **held-out calibration loss**: mean NLL of the pruned model on {held} windows of the "
-             f"calibration split that share no token with the calibration windows (dense {_fmt(dense, 5)}); "
+             f"calibration split that share no token with the calibration windows (dense {format_value(dense, 5)}); "
              "criterion: " + summary["criterion"] + ". Never by test perplexity: the test perplexities "
              "are shown for information only. The in-sample loss (first "
              f"{r0['calib_loss'].get('pruned_windows')} calibration windows) is shown beside it.", "",
@@ -485,7 +487,7 @@ def sweep_markdown(summary: dict, recs: list[dict]) -> str:
                 continue
             mark = " (chosen)" if c["label"] == summary["chosen"][str(s)]["label"] else ""
             lines.append(f"| {c['label']}{mark} | {c['calib_loss']:.5f} | {c['calib_loss_in_sample']:.5f} | "
-                         + " | ".join(_fmt(c["ppl"].get(n)) for n in names) + " |")
+                         + " | ".join(format_value(c["ppl"].get(n)) for n in names) + " |")
         lines.append("")
     if "recommended_temperature" in summary:
         t, e = summary["recommended_temperature"], summary["recommended_energy"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from structprune.config import PruneConfig, choices_for, help_for
+from structprune.config import PruneConfig, bounds_for, choices_for, config_field, help_for, range_text
 from structprune.paths import data_dir
 
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
@@ -43,12 +43,44 @@ def default(name: str):
     return DEFAULTS[name]
 
 
-def tip(name: str) -> str:
-    return help_for(name)
+def tip(name: str, extra: str = "") -> str:
+    """A setting's help from PruneConfig, with its allowed range."""
+    rng = range_text(name)
+    return help_for(name) + extra + (f" ({rng})" if rng else "")
 
 
 def options(name: str) -> list[str]:
     return list(choices_for(name) or [])
+
+
+def number_bounds(name: str, positive: bool = False) -> dict:
+    """number_input's min_value / max_value / step for a setting, from its PruneConfig bounds (an open
+    lower bound offers its `smallest` value; `positive`: a lower bound of 0 becomes one step, for the
+    views where 0 has nothing to show, e.g. a sparsity to analyse)."""
+    b = bounds_for(name)
+    low = b.get("min", b.get("smallest"))
+    if positive and low == 0:
+        low = b["step"]
+    return {"min_value": low, "max_value": b.get("max"), "step": b.get("step")}
+
+
+def number(container, label: str, name: str, key: str, positive: bool = False, **kw):
+    """A number input for a PruneConfig setting: its bounds, step and help (kw overrides)."""
+    return container.number_input(label, **{**number_bounds(name, positive), "help": tip(name), **kw}, key=key)
+
+
+def setting(container, label: str, name: str, key: str | None = None, **kw):
+    """The widget a PruneConfig setting calls for: a select box for choices, a checkbox for a switch,
+    a number input (bounded) for a number, a text input otherwise. Its key is the setting's name."""
+    key = key or name
+    if choices_for(name):
+        return container.selectbox(label, options(name), key=key, **{"help": tip(name), **kw})
+    kind = config_field(name).type
+    if kind == "bool":
+        return container.checkbox(label, key=key, **{"help": tip(name), **kw})
+    if kind in ("int", "float", "int | None"):
+        return number(container, label, name, key, **kw)
+    return container.text_input(label, key=key, **{"help": tip(name), **kw})
 
 
 @st.cache_resource(show_spinner=False)

@@ -9,8 +9,10 @@ import time
 import streamlit as st
 
 from pages import _ui as ui
+from pages._progress import job_progress
 from structprune import plots
 from structprune.config import PruneConfig
+from structprune.errors import StructPruneError
 from structprune.explorer import (EnergyProfile, entropy_frame, scheme_frame, softmax_frame,
                                   temperature_grid, temperature_ladder)
 from structprune.planning import available_models
@@ -44,9 +46,9 @@ with st.expander("Compute an energy profile", expanded=not keys):
              "ex_nsamples": 8, "ex_seqlen": 256, "ex_s": ui.default("sparsity")})
     p1, p2, p3, p4 = st.columns(4)
     p1.selectbox("Model", models, key="ex_model", help=ui.tip("model"))
-    p2.number_input("Calibration windows", 1, 1024, key="ex_nsamples", help=ui.tip("nsamples"))
-    p3.number_input("Tokens per window", 2, 8192, key="ex_seqlen", help=ui.tip("seqlen"))
-    p4.number_input("Sparsity for the sensitivities", 0.05, 0.9, step=0.05, key="ex_s", help=ui.tip("sparsity"))
+    ui.number(p2, "Calibration windows", "nsamples", "ex_nsamples")
+    ui.number(p3, "Tokens per window", "seqlen", "ex_seqlen")
+    ui.number(p4, "Sparsity for the sensitivities", "sparsity", "ex_s", positive=True)
     st.caption("Every structprune run on the Prune page stores its pass-1 profile here too; it has measured "
                "sensitivities when the run used the sensitivity energy. This pass always measures them.")
     if st.button("Compute (pass 1 in the background)", key="ex_compute"):
@@ -58,26 +60,7 @@ with st.expander("Compute an energy profile", expanded=not keys):
         except Exception as exc:  # noqa: BLE001
             ui.show_error(exc)
 
-job = runner.current()
-
-
-@st.fragment(run_every=2.0 if job is not None and job.active and job.kind == "profile" else None)
-def profile_progress() -> None:
-    job = runner.current()
-    if job is None or job.kind != "profile":
-        return
-    if job.active:
-        frac, where = job.progress()
-        st.progress(frac, text=f"{job.label}: {where} · {job.elapsed_s:.0f} s")
-        st.button("Cancel", key="ex_cancel", on_click=runner.cancel)
-    elif st.session_state.get("ex_seen") != job.job_id:
-        st.session_state["ex_seen"] = job.job_id
-        st.rerun()
-    elif job.status != "finished":
-        ui.show_error(Exception(job.error), f"The energy pass {job.status}")
-
-
-profile_progress()
+job_progress("profile", "ex_seen", "The energy pass failed", cancel_key="ex_cancel")
 
 if not keys:
     st.info("No energy profile yet: compute one above, or run structprune on the Prune page.")
@@ -87,10 +70,8 @@ key = st.selectbox("Energy profile", keys, format_func=profile_label, key="ex_pr
 profile = load_profile(str(store.folder), key)
 c1, c2, c3 = st.columns(3)
 energy = c1.radio("Energy", profile.energy_kinds, key="ex_energy", horizontal=True, help=ui.tip("energy"))
-s = c2.number_input("Sparsity target", 0.05, 0.9, float(profile.sparsity), 0.05, key="ex_target",
-                    help=ui.tip("sparsity"))
-owl_lambda = c3.number_input("OWL lambda", 0.0, 0.3, ui.default("owl_lambda"), 0.01, key="ex_owl",
-                             help=ui.tip("owl_lambda"))
+s = ui.number(c2, "Sparsity target", "sparsity", "ex_target", value=float(profile.sparsity), positive=True)
+owl_lambda = ui.number(c3, "OWL lambda", "owl_lambda", "ex_owl", value=ui.default("owl_lambda"))
 if energy == "sensitivity" and not math.isclose(s, profile.sparsity):
     st.caption(f"Sensitivities were measured at s = {profile.sparsity:g}; they rank the modules at other targets too.")
 
@@ -102,9 +83,13 @@ def temperature_view() -> None:
                                format_func=lambda t: "inf (uniform)" if math.isinf(t) else f"{t:g}",
                                help=ui.tip("temperature"))
     t0 = time.perf_counter()
-    soft = softmax_frame(profile, s, t_value, energy)
+    try:
+        soft = softmax_frame(profile, s, t_value, energy)
+        schemes = scheme_frame(profile, s, t_value, energy, owl_lambda=owl_lambda)
+    except StructPruneError as exc:  # e.g. a target these modules cannot reach under s_max
+        ui.show_error(exc)
+        return
     fig_e = plots.energy_figure(soft, t_value, energy)
-    schemes = scheme_frame(profile, s, t_value, energy, owl_lambda=owl_lambda)
     fig_s = plots.schemes_figure(schemes, s)
     ms = 1000 * (time.perf_counter() - t0)
     st.session_state["ex_redraw_ms"] = ms
@@ -120,8 +105,11 @@ def temperature_view() -> None:
 
 temperature_view()
 
-st.plotly_chart(plots.entropy_figure(entropy_frame(profile, s, LADDER, energy)), key="ex_entropy_chart")
-grid = temperature_grid(profile, s, LADDER, energy)
+try:
+    entropy, grid = entropy_frame(profile, s, LADDER, energy), temperature_grid(profile, s, LADDER, energy)
+except StructPruneError:  # shown above
+    st.stop()
+st.plotly_chart(plots.entropy_figure(entropy), key="ex_entropy_chart")
 st.plotly_chart(plots.temperature_heatmap(grid), key="ex_heatmap")
 st.caption(f"{profile.model}: {profile.n_layers} layers; calibration {profile.calibration}. T -> 0 prunes the "
            "lowest-energy modules first (up to the cap); T -> inf is uniform. Continuous allocation, before rounding "

@@ -34,10 +34,10 @@ st.caption("Peak compute-device memory of a pruning run, predicted from a config
 c1, c2, c3, c4, c5 = st.columns(5)
 ui.init({"mem_nsamples": 128, "mem_seqlen": 2048, "mem_dtype": "bfloat16", "mem_batch": 1,
          "mem_gpus": ["80 GB (A100 / H100)", "141 GB (H200)"]})
-nsamples = c1.number_input("Calibration windows", 1, 4096, key="mem_nsamples", help=ui.tip("nsamples"))
-seqlen = c2.number_input("Tokens per window", 2, 131072, key="mem_seqlen", help=ui.tip("seqlen"))
-dtype = c3.selectbox("dtype", ["bfloat16", "float16", "float32"], key="mem_dtype", help=ui.tip("dtype"))
-batch = c4.number_input("Batch size", 1, 256, key="mem_batch", help=ui.tip("batch_size"))
+nsamples = ui.number(c1, "Calibration windows", "nsamples", "mem_nsamples")
+seqlen = ui.number(c2, "Tokens per window", "seqlen", "mem_seqlen")
+dtype = ui.setting(c3, "dtype", "dtype", "mem_dtype")
+batch = ui.number(c4, "Batch size", "batch_size", "mem_batch")
 gpus = c5.multiselect("GPU sizes", list(GPUS), key="mem_gpus")
 names = st.multiselect("Presets", list(PRESETS), default=list(PRESETS), key="mem_presets",
                        format_func=lambda n: f"{n} ({PRESET_SOURCES[n]})")

@@ -1,4 +1,4 @@
-"""Method: the formulation of METHOD.md, and one module's solve on a real layer, step by step."""
+"""Method: the formulation of docs/METHOD.md, and one module's solve on a real layer, step by step."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from pages import _ui as ui
+from pages._progress import job_progress
 from structprune import plots
 from structprune.planning import available_models
 from structprune.stepthrough import admm_stepthrough, support_rows
@@ -56,7 +57,7 @@ model_name = c1.selectbox("Model", models, key="m_model", help=ui.tip("model"))
 layer = c2.number_input("Layer", 0, 200, key="m_layer")
 kind = c3.radio("Module", ["attn", "mlp"], key="m_kind", horizontal=True,
                 format_func={"attn": "attention (o_proj)", "mlp": "MLP (down_proj, slow)"}.get)
-sparsity = c4.number_input("Sparsity (uniform)", 0.05, 0.9, step=0.05, key="m_s", help=ui.tip("sparsity"))
+sparsity = ui.number(c4, "Sparsity (uniform)", "sparsity", "m_s", positive=True)
 key = f"stepthrough|{model_name}|{layer}|{kind}|{sparsity:g}|8x256"
 store, runner = ui.store(), ui.runner()
 data = store.cache_get(key)
@@ -69,29 +70,15 @@ if data is None:
             seqlen = min(256, loaded.model.config.max_position_embeddings)
 
             def work(on_event, cancel):
-                out = admm_stepthrough(loaded, int(layer), kind, sparsity, nsamples=8, seqlen=seqlen)
+                out = admm_stepthrough(loaded, int(layer), kind, sparsity, nsamples=8, seqlen=seqlen,
+                                       on_event=on_event, cancel=cancel)
                 store.cache_put(key, out)
                 return out
 
             runner.submit_call("stepthrough", f"step-through {model_name} L{layer} {kind}", {"key": key}, work)
         except Exception as exc:  # noqa: BLE001
             ui.show_error(exc)
-    job = runner.current()
-
-    @st.fragment(run_every=2.0 if job is not None and job.active and job.kind == "stepthrough" else None)
-    def wait() -> None:
-        job = runner.current()
-        if job is None or job.kind != "stepthrough":
-            return
-        if job.active:
-            st.progress(0.5, text=f"{job.label}: running, {job.elapsed_s:.0f} s")
-        elif st.session_state.get("m_seen") != job.job_id:
-            st.session_state["m_seen"] = job.job_id
-            st.rerun()
-        elif job.status != "finished":
-            ui.show_error(Exception(job.error), "The step-through failed")
-
-    wait()
+    job_progress("stepthrough", "m_seen", "The step-through failed", steps=False)
     st.stop()
 
 tr = data["trace"]

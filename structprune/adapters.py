@@ -3,9 +3,13 @@
 An adapter names, for one family, where the decoder layers are, which linear maps make up a head
 and an MLP channel, and which attributes must follow a change of head count. Everything else in
 the library (streaming, solver, surgery, allocation) works through this interface, so adding a
-family means adding one `AdapterSpec` here.
+family means adding one `AdapterSpec` here. The spec also holds what the rest of the library
+needs to know about a family without a model in memory: its norm kind and position embeddings
+(the memory formulas of memory.py), its dense layer layout and the parameters outside its layers
+from a config (the estimator, footprint.py), and whether plain `transformers` loads a pruned
+checkpoint of it (checkpoint.py). No other module branches on a family.
 
-Head layout rules (METHOD.md, "Units, costs, budget"):
+Head layout rules (docs/METHOD.md, "Units, costs, budget"):
 - grouped-query attention (H query heads, H_kv < H KV heads): a unit is one query head; a layer
   keeps the same number of query heads in every KV group; k/v rows stay.
 - multi-head attention (H_kv == H): a unit is one head together with its k/v rows.
@@ -13,7 +17,9 @@ Head layout rules (METHOD.md, "Units, costs, budget"):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,9 +27,13 @@ from torch import nn
 from .errors import UnsupportedArchitectureError
 
 
+NORMS = ("rmsnorm", "layernorm")
+
+
 @dataclass(frozen=True)
 class AdapterSpec:
-    """Module names of one family, relative to the decoder layer (dotted paths)."""
+    """Module names of one family, relative to the decoder layer (dotted paths), and the family's
+    properties that other modules depend on (memory formulas, the estimator, checkpoints)."""
 
     family: str
     model_types: tuple[str, ...]
@@ -36,11 +46,73 @@ class AdapterSpec:
     o: str
     mlp_in: tuple[str, ...]  # rows removed with a channel (gate/up, or fc1)
     mlp_out: str  # columns removed with a channel (down, fc2)
+    norm: str  # "rmsnorm" | "layernorm": the kind of every norm (what memory.py's formulas branch on)
+    learned_positions: bool  # position embeddings are a learned table (else rotary, in the layers)
+    plain_loadable: bool  # transformers loads a pruned checkpoint from a rewritten config (checkpoint.py)
+    # from a config alone (no weights; footprint.py):
+    dense_layout: Callable[[Any], LayerLayout]  # the layout of every layer before pruning
+    embedding_params: Callable[[Any], int]  # the base outside the layers (what `LayerStream.embed` moves)
+    lm_head_params: Callable[[Any], int]  # final modules + LM head (what `LayerStream.logits_nll` moves)
     attn: str = "self_attn"
     # attention attributes that hold the head counts (set after surgery), by meaning
     heads_attr: str | None = None  # number of query heads, if the module keeps it
     kv_groups_attr: str | None = "num_key_value_groups"
     lm_head: str = "lm_head"
+
+    def __post_init__(self) -> None:
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
+
+
+# --- what a config says, per family ------------------------------------------------------------
+
+
+def _llama_dense_layout(config) -> LayerLayout:
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    return LayerLayout(hidden, heads, kv, head_dim, config.intermediate_size, True,
+                       bool(getattr(config, "attention_bias", False)), bool(getattr(config, "mlp_bias", False)))
+
+
+def _llama_embedding_params(config) -> int:
+    """Token embeddings and the final norm."""
+    h = config.hidden_size
+    return config.vocab_size * h + h
+
+
+def _llama_lm_head_params(config) -> int:
+    """The final norm and the LM head."""
+    h = config.hidden_size
+    return h + config.vocab_size * h
+
+
+def _opt_dense_layout(config) -> LayerLayout:
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    bias = bool(getattr(config, "enable_bias", True))
+    return LayerLayout(hidden, heads, heads, hidden // heads, config.ffn_dim, False, bias, bias)
+
+
+def _opt_extras(config) -> tuple[int, int]:
+    """OPT: (final layer norm params, one projection's params) around the layers."""
+    h, wep = config.hidden_size, config.word_embed_proj_dim
+    final = 2 * h if config.do_layer_norm_before and not getattr(config, "_remove_final_layer_norm", False) else 0
+    return final, (h * wep if wep != h else 0)
+
+
+def _opt_embedding_params(config) -> int:
+    """Token and (learned, offset 2) position embeddings, the final layer norm, project_in / out."""
+    final, proj = _opt_extras(config)
+    return (config.vocab_size * config.word_embed_proj_dim + (config.max_position_embeddings + 2) * config.hidden_size
+            + final + 2 * proj)
+
+
+def _opt_lm_head_params(config) -> int:
+    """The final layer norm, project_out and the LM head."""
+    final, proj = _opt_extras(config)
+    return final + proj + config.vocab_size * config.word_embed_proj_dim
 
 
 _LLAMA_LIKE = dict(
@@ -53,6 +125,12 @@ _LLAMA_LIKE = dict(
     o="self_attn.o_proj",
     mlp_in=("mlp.gate_proj", "mlp.up_proj"),
     mlp_out="mlp.down_proj",
+    norm="rmsnorm",
+    learned_positions=False,
+    plain_loadable=True,
+    dense_layout=_llama_dense_layout,
+    embedding_params=_llama_embedding_params,
+    lm_head_params=_llama_lm_head_params,
 )
 
 SPECS: tuple[AdapterSpec, ...] = (
@@ -70,6 +148,12 @@ SPECS: tuple[AdapterSpec, ...] = (
         o="self_attn.out_proj",
         mlp_in=("fc1",),
         mlp_out="fc2",
+        norm="layernorm",
+        learned_positions=True,
+        plain_loadable=False,  # OPT derives its head size from hidden / heads
+        dense_layout=_opt_dense_layout,
+        embedding_params=_opt_embedding_params,
+        lm_head_params=_opt_lm_head_params,
         heads_attr="num_heads",
         kv_groups_attr=None,
     ),
@@ -263,3 +347,8 @@ def adapter_for(model_or_config) -> Adapter:
         f"architecture {model_type!r} is not supported; supported model types: "
         f"{', '.join(supported_model_types())}"
     )
+
+
+def config_layout(config) -> LayerLayout:
+    """The dense layer layout a config describes (every layer alike before pruning)."""
+    return adapter_for(config).spec.dense_layout(config)  # unsupported architectures fail here

@@ -6,7 +6,8 @@ config.json keeps the model's own fields plus a `structprune` section with every
 rebuilds the dense skeleton, shrinks each layer to its recorded shape, then loads the weights.
 Where every layer has the same shape and no bias was added, the config's own head and channel
 counts are rewritten too, so plain `AutoModelForCausalLM.from_pretrained` loads the folder
-(Llama-family models; OPT derives its head size from hidden/heads and always needs `load_pruned`).
+(families whose `AdapterSpec.plain_loadable` says so: Llama-family models; OPT derives its head size
+from hidden/heads and always needs `load_pruned`).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def _plain_loadable(config, shapes: list[dict]) -> bool:
     same = all(s == first for s in shapes)
     no_new_bias = not any(s["o_bias"] and not getattr(config, "attention_bias", False) for s in shapes) and \
         not any(s["mlp_out_bias"] and not getattr(config, "mlp_bias", False) for s in shapes)
-    return same and no_new_bias and config.model_type != "opt"
+    return same and no_new_bias and adapter_for(config).spec.plain_loadable
 
 
 def _plain_config(config, shapes: list[dict]):

@@ -1,7 +1,8 @@
 """`structprune` command line: prepare, models, eval, prune, estimate.
 
-Options of `prune` come from `PruneConfig`'s fields (defaults and help in one place). Errors of the
-library print as one line and exit with status 2.
+Options of `prune`, and the shared options of `eval`, `estimate` and `prepare`, come from
+`PruneConfig`'s fields: defaults, types, choices, bounds and help in one place. Every refusal (a bad
+option or an error of the library) prints one line, `error: ...`, and exits with status 2.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from .config import PruneConfig
+from .config import PruneConfig, check_value, choices_for, config_field, default_for, help_for, range_text
 from .errors import StructPruneError
 
 log = logging.getLogger("structprune")
@@ -36,23 +37,34 @@ def _progress(event) -> None:
     sys.stderr.flush()
 
 
+def _help(name: str, extra: str = "", default=MISSING) -> str:
+    """A setting's help from PruneConfig, its range and default; `%` escaped for argparse (help strings
+    are %-format templates to it)."""
+    default = default_for(name) if default is MISSING else default
+    parts = [p for p in (range_text(name), f"default: {default}" if default is not None else "") if p]
+    text = help_for(name) + extra + (f" ({'; '.join(parts)})" if parts else "")
+    return text.replace("%", "%%")
+
+
+def _config_option(p: argparse.ArgumentParser, name: str, flag: str | None = None, **kw) -> None:
+    """One option from a PruneConfig field: its default, type, choices and help (overridable by kw)."""
+    f = config_field(name)
+    flag = flag or "--" + name.replace("_", "-")
+    default = default_for(name)
+    if name == "eval_data":
+        opts = dict(nargs="+", default=list(default))
+    elif isinstance(default, bool):
+        opts = dict(action=argparse.BooleanOptionalAction, default=default)
+    else:
+        kind = {"int": int, "int | None": int, "float": float}.get(f.type, str)
+        opts = dict(type=kind, default=default, choices=choices_for(name))
+    p.add_argument(flag, **{**opts, "help": _help(name), **kw})
+
+
 def _add_config_options(p: argparse.ArgumentParser, skip: set[str] = frozenset()) -> None:
     for f in fields(PruneConfig):
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        help_ = f.metadata.get("help", "")
-        default = f.default if f.default is not MISSING else None
-        if f.name == "eval_data":
-            p.add_argument(flag, nargs="+", default=list(default), help=help_)
-        elif isinstance(default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
-        elif f.name == "eval_windows":
-            p.add_argument(flag, type=int, default=None, help=help_)
-        else:
-            kind = type(default) if default is not None else str
-            p.add_argument(flag, type=kind, default=default, choices=f.metadata.get("choices"),
-                           help=f"{help_} (default: {default})")
+        if f.name not in skip:
+            _config_option(p, f.name)
 
 
 def cmd_prepare(args) -> int:
@@ -83,8 +95,9 @@ def cmd_eval(args) -> int:
     from .evaluation import check_seqlen, perplexity
     from .models import load_model
 
-    if args.windows is not None and args.windows < 1:
-        raise StructPruneError(f"--windows must be at least 1 (got {args.windows}); omit it for all windows")
+    check_value("eval_windows", args.windows, "--windows")
+    check_value("seqlen", args.seqlen, "--seqlen")
+    check_value("batch_size", args.batch_size, "--batch-size")
     loaded = load_model(args.model)
     if loaded.tokenizer is None:
         raise StructPruneError(f"{args.model} has no tokenizer; evaluate a built-in model or a model folder")
@@ -129,6 +142,8 @@ def cmd_prune(args) -> int:
 def cmd_estimate(args) -> int:
     from .estimate import estimate_memory, load_config
 
+    for name in ("nsamples", "seqlen", "batch_size"):
+        check_value(name, getattr(args, name), "--" + name.replace("_", "-"))
     config = load_config(args.model)
     est = estimate_memory(config, args.method, args.nsamples, args.seqlen, args.dtype, batch_size=args.batch_size,
                           host_grams=args.device == "cuda")
@@ -136,26 +151,35 @@ def cmd_estimate(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Refusals as one line, `error: ...`, exit status 2 (the library's errors read the same)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="structprune", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="structprune", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="convert the built-in model and prepare corpora (idempotent)")
-    p.add_argument("--model", default="smollm2-135m")
+    _config_option(p, "model")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("models", help="list built-in and demo models")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("eval", help="perplexity of a model (PROTOCOL.md)")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--data", default="sotu")
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--windows", type=int, default=None, help="first N windows (default: all)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--mode", default="auto", choices=("auto", "whole", "streamed"))
-    p.add_argument("--batch-size", type=int, default=1)
+    p = sub.add_parser("eval", help="perplexity of a model (docs/PROTOCOL.md)")
+    _config_option(p, "model")
+    corpus = default_for("eval_data")[0]
+    _config_option(p, "eval_data", "--data", nargs=None, default=corpus, help=_help("eval_data", default=corpus))
+    _config_option(p, "seqlen")
+    _config_option(p, "eval_windows", "--windows", help="first N windows (default: all)")
+    _config_option(p, "device")
+    p.add_argument("--mode", default="auto", choices=("auto", "whole", "streamed"),
+                   help="whole model on the device, or one layer at a time (streamed); auto picks by memory")
+    _config_option(p, "batch_size")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("prune", help="prune a model and write its JSON record")
@@ -165,20 +189,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("estimate", help="predicted peak device memory for a model config")
-    p.add_argument("--model", default="smollm2-135m", help="built-in name, tiny name, folder or config.json")
-    p.add_argument("--method", default="structprune")
-    p.add_argument("--nsamples", type=int, default=64)
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--dtype", default="float32")
+    _config_option(p, "model", help=_help("model", "; or a config.json"))
+    for name in ("method", "nsamples", "seqlen", "batch_size", "dtype"):
+        _config_option(p, name)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                   help="the pipeline keeps Grams in host memory on cuda, on the device on cpu")
+                   help="the pipeline keeps Grams in host memory on cuda, on the device on cpu (default: cuda)")
     p.set_defaults(func=cmd_estimate)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a refused option (2, one `error:` line already printed)
+        return exc.code if isinstance(exc.code, int) else 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     from transformers.utils import logging as hf_logging
 

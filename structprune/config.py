@@ -1,13 +1,17 @@
-"""The one source of truth for run settings: defaults, allowed values and help strings.
+"""The one source of truth for run settings: defaults, allowed values, bounds and help strings.
 
-The CLI builds its options from these fields and the app uses the help strings as tooltips, so a
-default changed here changes everywhere.
+Every `PruneConfig` field carries its help and, where it has them, its choices and bounds in its
+metadata: `min` / `max` (inclusive), `gt` (an open lower bound), `step` and, for an open lower
+bound, `smallest` (the least value a form offers). `PruneConfig.validate()` checks those bounds,
+the CLI builds its options from them and the app its widgets, so a default or a bound changed here
+changes everywhere. Help strings say what an option does, never measured figures.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+import numbers
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 
 from .errors import InvalidConfigError
 
@@ -18,25 +22,32 @@ SELECTORS = ("admm", "greedy", "saliency")
 SALIENCIES = ("obs", "diag")
 TARGETS = ("local", "dense")
 REFINE_SCHEDULES = ("cosine", "constant")
-MAX_SPARSITY = 0.9
+DTYPES = ("float32", "bfloat16", "float16")
+MAX_SPARSITY = 0.9  # the one cap: on the target sparsity and on any one module's
+MAX_REFINE_EPOCHS = 100
+MAX_SEED = 2**31 - 1
+
+_BOUND_KEYS = ("min", "max", "gt", "step", "smallest")
 
 
 def _f(default, help: str, **kw):
+    unknown = set(kw) - {"choices", *_BOUND_KEYS}
+    assert not unknown, unknown
     return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass
 class PruneConfig:
-    """Everything that defines one pruning run (METHOD.md, PROTOCOL.md)."""
+    """Everything that defines one pruning run (docs/METHOD.md, docs/PROTOCOL.md)."""
 
     model: str = _f("smollm2-135m", "built-in name, tiny-* demo config, local HF folder, or hub id")
-    sparsity: float = _f(0.3, "fraction of prunable parameters (attention heads + MLP channels) to remove, 0-0.9")
+    sparsity: float = _f(0.3, "fraction of prunable parameters (attention heads + MLP channels) to remove",
+                         min=0.0, max=MAX_SPARSITY, step=0.05)
     method: str = _f("structprune", "pruning method", choices=METHODS)
     allocation: str = _f("softmax", "how the budget is split across modules", choices=ALLOCATIONS)
-    # relative energy at the T with the lowest mean held-out calibration loss over 30% and 50% on
-    # smollm2-135m (benchmarks/results/sweep/ALLOCATION_SWEEP.md); no sensitivity pass to pay for
     temperature: float = _f(
-        1.0, "softmax temperature (dimensionless; energies are z-scored logs); inf = uniform")
+        1.0, "softmax temperature (dimensionless; energies are z-scored logs); inf = uniform",
+        gt=0.0, smallest=0.01, step=0.1)
     energy: str = _f(
         "relative",
         "module energy for softmax/threshold: cost relative to each token's residual stream (typical "
@@ -55,30 +66,35 @@ class PruneConfig:
     bias: bool = _f(True, "let the refit add a bias (bias compensation); off keeps the saved model plain-HF loadable")
     damp: float = _f(
         0.01, "solver damping: lambda = damp x the mean diagonal of the input Gram, added to every weight column "
-              "(OBS / SparseGPT's percdamp); kept weights are pulled towards their original values")
+              "(OBS / SparseGPT's percdamp); kept weights are pulled towards their original values",
+        gt=0.0, max=1.0, smallest=0.0001, step=0.001)
     refine_epochs: int = _f(
         0, "block refit after each layer is pruned (structprune): epochs of Adam on all of the layer's remaining "
            "weights, fit through its nonlinearities to the dense layer's output on the same inputs, the best epoch "
-           "kept by held-out windows; 0 = off. On smollm2-135m at 30%: 6 epochs -0.062 nats held out, 12 epochs "
-           "-0.068, at about 4x and 7x the prune time")
-    # per-layer probe (a pruned layer's held-out error after the fit, layers 5 and 20 at 30%): cosine from
-    # 1e-3 over 6 epochs 0.81 / 0.89 of the error before, constant 3e-4 0.82 / 0.90, constant 1e-3 unstable
-    refine_lr: float = _f(1e-3, "block refit: Adam's initial learning rate")
+           "kept by held-out windows; 0 = off. Each epoch adds about one more pass over the calibration windows "
+           "per layer",
+        min=0, max=MAX_REFINE_EPOCHS, step=1)
+    refine_lr: float = _f(1e-3, "block refit: Adam's initial learning rate", gt=0.0, max=0.1, smallest=1e-6,
+                          step=1e-5)
     refine_schedule: str = _f("cosine", "block refit: learning rate decayed to 0 over all steps by a half cosine, "
                                         "or constant", choices=REFINE_SCHEDULES)
-    s_max: float = _f(0.9, "largest sparsity any one module may receive")
-    owl_lambda: float = _f(0.08, "OWL: half-width of the sparsity range around the target")
-    owl_m: float = _f(5.0, "OWL: outlier threshold, multiples of the layer's mean score")
-    sensitivity_windows: int = _f(4, "calibration windows used to measure module sensitivities")
-    nsamples: int = _f(64, "calibration windows")
-    seqlen: int = _f(512, "tokens per calibration / evaluation window")
-    seed: int = _f(0, "seed of the calibration sampler")
+    s_max: float = _f(0.9, "largest sparsity any one module may receive", gt=0.0, max=MAX_SPARSITY, smallest=0.05,
+                      step=0.05)
+    owl_lambda: float = _f(0.08, "OWL: half-width of the sparsity range around the target", min=0.0, max=0.3,
+                           step=0.01)
+    owl_m: float = _f(5.0, "OWL: outlier threshold, multiples of the layer's mean score", gt=0.0, smallest=0.5,
+                      step=0.5)
+    sensitivity_windows: int = _f(4, "calibration windows used to measure module sensitivities", min=1, step=1)
+    nsamples: int = _f(64, "calibration windows", min=1, step=1)
+    seqlen: int = _f(512, "tokens per calibration / evaluation window", min=2, step=1)
+    seed: int = _f(0, "seed of the calibration sampler", min=0, max=MAX_SEED, step=1)
     calib_data: str = _f("sotu", "calibration corpus (its calibration split)")
     eval_data: tuple[str, ...] = _f(("sotu",), "evaluation corpora (their test splits)")
-    eval_windows: int | None = _f(None, "evaluation windows per corpus (None = all)")
-    device: str = _f("auto", "compute device: auto, cuda or cpu")
-    dtype: str = _f("float32", "model dtype on the device: float32 (CPU), bfloat16 / float16 allowed on CUDA")
-    batch_size: int = _f(1, "windows per forward batch")
+    eval_windows: int | None = _f(None, "evaluation windows per corpus (None = all)", min=1, step=1)
+    device: str = _f("auto", "compute device: auto, cuda (or cuda:N) or cpu")
+    dtype: str = _f("float32", "model dtype on the device: float32 (CPU), bfloat16 / float16 allowed on CUDA",
+                    choices=DTYPES)
+    batch_size: int = _f(1, "windows per forward batch", min=1, step=1)
 
     def __post_init__(self) -> None:
         if isinstance(self.eval_data, str):
@@ -87,39 +103,15 @@ class PruneConfig:
         self.validate()
 
     def validate(self) -> None:
-        def bad(msg: str):
-            raise InvalidConfigError(msg)
-
-        if not (0.0 <= self.sparsity <= MAX_SPARSITY):
-            bad(f"sparsity must be between 0 and {MAX_SPARSITY} (got {self.sparsity})")
-        for name, allowed in (("method", METHODS), ("allocation", ALLOCATIONS), ("energy", ENERGIES),
-                              ("selector", SELECTORS), ("saliency", SALIENCIES), ("target", TARGETS),
-                              ("refine_schedule", REFINE_SCHEDULES)):
-            if getattr(self, name) not in allowed:
-                bad(f"{name} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
-        if not (self.temperature > 0 or math.isinf(self.temperature)):
-            bad(f"temperature must be positive or inf (got {self.temperature})")
-        if not (0 < self.damp <= 1):
-            bad(f"damp must be in (0, 1] (got {self.damp}); 0.01 is the default, 0.001-0.1 the useful range")
-        if not (isinstance(self.refine_epochs, int) and 0 <= self.refine_epochs <= 100):
-            bad(f"refine_epochs must be a whole number from 0 (off) to 100 (got {self.refine_epochs!r})")
+        """Every field against its metadata (choices, bounds), then the rules between fields."""
+        for f in fields(self):
+            check_value(f.name, getattr(self, f.name))
         if self.refine_epochs and self.method != "structprune":
-            bad(f"refine_epochs is a structprune setting; set it to 0 for {self.method}")
-        if not (0 < self.refine_lr <= 0.1):
-            bad(f"refine_lr must be in (0, 0.1] (got {self.refine_lr}); 1e-3 is the default")
-        if not (0 < self.s_max <= MAX_SPARSITY):
-            bad(f"s_max must be in (0, {MAX_SPARSITY}] (got {self.s_max})")
+            raise InvalidConfigError(f"refine_epochs is a structprune setting; set it to 0 for {self.method}")
         if self.sparsity > self.s_max:
-            bad(f"sparsity {self.sparsity} is above s_max {self.s_max}")
-        for name in ("nsamples", "seqlen", "batch_size", "sensitivity_windows"):
-            if getattr(self, name) < (2 if name == "seqlen" else 1):
-                bad(f"{name} must be at least {2 if name == 'seqlen' else 1} (got {getattr(self, name)})")
-        if self.eval_windows is not None and self.eval_windows < 1:
-            bad(f"eval_windows must be at least 1 or None for all (got {self.eval_windows})")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            bad(f"dtype must be float32, bfloat16 or float16 (got {self.dtype!r})")
+            raise InvalidConfigError(f"sparsity {self.sparsity} is above s_max {self.s_max}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            bad(f"device must be auto, cpu or cuda (got {self.device!r})")
+            raise InvalidConfigError(f"device must be auto, cpu or cuda (got {self.device!r})")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -137,11 +129,76 @@ class PruneConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+def config_field(name: str) -> Field:
+    """The dataclass field of one run setting (KeyError-free: an unknown name is a programming error)."""
+    return next(f for f in fields(PruneConfig) if f.name == name)
+
+
+def default_for(name: str):
+    f = config_field(name)
+    return f.default if f.default is not MISSING else f.default_factory()
+
+
 def help_for(name: str) -> str:
-    return next(f.metadata["help"] for f in fields(PruneConfig) if f.name == name)
+    return config_field(name).metadata["help"]
 
 
 def choices_for(name: str) -> tuple[str, ...] | None:
-    return next(f.metadata.get("choices") for f in fields(PruneConfig) if f.name == name)
+    return config_field(name).metadata.get("choices")
 
 
+def bounds_for(name: str) -> dict:
+    """{min, max, gt, step, smallest} of a setting (absent keys: no such bound)."""
+    meta = config_field(name).metadata
+    return {k: meta[k] for k in _BOUND_KEYS if k in meta}
+
+
+def _num(x) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
+def range_text(name: str) -> str:
+    """The allowed numbers in words, e.g. '0 to 0.9', 'above 0, at most 1', 'at least 1' ('' if unbounded)."""
+    b = bounds_for(name)
+    if "max" in b:
+        if "min" in b:
+            return f"{_num(b['min'])} to {_num(b['max'])}"
+        return (f"above {_num(b['gt'])}, " if "gt" in b else "") + f"at most {_num(b['max'])}"
+    if "min" in b:
+        return f"at least {_num(b['min'])}"
+    if "gt" in b:
+        return "positive" if b["gt"] == 0 else f"above {_num(b['gt'])}"
+    return ""
+
+
+def check_value(name: str, value, label: str | None = None) -> None:
+    """Raises InvalidConfigError when `value` is outside the setting's choices or bounds. `label` names
+    it in the message (e.g. a CLI flag); the setting's own name by default."""
+    label = label or name
+    f = config_field(name)
+    if value is None and f.default is None:
+        return  # optional setting left unset (e.g. eval_windows: all)
+    choices = f.metadata.get("choices")
+    if choices is not None:
+        if value not in choices:
+            raise InvalidConfigError(f"{label} must be one of {', '.join(choices)} (got {value!r})")
+        return
+    b = bounds_for(name)
+    if not b:
+        return
+    whole = f.type in ("int", "int | None")  # annotations are strings here (postponed evaluation)
+    if whole and not (isinstance(value, numbers.Integral) and not isinstance(value, bool)):
+        raise InvalidConfigError(f"{label} must be a whole number, {range_text(name)} (got {value!r})")
+    if not whole and not isinstance(value, numbers.Real):
+        raise InvalidConfigError(f"{label} must be a number, {range_text(name)} (got {value!r})")
+    ok = (("min" not in b or value >= b["min"]) and ("gt" not in b or value > b["gt"])
+          and ("max" not in b or value <= b["max"]))
+    if ok:
+        return
+    if "min" in b and "max" in b:
+        msg = f"between {_num(b['min'])} and {_num(b['max'])}"
+    elif "gt" in b and "max" in b:
+        msg = f"in ({_num(b['gt'])}, {_num(b['max'])}]"
+    else:
+        msg = range_text(name)
+    raise InvalidConfigError(f"{label} must be {msg} (got {value})")

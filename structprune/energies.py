@@ -1,4 +1,4 @@
-"""Unit costs and module energies from pass-1 statistics (METHOD.md "Allocation across layers").
+"""Unit costs and module energies from pass-1 statistics (docs/METHOD.md "Allocation across layers").
 
 A unit's cost is a loss per parameter removed, so heads and channels compare on one scale:
 

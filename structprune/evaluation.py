@@ -1,4 +1,4 @@
-"""Perplexity per PROTOCOL.md: whole model on the device, or streamed one layer at a time.
+"""Perplexity per docs/PROTOCOL.md: whole model on the device, or streamed one layer at a time.
 
 Both paths compute the same summed NLL per window (`streaming.window_nll`), so they agree to
 floating-point noise; `tests/test_evaluation.py` checks it.
@@ -12,10 +12,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .adapters import adapter_for
+from .engine import PruneEngine
 from .errors import InvalidConfigError, SequenceLengthError
 from .memory import DeviceLedger
-from .streaming import LayerStream, window_nll
+from .streaming import window_nll
 
 
 @dataclass(frozen=True)
@@ -99,14 +99,9 @@ def perplexity_streamed(
     protocol: str = "",
     ledger: DeviceLedger | None = None,
 ) -> PerplexityResult:
-    """One decoder layer on `device` at a time; activations of all windows stay on the host."""
-    adapter = adapter_for(model)
-    stream = LayerStream(model, adapter, device, ledger=ledger, batch_size=batch_size)
-    hidden = stream.embed(windows)
-    for i in range(stream.n_layers):
-        with stream.layer_on_device(i) as layer:
-            hidden = stream.run_layer(i, layer, hidden)
-    nll, tokens = stream.logits_nll(hidden, windows)
+    """One decoder layer on `device` at a time (the engine's stream); activations of all windows
+    stay on the host."""
+    nll, tokens = PruneEngine(model, device, batch_size=batch_size, ledger=ledger).nll(windows)
     return _nll_to_result(nll, tokens, windows, protocol)
 
 

@@ -1,7 +1,7 @@
 """The allocation explorer's library side: pass-1 energies computed once, allocations redrawn
 from them in milliseconds.
 
-An `EnergyProfile` keeps what pass 1 learns about a dense model on a calibration set (METHOD.md
+An `EnergyProfile` keeps what pass 1 learns about a dense model on a calibration set (docs/METHOD.md
 "Allocation across layers"): every unit's saliency, each module's output energy, each layer's
 residual-stream energy and OWL outlier ratio, and, when measured, each module's calibration-loss
 sensitivity at the target sparsity. Everything the four allocation schemes need is in it, so a
@@ -24,8 +24,12 @@ import torch
 
 from .allocation import (ModuleSpec, allocate_owl, allocate_softmax, allocate_threshold, allocate_uniform,
                          allocation_entropy, softmax_sparsities, softmax_sweep)
-from .config import PruneConfig
+from .config import MAX_SPARSITY, PruneConfig
+from .data.calibration import calibration_ids
 from .energies import module_energies, unit_costs
+from .engine import PruneEngine, pass1_key
+from .evaluation import check_seqlen, resolve_device
+from .methods import get_method
 from .pipeline import LayerStats
 
 SCHEMA = "structprune.energy-profile/1"
@@ -150,34 +154,21 @@ def profile_from_stats(stats: list[LayerStats], specs: list[ModuleSpec], model: 
 @torch.no_grad()
 def compute_energy_profile(cfg: PruneConfig, loaded, on_event=None, cancel=None,
                            stats_cache: dict | None = None) -> EnergyProfile:
-    """Pass 1 alone (the engine's `collect_stats`, with the module sensitivities that run_prune
-    measures for softmax/threshold allocation), on a copy of `loaded.model`. With `stats_cache`
-    (the dict run_prune accepts), the statistics are shared both ways with prune runs."""
-    from .adapters import adapter_for
-    from .evaluation import check_seqlen, resolve_device
-    from .memory import DeviceLedger
-    from .methods import get_method
-    from .pipeline import Emitter
-    from .run import calibration_ids, pass1_key, pass1_stats
-    from .streaming import LayerStream
-    from .units import layouts_of, module_specs
-
+    """Pass 1 alone (`PruneEngine.pass1`, with the module sensitivities that run_prune measures
+    for softmax/threshold allocation), on a copy of `loaded.model`. With `stats_cache` (the dict
+    run_prune accepts), the statistics are shared both ways with prune runs."""
     t0 = time.perf_counter()
     cfg = PruneConfig.from_dict({**cfg.to_dict(), "method": "structprune"})
     device = resolve_device(cfg.device)
     method = get_method("structprune")(cfg)
     model = copy.deepcopy(loaded.model).float().eval()  # the sensitivity pass edits weights transiently
-    adapter = adapter_for(model)
-    specs = module_specs(layouts_of(model, adapter))
     check_seqlen(model, cfg.seqlen)
     calib_ids = calibration_ids(cfg, loaded.tokenizer, model.config.vocab_size)
-    stream = LayerStream(model, adapter, device, ledger=DeviceLedger(device), batch_size=cfg.batch_size)
-    emit = Emitter(stream, on_event, cancel, t0)
+    engine = PruneEngine(model, device, method, batch_size=cfg.batch_size, on_event=on_event, cancel=cancel, t0=t0)
     # always with sensitivities, so every energy can be shown
-    stats, _ = pass1_stats(method, stream, calib_ids, specs, emit, stats_cache, pass1_key(cfg, loaded, True),
-                           sensitivity=True)
-    emit("done", -1)
-    return profile_from_stats(stats, specs, loaded.name, cfg, seconds=time.perf_counter() - t0)
+    p1 = engine.pass1(calib_ids, sensitivity=True, cache=stats_cache, cache_key=pass1_key(method, id(loaded.model), True))
+    engine.emit("done", -1)
+    return profile_from_stats(p1.stats, engine.specs, loaded.name, cfg, seconds=time.perf_counter() - t0)
 
 
 # --- frames for the explorer's plots (pure numpy/pandas, milliseconds) -------------------------
@@ -195,7 +186,7 @@ def _module_frame(profile: EnergyProfile) -> pd.DataFrame:
 
 
 def softmax_frame(profile: EnergyProfile, s: float, temperature: float, energy: str,
-                  s_max: float = 0.9) -> pd.DataFrame:
+                  s_max: float = MAX_SPARSITY) -> pd.DataFrame:
     """One row per module: energy, z-scored log energy, and the softmax allocation at T, both the
     continuous s_m and the whole-unit one a run would use (`sparsity`)."""
     specs, e = profile.module_specs(), profile.energies(energy, s)
@@ -212,7 +203,7 @@ def softmax_frame(profile: EnergyProfile, s: float, temperature: float, energy: 
 
 
 def scheme_frame(profile: EnergyProfile, s: float, temperature: float, energy: str,
-                 owl_lambda: float = 0.08, s_max: float = 0.9) -> pd.DataFrame:
+                 owl_lambda: float = 0.08, s_max: float = MAX_SPARSITY) -> pd.DataFrame:
     """Long frame (layer, module, scheme, sparsity): uniform, threshold, OWL and softmax(T)
     allocations of the same budget, rounded to whole units as a run would prune."""
     specs = profile.module_specs()
@@ -234,7 +225,7 @@ def scheme_frame(profile: EnergyProfile, s: float, temperature: float, energy: s
 
 
 def temperature_grid(profile: EnergyProfile, s: float, temperatures, energy: str,
-                     s_max: float = 0.9) -> pd.DataFrame:
+                     s_max: float = MAX_SPARSITY) -> pd.DataFrame:
     """Long frame (temperature, layer, module, sparsity) of the continuous softmax allocation over a
     grid of temperatures (one vectorized water-filling), for the layers x T heatmap."""
     temps = np.asarray(temperatures, dtype=float)
@@ -246,7 +237,7 @@ def temperature_grid(profile: EnergyProfile, s: float, temperatures, energy: str
                          "sparsity": grid.reshape(-1)})
 
 
-def entropy_frame(profile: EnergyProfile, s: float, temperatures, energy: str, s_max: float = 0.9) -> pd.DataFrame:
+def entropy_frame(profile: EnergyProfile, s: float, temperatures, energy: str, s_max: float = MAX_SPARSITY) -> pd.DataFrame:
     """Entropy (nats) of where the pruned parameters sit, per temperature; its maximum (uniform
     sparsity) is in the column `uniform`."""
     specs = profile.module_specs()

@@ -43,19 +43,24 @@ def relative_weights(y: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     return n2.clamp_min_(torch.finfo(torch.float32).tiny).reciprocal_()
 
 
+TokenWeights = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (y, residual) -> (T,) fp32 weights
+
+
 class GramHook:
     """Accumulates the augmented Gram of `module`'s input while active (a context manager).
 
     stop=True raises StopLayer after recording, ending the layer's forward there (the rest of the
     layer is not needed when only this input is wanted). `residual`, when given, returns the
-    current batch's layer input and makes the Gram relative (token-weighted, see the module doc).
+    current batch's layer input and makes the Gram token-weighted by `weigh(y, residual)`
+    (`relative_weights` unless a method brings its own; see the module doc).
     """
 
     def __init__(self, module: nn.Linear, stop: bool = False,
-                 residual: Callable[[], torch.Tensor] | None = None) -> None:
+                 residual: Callable[[], torch.Tensor] | None = None, weigh: TokenWeights = relative_weights) -> None:
         self.module = module
         self.stop = stop
         self.residual = residual
+        self.weigh = weigh
         n = module.in_features
         self.sum = torch.zeros(n + 1, n + 1, device=module.weight.device, dtype=torch.float32)
         self.tokens = 0
@@ -80,7 +85,7 @@ class GramHook:
 
     def _post_hook(self, _module, args, output):
         # after the projection: its output is the y of the weights, at no extra matmul
-        self._add(args[0], relative_weights(output, self.residual()))
+        self._add(args[0], self.weigh(output, self.residual()))
 
     def __enter__(self) -> GramHook:
         if self.residual is None:

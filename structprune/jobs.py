@@ -181,7 +181,7 @@ class JobRunner:
         if cfg.method != "structprune":
             return
         for key in set(self.stats_cache) - before:
-            stats = self.stats_cache[key][0]
+            stats = self.stats_cache[key].stats
             if stats:
                 specs = module_specs(layouts_of(loaded.model, adapter_for(loaded.model)))
                 prof = profile_from_stats(stats, specs, loaded.name, cfg)

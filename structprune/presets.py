@@ -1,5 +1,5 @@
 """Published model shapes as configs without weights: the memory estimator's presets and the
-depth-vs-width view of the O(sqrt N) argument (METHOD.md "Memory").
+depth-vs-width view of the O(sqrt N) argument (docs/METHOD.md "Memory").
 
 Numbers are copied from each model's config.json on the Hugging Face hub (`PRESET_SOURCES`).
 Only shapes matter here: hidden size, layers, query / KV heads, MLP width, vocabulary, context.
@@ -11,6 +11,10 @@ import math
 from typing import Any
 
 import numpy as np
+
+from .adapters import config_layout
+from .footprint import estimate_memory, model_params
+from .memory import layer_weight_bytes
 
 # name -> config kwargs (model_type picks the transformers config class)
 PRESETS: dict[str, dict[str, Any]] = {
@@ -89,10 +93,7 @@ def preset_config(name: str):
 
 def scaling_rows(names: list[str] | None = None) -> list[dict]:
     """Per preset: total parameters N, layers L, hidden d and one decoder layer's parameters: the
-    numbers behind "one layer is about sqrt(N)" (METHOD.md). Sorted by N."""
-    from .estimate import config_layout, model_params
-    from .memory import layer_weight_bytes
-
+    numbers behind "one layer is about sqrt(N)" (docs/METHOD.md). Sorted by N."""
     rows = []
     for name in names or list(PRESETS):
         cfg = preset_config(name)
@@ -106,11 +107,9 @@ def scaling_rows(names: list[str] | None = None) -> list[dict]:
 
 def estimate_rows(configs: dict[str, object], methods=("global-taylor", "wanda-sp", "structprune"),
                   nsamples: int = 128, seqlen: int = 2048, dtype: str = "bfloat16", batch_size: int = 1) -> list[dict]:
-    """`estimate.estimate_memory` for every (config, method): preset, n_params, method, peak_gib
+    """`footprint.estimate_memory` for every (config, method): preset, n_params, method, peak_gib
     and the phase that sets the peak. structprune is estimated with its sensitivity pass and, as
     on CUDA, with its Grams in host memory between accumulation and solve."""
-    from .estimate import estimate_memory
-
     rows = []
     for name, cfg in configs.items():
         for method in methods:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .memory import refine_bytes
-from .streaming import Batches, LayerStream, _to
+from .streaming import Batches, LayerStream, to_device
 
 
 def relative_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -50,47 +50,46 @@ def fit_layer(stream: LayerStream, index: int, layer: nn.Module, dense_layer: nn
     # can know before the allocation is made
     lay = stream.adapter.layout(dense_layer)
     bsz, seqlen = inputs.tensors[0].shape[:2]
-    stream.ledger.hold("refine", refine_bytes(lay, stream.adapter.spec.family, bsz, seqlen, stream.dtype_bytes))
+    with stream.ledger.held("refine", refine_bytes(lay, stream.adapter.spec.norm, bsz, seqlen, stream.dtype_bytes)):
 
-    def loss(b: int) -> torch.Tensor:
-        x = inputs.tensors[b].to(stream.device, torch.float32)
-        out = work(x, **_to(stream.layer_kwargs(index, inputs.tensors[b]), stream.device))
-        out = out[0] if isinstance(out, tuple) else out
-        return relative_error(out, targets.tensors[b].to(stream.device, torch.float32))
+        def loss(b: int) -> torch.Tensor:
+            x = inputs.tensors[b].to(stream.device, torch.float32)
+            out = work(x, **to_device(stream.layer_kwargs(index, inputs.tensors[b]), stream.device))
+            out = out[0] if isinstance(out, tuple) else out
+            return relative_error(out, targets.tensors[b].to(stream.device, torch.float32))
 
-    def held_out() -> float:
+        def held_out() -> float:
+            with torch.no_grad():
+                return sum(float(loss(b)) for b in val) / len(val)
+
+        params = list(work.parameters())
+        history = [held_out()]
+        best_epoch, best = 0, [p.detach().clone() for p in params]
+        rng = random.Random(seed * 1_000_003 + index)
+        with torch.enable_grad():
+            for p in params:
+                p.requires_grad_(True)
+            opt = torch.optim.Adam(params, lr=lr)
+            steps = epochs * len(train)
+            # cosine: large steps early, small ones to settle (a constant 1e-3 oscillates; see config.refine_lr)
+            decay = torch.optim.lr_scheduler.LambdaLR(
+                opt, (lambda t: 0.5 * (1 + math.cos(math.pi * t / steps))) if schedule == "cosine" else (lambda t: 1.0))
+            for epoch in range(1, epochs + 1):
+                rng.shuffle(train)
+                for b in train:
+                    opt.zero_grad(set_to_none=True)
+                    loss(b).backward()
+                    opt.step()
+                    decay.step()
+                history.append(held_out())
+                if history[-1] < history[best_epoch]:
+                    best_epoch = epoch
+                    for keep, p in zip(best, params):
+                        keep.copy_(p.detach())
+            for p in params:
+                p.requires_grad_(False)
+            del opt, decay
         with torch.no_grad():
-            return sum(float(loss(b)) for b in val) / len(val)
-
-    params = list(work.parameters())
-    history = [held_out()]
-    best_epoch, best = 0, [p.detach().clone() for p in params]
-    rng = random.Random(seed * 1_000_003 + index)
-    with torch.enable_grad():
-        for p in params:
-            p.requires_grad_(True)
-        opt = torch.optim.Adam(params, lr=lr)
-        steps = epochs * len(train)
-        # cosine: large steps early, small ones to settle (a constant 1e-3 oscillates; see config.refine_lr)
-        decay = torch.optim.lr_scheduler.LambdaLR(
-            opt, (lambda t: 0.5 * (1 + math.cos(math.pi * t / steps))) if schedule == "cosine" else (lambda t: 1.0))
-        for epoch in range(1, epochs + 1):
-            rng.shuffle(train)
-            for b in train:
-                opt.zero_grad(set_to_none=True)
-                loss(b).backward()
-                opt.step()
-                decay.step()
-            history.append(held_out())
-            if history[-1] < history[best_epoch]:
-                best_epoch = epoch
-                for keep, p in zip(best, params):
-                    keep.copy_(p.detach())
-        for p in params:
-            p.requires_grad_(False)
-        del opt, decay
-    with torch.no_grad():
-        for p, keep, orig in zip(params, best, layer.parameters()):
-            orig.copy_(keep.to(orig.dtype))  # (work is layer itself in fp32: a copy onto itself)
-    stream.ledger.release("refine")
+            for p, keep, orig in zip(params, best, layer.parameters()):
+                orig.copy_(keep.to(orig.dtype))  # (work is layer itself in fp32: a copy onto itself)
     return {"heldout_error": history, "epoch_kept": best_epoch, "seconds": round(time.perf_counter() - t0, 3)}

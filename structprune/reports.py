@@ -1,4 +1,4 @@
-"""Run records (run.py's JSON, PROTOCOL.md) as tidy DataFrames for plots, tables and CSV export,
+"""Run records (run.py's JSON, docs/PROTOCOL.md) as tidy DataFrames for plots, tables and CSV export,
 and the benchmark records under `benchmarks/results/`.
 
 Every perplexity row keeps its protocol string; `eval_protocol` is the part that decides whether

@@ -1,11 +1,11 @@
-"""One pruning run from a `PruneConfig`: data, dense evaluation, the method's passes, pruned
-evaluation, and the JSON record of PROTOCOL.md. The CLI, the app and the benchmarks all call
-`run_prune`."""
+"""One pruning run from a `PruneConfig`, as docs/PROTOCOL.md defines it: the data, the dense
+evaluation, the pruning (by `engine.PruneEngine`), the pruned evaluation, and the JSON record.
+The CLI, the app's jobs and the benchmarks all call `run_prune`; this module holds the protocol,
+not the streaming loop."""
 
 from __future__ import annotations
 
 import copy
-import functools
 import logging
 import math
 import platform
@@ -18,26 +18,23 @@ from pathlib import Path
 
 import torch
 
-from .adapters import adapter_for
 from .config import PruneConfig
+from .data.calibration import HELDOUT_LOSS_WINDOWS, calibration_ids, heldout_ids, random_token_data
 from .data.corpora import corpus_id, corpus_label
-from .data.windows import (CalibrationSpec, calibration_windows, corpus_token_ids, eval_windows,
-                           heldout_calibration_windows, protocol_string)
-from .errors import DeviceOutOfMemoryError, SequenceLengthError
+from .data.windows import CalibrationSpec, corpus_token_ids, eval_windows, protocol_string
+from .engine import PruneEngine, check_sensitivity_windows, pass1_key
+from .errors import DeviceOutOfMemoryError
 from .evaluation import check_seqlen, perplexity, resolve_device
-from .memory import DTYPE_BYTES, DeviceLedger
-from .methods import get_method
+from .memory import DTYPE_BYTES
+from .methods import Method, get_method
 from .models import LoadedModel, load_model
-from .pipeline import Emitter, ProgressEvent, collect_stats, prune_sequential
-from .refine import fit_layer
-from .streaming import LayerStream
-from .units import count_params, layouts_of, module_specs
+from .pipeline import ProgressEvent
+from .units import count_params
 
 log = logging.getLogger(__name__)
 
 RECORD_SCHEMA = "structprune.run/1"
 CALIB_LOSS_WINDOWS = 8  # calibration windows of the pruned model's calibration loss (calib_loss["pruned"])
-HELDOUT_LOSS_WINDOWS = 16  # held-out calibration windows of calib_loss["heldout"], which choices are made by
 
 
 @dataclass
@@ -65,18 +62,11 @@ def environment() -> dict:
             "cpus": torch.get_num_threads(), "gpu": gpu, "git_commit": commit}
 
 
-def calibration_ids(cfg: PruneConfig, tokenizer, vocab: int) -> torch.Tensor:
-    """The run's calibration windows (nsamples, seqlen): from the calibration split, or random
-    tokens for tiny demo models without a tokenizer."""
-    if tokenizer is None:
-        return random_token_data(cfg, vocab)[0]
-    return calibration_windows(corpus_token_ids(tokenizer, cfg.calib_data, "calib"), cfg.nsamples, cfg.seqlen,
-                               cfg.seed)
-
-
 def prepare_data(cfg: PruneConfig, tokenizer, model) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
     """Calibration windows (N, S) and evaluation windows per corpus, with their protocol strings."""
     check_seqlen(model, cfg.seqlen)
+    if tokenizer is None:
+        return random_token_data(cfg, model.config.vocab_size)
     calib_ids = calibration_ids(cfg, tokenizer, model.config.vocab_size)
     calib = CalibrationSpec(corpus_id(cfg.calib_data, "calib"), cfg.nsamples, cfg.seqlen, cfg.seed)
     evals, protocols = {}, {}
@@ -87,108 +77,6 @@ def prepare_data(cfg: PruneConfig, tokenizer, model) -> tuple[torch.Tensor, dict
     return calib_ids, evals, protocols
 
 
-def heldout_ids(cfg: PruneConfig, tokenizer, vocab: int) -> torch.Tensor | None:
-    """HELDOUT_LOSS_WINDOWS windows of the calibration split disjoint from the calibration windows
-    (random tokens for tiny demo models); None, with a warning, when the calibration windows leave
-    too few."""
-    if tokenizer is None:
-        g = torch.Generator().manual_seed(cfg.seed + 2)
-        return torch.randint(0, vocab, (HELDOUT_LOSS_WINDOWS, cfg.seqlen), generator=g)
-    try:
-        return heldout_calibration_windows(corpus_token_ids(tokenizer, cfg.calib_data, "calib"),
-                                           HELDOUT_LOSS_WINDOWS, cfg.seqlen, cfg.nsamples, cfg.seed)
-    except SequenceLengthError as exc:
-        log.warning("no held-out calibration loss: %s", exc)
-        return None
-
-
-def pass1_key(cfg: PruneConfig, loaded: LoadedModel, sensitivity: bool) -> tuple:
-    """What pass-1 statistics depend on (the model object, its data and the scoring rule)."""
-    sens = (cfg.sparsity, cfg.selector, cfg.refit, cfg.sensitivity_windows) if sensitivity else None
-    relative = get_method(cfg.method)(cfg).relative_grams()
-    return (id(loaded.model), cfg.method, cfg.saliency, cfg.bias, cfg.calib_data, cfg.nsamples, cfg.seqlen,
-            cfg.seed, cfg.owl_m, cfg.dtype, cfg.batch_size, relative, cfg.damp, sens)
-
-
-def random_token_data(cfg: PruneConfig, vocab: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
-    """Tiny demo models have no tokenizer: random token windows (labelled as such)."""
-    g = torch.Generator().manual_seed(cfg.seed)
-    calib = torch.randint(0, vocab, (cfg.nsamples, cfg.seqlen), generator=g)
-    n_eval = cfg.eval_windows or 4
-    win = torch.randint(0, vocab, (n_eval, cfg.seqlen), generator=torch.Generator().manual_seed(cfg.seed + 1))
-    proto = protocol_string("random-tokens", cfg.seqlen, n_eval, ("random-tokens", cfg.nsamples, cfg.seqlen, cfg.seed))
-    return calib, {"random": win}, {"random": proto}
-
-
-def pass1_stats(method, stream: LayerStream, calib_ids: torch.Tensor, specs, emit: Emitter,
-                stats_cache: dict | None = None, stats_key: tuple | None = None,
-                sensitivity: bool | None = None) -> tuple[list, dict]:
-    """Pass 1 of a layer-wise method: per-layer statistics, with the module sensitivities when
-    `sensitivity` (default: when the method wants them; measured at the uniform allocation with a
-    one-shot selector), and the dense calibration loss. Looked up in / stored into `stats_cache`
-    under `stats_key`."""
-    cfg = method.cfg
-    stream.relative_grams = method.relative_grams()  # pass 2 (prune_sequential) reads it too
-    if stats_cache is not None and stats_key in stats_cache:
-        stats, calib_loss = stats_cache[stats_key]
-        return stats, dict(calib_loss)
-    if not method.needs_calibration:
-        return [], {}
-    sens_rule = None
-    if method.wants_sensitivity() if sensitivity is None else sensitivity:
-        from .allocation import allocate_uniform
-
-        u = allocate_uniform(specs, cfg.sparsity, s_max=cfg.s_max)
-        uniform_keep = {(sp.layer, sp.kind): int(k) for sp, k in zip(specs, u.units_kept)}
-
-        def sens_rule(kind, i, W, b, G, lay):
-            # one-shot OBS selection + refit: the measured loss only ranks modules, and this is
-            # the pass's most frequent solve
-            return method.rule(kind, i, W, b, G, lay, uniform_keep[(i, kind)], selector="saliency")
-
-    stats, calib_loss = collect_stats(
-        stream, calib_ids, method.score, emit, sensitivity_rule=sens_rule,
-        sensitivity_windows=min(cfg.sensitivity_windows, calib_ids.shape[0]), owl_m=cfg.owl_m,
-        solves=method.solves)
-    if stats_cache is not None:
-        stats_cache[stats_key] = (stats, dict(calib_loss))
-    return stats, calib_loss
-
-
-def prune_layerwise(method, stream: LayerStream, calib_ids: torch.Tensor, specs, emit: Emitter,
-                    stats_cache: dict | None = None, stats_key: tuple | None = None):
-    """A layer-wise method end to end on a stream: pass 1 (statistics; sensitivities when the
-    method wants them, measured with a one-shot selector), allocation, pass 2. Returns
-    (allocation, energy info, per-module infos, calibration losses, pass timings). The model in
-    the stream is pruned in place."""
-    cfg = method.cfg
-    timing = {}
-    t = time.perf_counter()
-    stats, calib_loss = pass1_stats(method, stream, calib_ids, specs, emit, stats_cache, stats_key)
-    timing["pass1_s"] = time.perf_counter() - t
-    alloc, energy_info = method.allocate(specs, stats)
-    keep = [{} for _ in range(stream.n_layers)]
-    for sp, k in zip(specs, alloc.units_kept):
-        keep[sp.layer][sp.kind] = int(k)
-    t = time.perf_counter()
-    if method.needs_calibration:
-        refine = None
-        if cfg.refine_epochs:
-            refine = functools.partial(fit_layer, epochs=cfg.refine_epochs, lr=cfg.refine_lr, seed=cfg.seed,
-                                       schedule=cfg.refine_schedule)
-        infos = prune_sequential(stream, calib_ids, keep, method.rule, emit, target=cfg.target,
-                                 solves=method.solves, refine=refine)
-    else:
-        infos = method.prune_weights_only(stream.model, stream.adapter, keep)
-    timing["pass2_s"] = time.perf_counter() - t
-    if stats:
-        energy_info["sensitivity"] = [
-            {"layer": i, "module": k, "delta_loss": v} for i, st in enumerate(stats) for k, v in st.sensitivity.items()]
-        energy_info["residual_energy"] = [st.residual_energy for st in stats]
-        energy_info["residual_energy_hm"] = [st.residual_energy_hm for st in stats]
-    return alloc, energy_info, infos, calib_loss, timing
-
-
 def run_prune(
     cfg: PruneConfig,
     loaded: LoadedModel | None = None,
@@ -196,11 +84,13 @@ def run_prune(
     cancel=None,
     evaluate_dense: bool = True,
     stats_cache: dict | None = None,
+    method: Method | None = None,
 ) -> PruneResult:
     """Prunes a copy of `loaded` (or of `cfg.model`, loaded here) and evaluates it.
 
     stats_cache: a dict shared across runs; pass-1 statistics are kept in it under a key of
     everything they depend on, so sweeps over allocations and temperatures stream pass 1 once.
+    method: a `Method` instance to run instead of `cfg.method`'s (a variant, e.g. an ablation).
 
     on_event(ProgressEvent) is called per layer and stage; cancel (a threading.Event) is checked at
     every layer boundary and raises RunCancelledError. The loaded model is never modified.
@@ -211,27 +101,16 @@ def run_prune(
     if device.type == "cpu" and dtype != torch.float32:
         log.warning("half precision on the CPU is slow and inexact; using float32")
         dtype = torch.float32
+    method = method or get_method(cfg.method)(cfg)
+    check_sensitivity_windows(method, cfg.nsamples)
     loaded = loaded or load_model(cfg.model)
     model = copy.deepcopy(loaded.model).to(dtype).eval()
-    adapter = adapter_for(model)
-    method = get_method(cfg.method)(cfg)
+    calib_ids, evals, protocols = prepare_data(cfg, loaded.tokenizer, model)
 
-    if loaded.tokenizer is not None:
-        calib_ids, evals, protocols = prepare_data(cfg, loaded.tokenizer, model)
-    else:
-        check_seqlen(model, cfg.seqlen)
-        calib_ids, evals, protocols = random_token_data(cfg, model.config.vocab_size)
-    if method.wants_sensitivity() and calib_ids.shape[0] < cfg.sensitivity_windows:
-        raise SequenceLengthError(
-            f"sensitivity_windows ({cfg.sensitivity_windows}) exceeds nsamples ({calib_ids.shape[0]}); "
-            "lower --sensitivity-windows or raise --nsamples")
-
-    ledger = DeviceLedger(device)
-    stream = LayerStream(model, adapter, device, ledger=ledger, batch_size=cfg.batch_size)
-    emit = Emitter(stream, on_event, cancel, t_start)
-    params_before = count_params(model, adapter)
-    layouts = layouts_of(model, adapter)
-    specs = module_specs(layouts)
+    engine = PruneEngine(model, device, method, batch_size=cfg.batch_size, on_event=on_event, cancel=cancel,
+                         t0=t_start)
+    params_before = count_params(model, engine.adapter)
+    specs = engine.specs
     timing: dict[str, float] = {}
 
     def evaluate(tag: str) -> dict:
@@ -240,7 +119,7 @@ def run_prune(
         for name, win in evals.items():
             res = perplexity(model, win, device=device, batch_size=cfg.batch_size, protocol=protocols[name])
             out[name] = {**res.to_dict(), "label": corpus_label(name, "test") if name != "random" else "random tokens"}
-            emit(f"eval-{tag}", -1, f"{name}: ppl {res.value:.4g}")
+            engine.emit(f"eval-{tag}", -1, f"{name}: ppl {res.value:.4g}")
         timing[f"eval_{tag}_s"] = time.perf_counter() - t
         return out
 
@@ -249,18 +128,12 @@ def run_prune(
         ppl_dense = evaluate("dense") if evaluate_dense else {}
         if evaluate_dense and heldout is not None:
             calib_loss_dense_heldout = heldout_nll(model, heldout, device, cfg.batch_size)[0]
-        if ledger.measured:  # the dense evaluation may hold the whole model: not pruning's peak
+        if engine.ledger.measured:  # the dense evaluation may hold the whole model: not pruning's peak
             torch.cuda.reset_peak_memory_stats(device)
-        t = time.perf_counter()
-        if method.whole_model:
-            alloc, energy_info, infos, calib_loss = method.prune_whole(model, adapter, calib_ids, specs, stream, emit)
-            timing["pass1_s"] = time.perf_counter() - t
-        else:
-            key = pass1_key(cfg, loaded, method.wants_sensitivity())
-            alloc, energy_info, infos, calib_loss, passes = prune_layerwise(
-                method, stream, calib_ids, specs, emit, stats_cache=stats_cache, stats_key=key)
-            timing.update(passes)
-        prune_peak = ledger.peak  # before the evaluations, which may hold the whole model
+        key = pass1_key(method, id(loaded.model), method.wants_sensitivity())
+        outcome = engine.run(calib_ids, cache=stats_cache, cache_key=key)
+        timing.update(outcome.timing)
+        calib_loss = outcome.calib_loss
         if evaluate_dense and heldout is not None:
             calib_loss["heldout_dense"] = calib_loss_dense_heldout
         calib_loss["pruned"], calib_loss["pruned_windows"] = calibration_nll(model, calib_ids, device, cfg.batch_size)
@@ -271,7 +144,8 @@ def run_prune(
         raise DeviceOutOfMemoryError(
             "the GPU ran out of memory; lower --nsamples, --seqlen or --batch-size, or use --device cpu") from exc
 
-    params_after = count_params(model, adapter)
+    alloc, energy_info, infos = outcome.allocation, outcome.energy_info, outcome.modules
+    params_after = count_params(model, engine.adapter)
     # prunable parameters left, counted with the dense model's unit costs (after pruning, a GQA
     # layer with one head per group would look like multi-head attention to the layout)
     kept_units = {(sp.layer, sp.kind): sp.n_units for sp in specs}
@@ -279,14 +153,15 @@ def run_prune(
         kept_units[(info["layer"], info["module"])] = info["kept"]
     prunable_after = sum(kept_units[(sp.layer, sp.kind)] * sp.unit_params for sp in specs)
     timing["total_s"] = time.perf_counter() - t_start
-    emit("done", -1)
+    engine.emit("done", -1)
+    ledger = engine.ledger
     record = {
         "schema": RECORD_SCHEMA,
         "run_id": uuid.uuid4().hex[:12],
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "status": "finished",
         "model": {"name": loaded.name, "source": loaded.source, "description": loaded.description,
-                  "architecture": model.config.model_type, "n_layers": len(layouts),
+                  "architecture": model.config.model_type, "n_layers": engine.n_layers,
                   "weights_note": "4-bit GGUF dequantized to fp32" if loaded.source == "builtin" else None},
         "method": cfg.method,
         "allocation_scheme": alloc.scheme,  # what ran (baselines fix their own; cfg.allocation may not apply)
@@ -307,7 +182,7 @@ def run_prune(
         "ppl": {"dense": ppl_dense, "pruned": ppl_pruned},
         "calib_loss": calib_loss,
         "modules": infos,
-        "memory": {"kind": ledger.kind, "peak_bytes": prune_peak,
+        "memory": {"kind": ledger.kind, "peak_bytes": outcome.peak_bytes,
                    "model_weight_bytes": params_before.total * DTYPE_BYTES[dtype],
                    "timeline": ledger.timeline_records()},
         "timing": timing,
@@ -334,7 +209,7 @@ def heldout_nll(model: torch.nn.Module, windows: torch.Tensor, device: torch.dev
 
 def forward_floor_seconds(model: torch.nn.Module, calib_ids: torch.Tensor, device: torch.device, batch_size: int = 1) -> float:
     """Wall time of one plain forward pass over the calibration set: the floor pruning is
-    compared with (PROTOCOL.md)."""
+    compared with (docs/PROTOCOL.md)."""
     t = time.perf_counter()
     perplexity(model, calib_ids, device=device, batch_size=batch_size)
     return time.perf_counter() - t
@@ -344,4 +219,5 @@ def is_finite(x: float | None) -> bool:
     return x is not None and math.isfinite(x)
 
 
-__all__ = ["PruneResult", "run_prune", "ProgressEvent", "RECORD_SCHEMA"]
+__all__ = ["PruneResult", "run_prune", "ProgressEvent", "RECORD_SCHEMA", "calibration_ids", "heldout_ids",
+           "random_token_data", "HELDOUT_LOSS_WINDOWS", "prepare_data"]

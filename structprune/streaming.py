@@ -41,15 +41,15 @@ class _Recorder(nn.Module):
         return hidden_states
 
 
-def _to(obj, device):
+def to_device(obj, device):
     if torch.is_tensor(obj):
         return obj.to(device)
     if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
+        return tuple(to_device(o, device) for o in obj)
     if isinstance(obj, list):
-        return [_to(o, device) for o in obj]
+        return [to_device(o, device) for o in obj]
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: to_device(v, device) for k, v in obj.items()}
     return obj
 
 
@@ -89,8 +89,6 @@ class LayerStream:
         self.ledger = ledger or DeviceLedger(self.device)
         self.batch_size = batch_size
         self._batch_input: torch.Tensor | None = None
-        # Gram hooks of the pipeline weigh tokens by their residual stream (gram.py); set per method
-        self.relative_grams = False
         # solving methods keep Grams in host memory between accumulation and solve (pipeline.py):
         # by default on CUDA, where it takes (n+1)^2 fp32 off the device; on the CPU it would move nothing
         self.host_grams = self.device.type == "cuda" if host_grams is None else bool(host_grams)
@@ -123,7 +121,7 @@ class LayerStream:
             for start in range(0, input_ids.shape[0], self.batch_size):
                 ids = input_ids[start : start + self.batch_size].to(self.device)
                 # the embeddings and the final norm's transients (it runs on the recorded input)
-                self.ledger.hold("batch-out", embed_workspace_bytes(self.adapter.spec.family, *ids.shape, self.hidden,
+                self.ledger.hold("batch-out", embed_workspace_bytes(self.adapter.spec, *ids.shape, self.hidden,
                                                                     self.head_dim, self.dtype_bytes))
                 base(input_ids=ids, use_cache=False)
                 self.ledger.release("batch-out")
@@ -176,41 +174,43 @@ class LayerStream:
         inputs: Batches,
         keep_outputs: bool = True,
         on_batch: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+        weighted: bool = False,
     ) -> Batches | None:
         """Pushes every batch of `inputs` through `layer` (already on the device).
 
         Stops a batch early, without error, if a hook raises `StopLayer` (used to collect the
-        attention output projection's inputs without running the MLP).
+        attention output projection's inputs without running the MLP). `weighted`: the hooks on
+        the output projections weigh tokens (gram.py), which adds to the forward's workspace.
         """
         lay = self.adapter.layout(layer)
         # a Gram hook / input capture on an output projection adds its fp32 input copy
         hooked = any(len(m._forward_pre_hooks) + len(m._forward_hooks)
                      for m in (self.adapter.out_proj(layer, k) for k in ("attn", "mlp")))
         outs = []
+        ledger = self.ledger
         for b, x_host in enumerate(inputs.tensors):
             bsz, seqlen = x_host.shape[:2]
-            self.ledger.hold("batch-in", activation_bytes(bsz, seqlen, self.hidden, self.dtype_bytes))
-            self.ledger.hold("workspace", forward_workspace_bytes(lay, bsz, seqlen, self.dtype_bytes, hooked,
-                                                                  relative=hooked and self.relative_grams))
-            x = x_host.to(self.device, non_blocking=True)
-            kwargs = _to(self.layer_kwargs(index, x), self.device)
-            self._batch_input = x  # for relative Gram hooks (batch_input)
-            try:
-                y = layer(x, **kwargs)
-            except StopLayer:
-                y = None
-            finally:
-                self._batch_input = None
-            self.ledger.release("workspace")
-            if y is not None:
+            act = activation_bytes(bsz, seqlen, self.hidden, self.dtype_bytes)
+            with ledger.held("batch-in", act):
+                with ledger.held("workspace", forward_workspace_bytes(lay, bsz, seqlen, self.dtype_bytes, hooked,
+                                                                      relative=hooked and weighted)):
+                    x = x_host.to(self.device, non_blocking=True)
+                    kwargs = to_device(self.layer_kwargs(index, x), self.device)
+                    self._batch_input = x  # for relative Gram hooks (batch_input)
+                    try:
+                        y = layer(x, **kwargs)
+                    except StopLayer:
+                        y = None
+                    finally:
+                        self._batch_input = None
+                if y is None:
+                    continue
                 y = y[0] if isinstance(y, tuple) else y
-                self.ledger.hold("batch-out", activation_bytes(bsz, seqlen, self.hidden, self.dtype_bytes))
-                if on_batch is not None:
-                    on_batch(b, x, y)
-                if keep_outputs:
-                    outs.append(self._to_host(y))
-                self.ledger.release("batch-out")
-            self.ledger.release("batch-in")
+                with ledger.held("batch-out", act):
+                    if on_batch is not None:
+                        on_batch(b, x, y)
+                    if keep_outputs:
+                        outs.append(self._to_host(y))
         return Batches(outs) if keep_outputs else None
 
     # --- the head ---------------------------------------------------------------------------
@@ -229,13 +229,12 @@ class LayerStream:
             for h in hidden.tensors:
                 ids = input_ids[start : start + h.shape[0]].to(self.device)
                 start += h.shape[0]
-                self.ledger.hold("batch-in", activation_bytes(h.shape[0], h.shape[1], self.hidden, self.dtype_bytes))
-                self.ledger.hold("logits", logits_bytes(h.shape[0], h.shape[1], self.vocab))
-                z = h.to(self.device)
-                for m in mods:
-                    z = m(z)
-                nll.append(window_nll(z, ids))
-                self.ledger.release("batch-in", "logits")
+                with (self.ledger.held("batch-in", activation_bytes(h.shape[0], h.shape[1], self.hidden, self.dtype_bytes)),
+                      self.ledger.held("logits", logits_bytes(h.shape[0], h.shape[1], self.vocab))):
+                    z = h.to(self.device)
+                    for m in mods:
+                        z = m(z)
+                    nll.append(window_nll(z, ids))
         finally:
             for m in mods:
                 m.to("cpu")
@@ -250,7 +249,7 @@ class StopLayer(Exception):
 
 def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Summed next-token NLL per window: logits (B, S, V), ids (B, S) -> (B,) fp64.
-    Positions 1..S-1 are predicted from the ones before (PROTOCOL.md)."""
+    Positions 1..S-1 are predicted from the ones before (docs/PROTOCOL.md)."""
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     tok = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
     return (-tok.double()).sum(dim=1).cpu()

@@ -1,6 +1,6 @@
 """Structured units of a model: which heads and channels each module has and what they cost.
 
-Prunable parameters are the parameters of units (METHOD.md): per query head its q rows and o
+Prunable parameters are the parameters of units (docs/METHOD.md): per query head its q rows and o
 columns (with MHA also its k/v rows), per MLP channel its gate/up/down (or fc1/fc2) slices. Under
 grouped-query attention k/v are not part of any unit, so they are not counted as prunable.
 """

@@ -1,12 +1,14 @@
-"""The ablation script's probes do what they say, and leave the library as they found it."""
+"""The ablation script's variants do what they say, through the engine's extension point
+(`run_prune(..., method=...)`), and leave the library's methods as they are."""
 
 import torch
 
 import structprune.gram as gram
-import structprune.methods.structprune as sp_method
 from benchmarks.ablations import (ABLATIONS, _output_metric, attention_frozen, output_metric, pass2_damping, report,
                                   token_weight_power)
 from structprune.config import PruneConfig
+from structprune.methods import get_method
+from structprune.methods.structprune import StructPruneMethod
 from structprune.models import load_model
 from structprune.run import run_prune
 
@@ -21,22 +23,32 @@ def _tiny(seed: int = 0):
     return loaded
 
 
-def test_probes_restore_the_method_and_the_gram_weights():
+def test_variants_are_subclasses_and_leave_the_registry_alone():
     loaded = _tiny()
-    before = (sp_method.StructPruneMethod.allocate, sp_method.StructPruneMethod.score,
-              sp_method.StructPruneMethod.rule, gram.relative_weights, sp_method.solve_module)
-    for probe in (attention_frozen, token_weight_power(0.5), output_metric("gain"), pass2_damping(0.1)):
-        with probe(loaded):
-            pass
-    assert (sp_method.StructPruneMethod.allocate, sp_method.StructPruneMethod.score,
-            sp_method.StructPruneMethod.rule, gram.relative_weights, sp_method.solve_module) == before
+    cfg = PruneConfig(model="tiny-llama")
+    for make in (attention_frozen, token_weight_power(0.5), output_metric("gain"), pass2_damping(0.1)):
+        method = make(loaded, cfg)
+        assert isinstance(method, StructPruneMethod) and type(method) is not StructPruneMethod
+    assert get_method("structprune") is StructPruneMethod
+    assert get_method("structprune")(cfg).token_weights() is gram.relative_weights
 
 
 def test_token_weight_power_raises_the_relative_weights_to_p():
     y, h = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
     w = gram.relative_weights(y, h)
-    with token_weight_power(0.5)(None):
-        assert torch.allclose(gram.relative_weights(y, h), w.sqrt())
+    weigh = token_weight_power(0.5)(None, PruneConfig(model="tiny-llama")).token_weights()
+    assert torch.allclose(weigh(y, h), w.sqrt())
+    assert torch.equal(gram.relative_weights(y, h), w)  # the library's weights are untouched
+
+
+def test_pass2_damping_changes_the_solves_only():
+    loaded = _tiny()
+    cfg = PruneConfig(model="tiny-llama", sparsity=0.3, nsamples=4, seqlen=32, eval_windows=1)
+    plain = run_prune(cfg, loaded, evaluate_dense=False).record
+    damped = run_prune(cfg, loaded, evaluate_dense=False, method=pass2_damping(0.5)(loaded, cfg)).record
+    assert [a["units_kept"] for a in damped["allocation"]] == [a["units_kept"] for a in plain["allocation"]]
+    assert damped["calib_loss"]["pruned"] != plain["calib_loss"]["pruned"]
+    assert damped["config"]["damp"] == cfg.damp  # the run's own settings are unchanged
 
 
 def test_output_metric_against_an_explicit_average_of_downstream_gains():
@@ -61,14 +73,12 @@ def test_output_metric_against_an_explicit_average_of_downstream_gains():
 def test_attention_frozen_prunes_only_channels_and_the_output_metric_changes_the_selection():
     loaded = _tiny()
     cfg = PruneConfig(model="tiny-llama", sparsity=0.3, nsamples=4, seqlen=32, eval_windows=1)
-    with attention_frozen(loaded):
-        rec = run_prune(cfg, loaded, evaluate_dense=False).record
+    rec = run_prune(cfg, loaded, evaluate_dense=False, method=attention_frozen(loaded, cfg)).record
     attn = [a for a in rec["allocation"] if a["module"] == "attn"]
     assert attn and all(a["units_pruned"] == 0 for a in attn)
     assert rec["sparsity"]["achieved_prunable"] > 0.25
     plain = run_prune(cfg, loaded, evaluate_dense=False).record
-    with output_metric("gain")(loaded):
-        weighted = run_prune(cfg, loaded, evaluate_dense=False).record
+    weighted = run_prune(cfg, loaded, evaluate_dense=False, method=output_metric("gain")(loaded, cfg)).record
     # the refit is row-separable, so the weights differ only where the selection (or allocation) did
     assert weighted["ppl"]["pruned"]["random"]["value"] != plain["ppl"]["pruned"]["random"]["value"]
 

@@ -64,7 +64,7 @@ def check_allocation(alloc: Allocation, s: float, s_max: float = 0.9, s_min: flo
 
 
 def water_fill_reference(N, w, lo, hi, B):
-    """METHOD.md's procedure, written independently: give the free modules B_m proportional to
+    """docs/METHOD.md's procedure, written independently: give the free modules B_m proportional to
     N_m w_m, fix every module that overflows its cap, redistribute, repeat (lo = 0 here)."""
     assert np.all(lo == 0)
     fixed = np.zeros(len(N), dtype=bool)

@@ -131,6 +131,11 @@ def test_prune_page_runs_a_tiny_model_and_draws_the_record(app):
     e_attn = next(t for t in energy.data if t.name == "attention heads energy")
     assert list(e_attn.y) == pytest.approx([r["energy"] for r in rec["allocation"] if r["module"] == "attn"])
     assert "Device memory over the run" in figs and "Reconstruction error per module: masked vs refit" in figs
+    head = next(m for m in at.metric if m.label.startswith("Perplexity, "))
+    want = rec["ppl"]["pruned"]["random"]["value"]
+    assert head.value == f"{want:.4g}" and head.delta == f"{want - rec['ppl']['dense']['random']['value']:+.4g} vs dense"
+    params = next(m for m in at.metric if m.label == "Parameters")
+    assert params.value == f"{rec['params']['after']['total'] / 1e6:.1f} M"
     assert any("no tokenizer" in c.value for c in at.caption)  # tiny model: no text generation
     labels = [b.label for b in at.get("download_button")]
     assert "Run record (JSON)" in labels and "Allocation (CSV)" in labels
@@ -148,12 +153,47 @@ def test_prune_page_admm_traces(app):
     assert list(trace.y) == pytest.approx(first["trace"]["primal_residual"])
 
 
+def test_prune_form_widgets_take_their_bounds_choices_and_help_from_pruneconfig(app):
+    from dataclasses import fields
+
+    from pages import _prune_form as form
+    from structprune.config import MAX_SPARSITY, PruneConfig, bounds_for, choices_for, help_for
+
+    at = app
+    names = [f.name for f in fields(PruneConfig)]
+    laid_out = [n for col in form.MAIN + form.ADVANCED for n in col]
+    assert sorted(laid_out) == sorted(names)  # every setting once, none invented
+    sparsity = at.number_input(key="sparsity")
+    assert sparsity.max == MAX_SPARSITY == 0.9 and sparsity.min == 0.0 and sparsity.value == PruneConfig().sparsity
+    assert at.number_input(key="s_max").max == MAX_SPARSITY
+    numbers = {w.key: w for w in at.number_input}
+    for name in names:
+        b = bounds_for(name)
+        if name in numbers and name != "eval_windows":  # eval_windows offers 0 for "all" (None)
+            w = numbers[name]
+            assert w.min == b.get("min", b.get("smallest")) and w.max == b.get("max") and w.step == b["step"], name
+            assert help_for(name) in w.help, name
+        if choices_for(name):
+            assert at.selectbox(key=name).options == list(choices_for(name)), name
+            assert at.selectbox(key=name).value == getattr(PruneConfig(), name), name
+    assert numbers["eval_windows"].min == 0 and numbers["temperature"].min == bounds_for("temperature")["smallest"]
+    assert "(0 to 0.9)" in sparsity.help and "(at least 2)" in numbers["seqlen"].help
+    at.switch_page("pages/explorer.py")
+    at.run()
+    assert at.number_input(key="ex_s").max == MAX_SPARSITY
+    at.switch_page("pages/method.py")
+    at.run()
+    assert at.number_input(key="m_s").max == MAX_SPARSITY
+
+
 def test_prune_page_bad_inputs_show_the_librarys_message(app, tmp_path):
     at = app
-    _set(at, sparsity=0.95)
-    assert "sparsity must be between 0 and 0.9" in _errors(at)
+    _set(at, sparsity=0.95)  # above the widget's max (MAX_SPARSITY): not taken
+    assert at.number_input(key="sparsity").value != 0.95
+    _set(at, sparsity=0.5, s_max=0.4)
+    assert "sparsity 0.5 is above s_max 0.4" in _errors(at)
     assert at.button(key="run").disabled
-    _set(at, sparsity=0.3, model_choice="local folder or hub id...")
+    _set(at, sparsity=0.3, s_max=0.9, model_choice="local folder or hub id...")
     for model, message in (("no-such-model", "unknown model"), (str(tmp_path), "not a model folder")):
         _set(at, model_other=model)
         at.button(key="run").click()
@@ -344,3 +384,20 @@ def test_generation_and_checkpoint_zip_for_a_model_with_a_tokenizer(app, tmp_pat
     reloaded = load_model(str(model_dir))
     rec = RunStore(ui.store().folder).records()[0]
     assert sum(p.numel() for p in reloaded.model.parameters()) == rec["params"]["after"]["total"]
+
+
+def test_form_config_and_run_headline():
+    from structprune.planning import form_config, run_headline
+
+    base = {"model": " tiny-llama ", "nsamples": 4, "sensitivity_windows": 8, "eval_windows": 0, "eval_data": []}
+    cfg = form_config(base, temperature_inf=True)
+    assert cfg.model == "tiny-llama" and math.isinf(cfg.temperature)
+    assert cfg.sensitivity_windows == 4 and cfg.eval_windows is None and cfg.eval_data == ("sotu",)
+    assert form_config({**base, "eval_windows": 3}).eval_windows == 3
+    rec = {"ppl": {"dense": {"random": {"value": 10.0, "protocol": "p"}},
+                   "pruned": {"random": {"value": 12.5, "protocol": "p"}}},
+           "params": {"before": {"total": 3_000_000}, "after": {"total": 2_250_000}}}
+    head = run_headline(rec)
+    assert run_headline({**rec, "ppl": {}})["ppl"] is None
+    assert head["ppl"] == 12.5 and head["ppl_delta"] == pytest.approx(2.5)
+    assert head["params_after_m"] == pytest.approx(2.25) and head["params_delta_m"] == pytest.approx(-0.75)

@@ -1,4 +1,4 @@
-"""The baselines (METHOD.md "Baselines") against independent computations on tiny random models:
+"""The baselines (docs/METHOD.md "Baselines") against independent computations on tiny random models:
 scores by explicit loops and norms, FLAP's bias compensation against the dense output mean,
 global-taylor gradients against finite differences, budgets, the record schema, and the memory
 estimate of the O(N) reference."""
@@ -19,7 +19,8 @@ from structprune.estimate import estimate_memory, model_params
 from structprune.evaluation import perplexity_whole
 from structprune.gram import GramHook
 from structprune.methods import available_methods, get_method
-from structprune.methods.baselines import FLAP, Magnitude, WandaSP, group_aligned_costs
+from structprune.methods.baselines import FLAP, Magnitude, WandaSP
+from structprune.methods.common import group_aligned_costs
 from structprune.methods.global_taylor import calibration_loss_gradients
 from structprune.models import build_tiny, tiny_config
 from structprune.pipeline import Emitter, collect_stats
@@ -256,7 +257,7 @@ def test_global_taylor_gradients_match_finite_differences():
         assert float(p.grad[idx]) == pytest.approx((up - down) / (2 * eps), rel=2e-3)
 
     # the importance of head 1 of layer 1: |w g| summed over its q/k/v rows and o columns (MHA)
-    from structprune.methods.baselines import unit_parameter_sums
+    from structprune.methods.common import unit_parameter_sums
     from structprune.methods.global_taylor import _taylor
 
     layer = ad.layers(model)[1]
@@ -300,6 +301,27 @@ def records():
 
 def test_all_baselines_are_registered():
     assert set(BASELINES) | {"structprune"} <= set(available_methods())
+
+
+def test_registry_lists_builtins_and_takes_registered_variants(monkeypatch):
+    from structprune.errors import InvalidConfigError
+    from structprune.methods import BUILTIN_METHODS, register, registry
+    from structprune.methods.structprune import StructPruneMethod
+
+    assert list(BUILTIN_METHODS) == available_methods()[: len(BUILTIN_METHODS)]
+    assert all(get_method(name) is cls for name, cls in BUILTIN_METHODS.items())
+    with pytest.raises(InvalidConfigError, match="unknown method 'no-such-method'"):
+        get_method("no-such-method")
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # undone after the test
+
+    class Variant(StructPruneMethod):
+        name = "structprune-variant"
+
+    register("structprune-variant", Variant)
+    assert get_method("structprune-variant") is Variant and "structprune-variant" in available_methods()
+    with pytest.raises(TypeError):
+        register("not-a-method", object)
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt"])

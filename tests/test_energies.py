@@ -1,5 +1,5 @@
 """Pass 1's residual-stream statistics against the hidden states computed directly, and the unit
-costs / module energies of energies.py against their formulas (METHOD.md "Allocation across layers")."""
+costs / module energies of energies.py against their formulas (docs/METHOD.md "Allocation across layers")."""
 
 from __future__ import annotations
 

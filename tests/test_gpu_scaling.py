@@ -110,15 +110,20 @@ def test_correctness_and_speed_records(smoke):
     fp32 = [c for c in corr["cases"] if c["dtype"] == "float32"]
     assert fp32 and all(c["agreement"] == 1.0 and c["max_rel_err_diff"] <= 1e-2 for c in fp32)
     bf16 = [c for c in corr["cases"] if c["dtype"] == "bfloat16"]
-    assert bf16 and all(0.0 <= c["agreement"] <= 1.0 for c in bf16)
+    # bf16 rounding may flip a near-tie, never most of a tiny model's choices (measured: 1.0, 0.006)
+    assert bf16 and all(c["agreement"] >= 0.9 and c["max_rel_err_diff"] <= 0.05 for c in bf16)
     speed = recs["gpu-speed.json"]
     assert speed["status"] == "ok"
     res = speed["results"]
     assert [r["sparsity"] for r in res] == [0.0, 0.2, 0.3, 0.5]
     achieved = [r["achieved_prunable"] for r in res]
     assert achieved[0] == 0.0 and all(abs(a - s) < 0.05 for a, s in zip(achieved[1:], (0.2, 0.3, 0.5)))
-    assert all(r["prefill_tok_s"] > 0 and all(v > 0 for v in r["decode_tok_s"].values()) for r in res)
     assert res[0]["prefill_speedup"] == 1.0
+    for r in res:  # speed-ups are the tokens/s ratios to dense, for prefill and every decode batch
+        assert r["prefill_speedup"] == pytest.approx(r["prefill_tok_s"] / res[0]["prefill_tok_s"])
+        assert r["decode_speedup"] == pytest.approx({b: v / res[0]["decode_tok_s"][b] for b, v in r["decode_tok_s"].items()})
+    params = [r["params_total"] for r in res]
+    assert params == sorted(params, reverse=True) and params[-1] < params[0]
 
 
 def test_summary_has_slopes_ratios_and_estimator_errors(smoke):
@@ -170,7 +175,7 @@ def test_out_of_memory_is_a_result_not_a_crash(tmp_path, monkeypatch):
     def oom(*a, **k):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(gs, "pass1_stats", oom)
+    monkeypatch.setattr(gs.PruneEngine, "pass1", oom)
     monkeypatch.setattr(gs, "global_taylor_fallback", oom)
     monkeypatch.setattr(gs, "prune_core", lambda pc, *a, _real=gs.prune_core, **k: (
         oom() if pc.method == "global-taylor" else _real(pc, *a, **k)))

@@ -96,4 +96,4 @@ def test_block_refit_allocations_match_the_byte_formula():
                 fit_layer(stream, 0, layer, dense, x, epochs=1, lr=1e-5)
             lay = ad.layout(layer)
         measured = r.peak - n * activation_bytes(1, seqlen, lay.hidden, 4)
-        assert abs(measured / refine_bytes(lay, ad.spec.family, 1, seqlen, 4) - 1) < 0.15, name
+        assert abs(measured / refine_bytes(lay, ad.spec.norm, 1, seqlen, 4) - 1) < 0.15, name

@@ -20,7 +20,7 @@ from structprune.solver import (
     refit,
     solve_module,
 )
-from structprune.solver_admm import admm_select, local_search
+from structprune.solver import admm_select, local_search
 
 log = logging.getLogger(__name__)
 F64 = torch.float64

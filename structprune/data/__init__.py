@@ -1,6 +1,6 @@
 """Corpora (by name or path, each with a ``test`` and a ``calib`` split) and the token windows
 cut from them for perplexity and calibration. See ``corpora.py`` for the splits and
-``windows.py`` for the protocol (PROTOCOL.md).
+``windows.py`` for the protocol (docs/PROTOCOL.md).
 
 Importing this package is cheap: ``datasets`` is imported only when a corpus is loaded.
 """

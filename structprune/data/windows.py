@@ -1,4 +1,4 @@
-"""Token windows for evaluation and calibration, per PROTOCOL.md.
+"""Token windows for evaluation and calibration, per docs/PROTOCOL.md.
 
 A split's documents are joined with a blank line ("\\n\\n") and tokenized once, without special
 tokens (no BOS in the middle of the stream). Evaluation cuts the ids into non-overlapping windows

@@ -8,6 +8,7 @@ import torch
 from ..adapters import LayerLayout
 from ..allocation import Allocation, ModuleSpec, allocate_owl, allocate_uniform
 from ..config import PruneConfig
+from ..gram import TokenWeights, relative_weights
 from ..pipeline import LayerStats, ModuleResult
 
 
@@ -37,6 +38,11 @@ class Method:
         """Whether pass 1 and pass 2 weigh tokens by their residual stream (gram.py); the
         baselines keep their published, unweighted statistics."""
         return False
+
+    def token_weights(self) -> TokenWeights | None:
+        """The Grams' token weights, (y, residual) -> (T,), or None for plain Grams. The extension
+        point for other weightings: a subclass returns its own function (benchmarks/ablations.py)."""
+        return relative_weights if self.relative_grams() else None
 
     def allocate(self, specs: list[ModuleSpec], stats: list[LayerStats]) -> tuple[Allocation, dict]:
         """The allocation and what it was computed from (energies), for the record."""

@@ -1,4 +1,4 @@
-"""The published structured pruners StructPrune is measured against (METHOD.md, "Baselines").
+"""The published structured pruners StructPrune is measured against (docs/METHOD.md, "Baselines").
 
 The four layer-wise baselines share the engine's two streaming passes: pass 1 (`collect_stats`)
 scores units from the dense model's Grams, pass 2 (`prune_sequential`) prunes each module on the
@@ -20,7 +20,7 @@ Each method fixes its own allocation (it is part of the method): `cfg.allocation
 the record's `allocation_scheme` says which scheme ran.
 
 Choices where the original code differs from this harness (documented, not hidden):
-- Units are query heads, equally many kept per KV group (METHOD.md); FLAP's GQA port prunes whole
+- Units are query heads, equally many kept per KV group (docs/METHOD.md); FLAP's GQA port prunes whole
   KV groups instead.
 - Allocation uses pass-1 (dense) scores, but the units of a module are chosen, and FLAP's bias
   compensation computed, in pass 2 on the pruned model's inputs (like every method here). FLAP's
@@ -29,12 +29,11 @@ Choices where the original code differs from this harness (documented, not hidde
   columns' z-scores, as its reference code does; heads and channels are then compared by these
   standardized scores directly, parameters weighing in only through the budget (AL-AM).
 - `magnitude` scores all of the unit's weights (q/o, k/v under MHA, gate/up/down, biases), per
-  METHOD.md; FLAP's `magnitude_sp` uses only the output projection's columns.
+  docs/METHOD.md; FLAP's `magnitude_sp` uses only the output projection's columns.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 
@@ -45,80 +44,16 @@ from torch import Tensor, nn
 from ..adapters import Adapter, LayerLayout
 from ..allocation import Allocation, ModuleSpec, allocate_owl, allocate_threshold, allocate_uniform
 from ..pipeline import LayerStats, ModuleResult
-from ..solver import reconstruction_error, topk_per_block
+from ..solver import reconstruction_error
 from ..units import unit_groups
-from . import register
 from .base import Method
+from .common import group_aligned_costs, keep_top, unit_parameter_sums, with_scheme
 
 log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------
-# helpers shared with global_taylor.py
-
-
-def unit_parameter_sums(adapter: Adapter, layer: nn.Module, lay: LayerLayout, kind: str, value) -> Tensor:
-    """Per unit, the sum of ``value(p)`` (an elementwise tensor shaped like parameter p) over all
-    of the unit's parameters: a head's q rows (+ k/v rows under MHA) with their biases and its o
-    columns; a channel's gate/up (fc1) rows with their biases and its down (fc2) column.
-    Returns float64 (U,) on the layer's device."""
-    if kind == "attn":
-        H, hd = lay.n_heads, lay.head_dim
-        total = 0
-        for role in ("q", "k", "v") if lay.mha else ("q",):
-            lin = adapter.module(layer, role)
-            total = total + value(lin.weight).double().view(H, hd, -1).sum((1, 2))  # rows of head h
-            if lin.bias is not None:
-                total = total + value(lin.bias).double().view(H, hd).sum(1)
-        o = adapter.module(layer, "o")
-        return total + value(o.weight).double().view(o.out_features, H, hd).sum((0, 2))  # o columns
-    down = adapter.module(layer, "mlp_out")
-    total = value(down.weight).double().sum(0)  # (I,) columns of down / fc2
-    for j in range(len(adapter.spec.mlp_in)):
-        lin = adapter.module(layer, f"mlp_in{j}")
-        total = total + value(lin.weight).double().sum(1)  # (I,) rows of gate / up / fc1
-        if lin.bias is not None:
-            total = total + value(lin.bias).double()
-    return total
-
-
-def _blocks(lay: LayerLayout, kind: str) -> tuple[Tensor, int]:
-    """(U,) KV group of each unit and the number of groups (1 for MLPs and MHA)."""
-    _, blocks = unit_groups(lay, kind)
-    n_units = lay.n_heads if kind == "attn" else lay.intermediate
-    if blocks is None:
-        return torch.zeros(n_units, dtype=torch.long), 1
-    return blocks, lay.n_kv_heads
-
-
-def keep_top(scores: Tensor, lay: LayerLayout, kind: str, k_keep: int) -> Tensor:
-    """The ``k_keep`` highest-scoring units, equally many per KV group; sorted ids (k_keep,)."""
-    block_of, n_blocks = _blocks(lay, kind)
-    if k_keep % n_blocks:
-        raise ValueError(f"k_keep={k_keep} is not divisible by the {n_blocks} KV groups")
-    return topk_per_block(scores.detach().double().cpu(), block_of, n_blocks, k_keep // n_blocks)
-
-
-def group_aligned_costs(costs: np.ndarray, lay: LayerLayout, kind: str) -> np.ndarray:
-    """Costs that make `allocate_threshold`'s chunks the ones the per-group selection removes.
-
-    Under GQA a module loses one head per KV group at a time, the cheapest remaining head of each
-    group; `allocate_threshold` prices a chunk as the mean of the module's ``step`` cheapest units
-    overall. Giving every head the mean cost of the heads of equal rank in their groups makes the
-    two agree exactly. Other modules: unchanged. costs: (U,) -> (U,)."""
-    block_of, n_blocks = _blocks(lay, kind)
-    if n_blocks == 1:
-        return costs
-    per_group = np.asarray(costs, dtype=np.float64).reshape(n_blocks, -1)  # heads of a group are contiguous
-    order = np.argsort(per_group, axis=1, kind="stable")
-    rank_mean = np.take_along_axis(per_group, order, axis=1).mean(0)  # (r,) non-decreasing
-    out = np.empty_like(per_group)
-    np.put_along_axis(out, order, np.broadcast_to(rank_mean, per_group.shape), axis=1)
-    return out.reshape(-1)
-
-
-def _with_scheme(alloc: Allocation, scheme: str) -> Allocation:
-    return dataclasses.replace(alloc, scheme=scheme)
+# the reconstruction error of a pruned module
 
 
 def _wt(W: Tensor, b: Tensor | None) -> Tensor:
@@ -234,7 +169,7 @@ class FLAP(_ColumnScoreBaseline):
         costs = [group_aligned_costs(stats[sp.layer].scores[sp.kind].numpy(), stats[sp.layer].layout, sp.kind)
                  for sp in specs]
         alloc = allocate_threshold(specs, costs, self.cfg.sparsity, s_max=self.cfg.s_max)
-        return _with_scheme(alloc, "al-am"), {"kind": "flap-standardized-wifv"}
+        return with_scheme(alloc, "al-am"), {"kind": "flap-standardized-wifv"}
 
 
 class Magnitude(Method):
@@ -273,10 +208,3 @@ class Magnitude(Method):
                               "solve_s": round(time.perf_counter() - t0, 4)})
         return infos
 
-
-register("magnitude", Magnitude)
-register("wanda-sp", WandaSP)
-register("flap", FLAP)
-register("owl", OWL)
-
-from . import global_taylor  # noqa: E402,F401  (registers global-taylor; imports the helpers above)

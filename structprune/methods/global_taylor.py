@@ -1,5 +1,5 @@
 """global-taylor: LLM-Pruner-style first-order Taylor pruning with one global ranking, the O(N)
-global reference of METHOD.md.
+global reference of docs/METHOD.md.
 
 The whole model sits on the compute device with its gradients: the gradient of the calibration
 loss (mean next-token NLL over every calibration window, batch by batch, gradients accumulated) is
@@ -19,8 +19,8 @@ parameters here, so raw sums would make heads look important merely for being la
 budget is in parameters.
 
 Device memory: on CUDA the ledger measures it; on the CPU it is accounted as one item,
-`estimate.global_taylor_bytes` (weights + gradients + saved activations of one batch + the loss's
-fp32 logits, named terms in `estimate.global_taylor_terms`), so
+`footprint.global_taylor_bytes` (weights + gradients + saved activations of one batch + the loss's
+fp32 logits, named terms in `footprint.global_taylor_terms`), so
 `estimate_memory(config, "global-taylor", ...)` equals the accounted peak exactly.
 """
 
@@ -38,12 +38,11 @@ from torch import nn
 
 from ..adapters import Adapter
 from ..allocation import Allocation, ModuleSpec, allocate_threshold
-from ..estimate import global_taylor_bytes, model_params
+from ..footprint import global_taylor_bytes, model_params
 from ..pipeline import Emitter
 from ..streaming import LayerStream
-from . import register
 from .base import Method
-from .baselines import _with_scheme, group_aligned_costs, keep_top, unit_parameter_sums
+from .common import group_aligned_costs, keep_top, unit_parameter_sums, with_scheme
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +57,7 @@ def calibration_loss_gradients(
     """Moves `model` to `device` and accumulates into each parameter's ``.grad`` the gradient of
     L = (summed next-token NLL over all windows) / (tokens predicted); returns L (nats/token).
 
-    calib_ids: (N, S). Positions 1..S-1 are predicted (PROTOCOL.md). The model stays on `device`
+    calib_ids: (N, S). Positions 1..S-1 are predicted (docs/PROTOCOL.md). The model stays on `device`
     with its gradients; the caller frees them. on_batch(done, total) after every batch."""
     model.to(device)
     params = list(model.parameters())
@@ -140,7 +139,7 @@ class GlobalTaylor(Method):
 
         per_param = [importance[sp.layer][sp.kind].numpy() / sp.unit_params for sp in specs]
         costs = [group_aligned_costs(c, layouts[sp.layer], sp.kind) for sp, c in zip(specs, per_param)]
-        alloc = _with_scheme(allocate_threshold(specs, costs, cfg.sparsity, s_max=cfg.s_max), "global-taylor")
+        alloc = with_scheme(allocate_threshold(specs, costs, cfg.sparsity, s_max=cfg.s_max), "global-taylor")
 
         infos = []
         with torch.no_grad():
@@ -166,5 +165,3 @@ class GlobalTaylor(Method):
                   "values": [float(np.mean(c)) for c in per_param]}
         return alloc, energy, infos, {"dense": loss}
 
-
-register("global-taylor", GlobalTaylor)

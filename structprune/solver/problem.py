@@ -1,5 +1,8 @@
 """The per-module structured subproblem: choose which units of one output projection to keep and
-refit the kept columns (METHOD.md, "The per-module subproblem", "Closed-form saliency").
+refit the kept columns (docs/METHOD.md, "The per-module subproblem", "Closed-form saliency"). This is
+the bottom layer of ``structprune.solver``: validation, damping, Cholesky inverses, the problem
+object and its quota, losses, the refit on a support and the unit saliencies. The selectors
+(``greedy``, ``swaps``, ``admm``) and ``module.solve_module`` build on it; it imports none of them.
 
 Notation (shapes in comments throughout):
 
@@ -27,34 +30,27 @@ more device memory than the layer itself. G itself may sit in host memory (on CU
 pipeline keeps Grams there between their accumulation and the solves): each solve copies its
 damped G to the device, and losses read G in column blocks; with the damping below fp32 Cholesky solves are sound
 there (SparseGPT solves in fp32 too). The problem holds one damped copy of G and frees it as soon
-as its inverse exists. ADMM and the swap local search live in ``structprune.solver_admm``.
+as its inverse exists.
 """
 
 from __future__ import annotations
 
-import logging
-import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from structprune.errors import StructPruneError
 
-if TYPE_CHECKING:
-    from structprune.solver_admm import AdmmTrace
-
-log = logging.getLogger(__name__)
-
 FP64_MAX_COLUMNS = 4096  # wider problems solve in float32 (memory; see the module docstring)
 DAMP_REL = 0.01  # damping lambda = DAMP_REL * mean(diag G), the one default for every solve
-LOCAL_SWAPS = 8  # solve_module's default swap budget after greedy / ADMM (none after saliency)
 
 
 class SolverError(StructPruneError, ValueError):
     """Non-finite numbers in a module's weights or Gram, or a solve that lost positive
     definiteness. Raise the damping or check the activations that fed the Gram."""
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -106,7 +102,7 @@ def quadratic_form(A: Tensor, G: Tensor, block: int | None = None) -> float:
     return total
 
 
-def _cholesky(A: Tensor, what: str) -> Tensor:
+def cholesky(A: Tensor, what: str) -> Tensor:
     L, info = torch.linalg.cholesky_ex(A)
     if int(info) != 0:
         raise SolverError(f"{what} is not positive definite (leading minor {int(info)}); "
@@ -130,7 +126,7 @@ def _transpose_(A: Tensor) -> Tensor:
     return A
 
 
-def _inverse_from_factor(L: Tensor) -> Tensor:
+def inverse_from_factor(L: Tensor) -> Tensor:
     """(L L^T)^-1 from its Cholesky factor with one m x m buffer (the result) besides L: the two
     triangular solves of ``cholesky_solve(I, L)`` in place on a column-major identity (on the CPU
     bit for bit ``cholesky_solve``'s result, which is several times faster than
@@ -144,21 +140,21 @@ def _inverse_from_factor(L: Tensor) -> Tensor:
     return _transpose_(X.mT)  # X.mT: row-major storage of X^T; transposed in place -> X
 
 
-def _spd_inverse(A: Tensor, what: str) -> Tensor:
-    return _inverse_from_factor(_cholesky(A, what))
+def spd_inverse(A: Tensor, what: str) -> Tensor:
+    return inverse_from_factor(cholesky(A, what))
 
 
-def _take_inverse(p: "_Problem") -> Tensor:
+def take_inverse(p: "Problem") -> Tensor:
     """Gd^-1, dropping the problem's reference to Gd first (callers that need only the inverse
     then hold one m x m matrix and the factor, not three)."""
     Gd, p.Gd = p.Gd, None
-    L = _cholesky(Gd, "damped G")
+    L = cholesky(Gd, "damped G")
     del Gd  # the factor replaces it
-    return _inverse_from_factor(L)
+    return inverse_from_factor(L)
 
 
 @dataclass
-class _Problem:
+class Problem:
     """A validated float64 problem on its *variable* columns (bias included iff allow_bias)."""
 
     W: Tensor  # (d_out, m)  m = n+1 with a free bias column, n without
@@ -194,8 +190,8 @@ class _Problem:
         return cols
 
 
-def _prepare(Wt: Tensor, G: Tensor, groups: Tensor, blocks: Tensor | None = None,
-             allow_bias: bool = True, damp_rel: float = DAMP_REL, gram: bool = True) -> _Problem:
+def prepare(Wt: Tensor, G: Tensor, groups: Tensor, blocks: Tensor | None = None,
+             allow_bias: bool = True, damp_rel: float = DAMP_REL, gram: bool = True) -> Problem:
     """Validates a problem and builds it: the weights in the solve dtype (no copy when Wt already
     is) and the damped Gram (an (m, m) copy; ``gram=False``: none, for callers that need only the
     units, blocks and quota)."""
@@ -240,10 +236,10 @@ def _prepare(Wt: Tensor, G: Tensor, groups: Tensor, blocks: Tensor | None = None
         Gd.diagonal()[:n] += lam  # the n weight columns; never the bias column
     if not allow_bias:
         W64 = W64[:, :n]
-    return _Problem(W64, Gd, lam, groups, block_of, n_blocks, allow_bias)
+    return Problem(W64, Gd, lam, groups, block_of, n_blocks, allow_bias)
 
 
-def _quota(p: _Problem, k_keep: int) -> int:
+def block_quota(p: Problem, k_keep: int) -> int:
     """Units kept per block; raises ValueError when k_keep cannot be split evenly."""
     if not 0 <= k_keep <= p.n_units:
         raise ValueError(f"k_keep must be in [0, {p.n_units}], got {k_keep}")
@@ -266,7 +262,7 @@ def topk_per_block(score: Tensor, block_of: Tensor, n_blocks: int, quota: int) -
     return torch.cat(kept).sort().values
 
 
-def _obs_saliency(W: Tensor, Hinv: Tensor, groups: Tensor) -> Tensor:
+def obs_saliency(W: Tensor, Hinv: Tensor, groups: Tensor) -> Tensor:
     """tr(W_J [Hinv_JJ]^-1 W_J^T) per unit. W: (d, m), Hinv: (m, m), groups: (U, g) -> (U,)"""
     if groups.shape[1] == 1:
         c = groups[:, 0]
@@ -299,16 +295,16 @@ def group_saliency(Wt: Tensor, G: Tensor, groups: Tensor, kind: Literal["obs", "
     ``obs``: tr(W_J [(Gd^-1)_JJ]^-1 W_J^T), the damped loss increase of removing unit J with the
     optimal compensation by all other columns (bias included iff allow_bias).
     Wt: (d_out, n+1), G: (n+1, n+1), groups: (U, g) -> float64 (U,)"""
-    p = _prepare(Wt, G, groups, allow_bias=allow_bias, damp_rel=damp_rel)
+    p = prepare(Wt, G, groups, allow_bias=allow_bias, damp_rel=damp_rel)
     if kind == "diag":
         dg = p.weight_diag()[p.groups].mean(1)  # (U,)
         return p.W[:, p.groups].pow(2).sum((0, 2)) * dg
     if kind == "obs":
-        return _obs_saliency(p.W, _take_inverse(p), p.groups)
+        return obs_saliency(p.W, take_inverse(p), p.groups)
     raise ValueError(f"kind must be 'obs' or 'diag', got {kind!r}")
 
 
-def _refit_on(p: _Problem, kept: Tensor, consume: bool = False) -> Tensor:
+def refit_on(p: Problem, kept: Tensor, consume: bool = False) -> Tensor:
     """Damped least squares on the support of ``kept`` in problem space -> (d, m), zero off S.
     ``consume``: drop the problem's Gd once its two blocks are taken (the caller's last use), so
     the kept block and its factor never sit next to the whole (m, m) matrix."""
@@ -324,7 +320,7 @@ def _refit_on(p: _Problem, kept: Tensor, consume: bool = False) -> Tensor:
         GSS = p.Gd[S[:, None], S[None, :]]
         if consume:
             p.Gd = None
-        L = _cholesky(GSS, "damped G on the kept support")
+        L = cholesky(GSS, "damped G on the kept support")
         del GSS
         out[:, S] += torch.cholesky_solve(rhs, L).T
     elif consume:
@@ -333,7 +329,7 @@ def _refit_on(p: _Problem, kept: Tensor, consume: bool = False) -> Tensor:
     return out
 
 
-def _loss(p: _Problem, Wn: Tensor, damped_: bool = True) -> float:
+def problem_loss(p: Problem, Wn: Tensor, damped_: bool = True) -> float:
     """tr((W - Wn) G (W - Wn)^T) in problem space, damped G by default."""
     D = p.W - Wn  # (d, m)
     return float(((D @ p.Gd if damped_ else p.undamped_times(D)) * D).sum())
@@ -346,97 +342,17 @@ def refit(Wt: Tensor, G: Tensor, kept_units: Tensor, groups: Tensor, allow_bias:
     ``(Wt Gd)_S (Gd_SS)^-1``; removed columns are zero; with allow_bias=False the bias column
     keeps its value in Wt. An empty kept set with a free bias gives bias = mean output.
     Wt: (d_out, n+1), kept_units: (k,) unit ids -> float64 (d_out, n+1)"""
-    p = _prepare(Wt, G, groups, allow_bias=allow_bias, damp_rel=damp_rel)
+    p = prepare(Wt, G, groups, allow_bias=allow_bias, damp_rel=damp_rel)
     kept = torch.as_tensor(kept_units, dtype=torch.long, device=p.W.device)
     if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= p.n_units):
         raise ValueError(f"kept_units must be unit ids in [0, {p.n_units})")
-    new = _refit_on(p, kept, consume=True)  # (d_out, m)
+    new = refit_on(p, kept, consume=True)  # (d_out, m)
     if new.shape[1] == Wt.shape[1]:  # a free bias column: the whole result
         return new
     out = Wt.to(p.W.dtype).clone()  # (d_out, n+1); the bias column stays when not free
     out[:, : p.W.shape[1]] = new
     return out
 
-
-def greedy_obs_select(Wt: Tensor, G: Tensor, groups: Tensor, k_keep: int,
-                      blocks: Tensor | None = None, per_step: int = 1, allow_bias: bool = True,
-                      damp_rel: float = DAMP_REL) -> Tensor:
-    """Backward elimination by group OBS: remove the unit(s) with the smallest
-    tr(W_J [Hinv_JJ]^-1 W_J^T), then update ``W -= W_J Hinv_JJ^-1 Hinv_J,:`` and
-    ``Hinv -= Hinv_:,J Hinv_JJ^-1 Hinv_J,:`` (Hinv = Gd^-1). Only blocks above their quota lose
-    units. ``per_step`` units leave per update (cheaper for 10k channels, slightly worse).
-    Returns the kept unit ids, sorted: LongTensor (k_keep,)."""
-    p = _prepare(Wt, G, groups, blocks, allow_bias, damp_rel)
-    quota = _quota(p, k_keep)
-    if per_step < 1:
-        raise ValueError(f"per_step must be >= 1, got {per_step}")
-    # (d, m'), compensated as units leave; m' shrinks by compaction. p.W is already a private
-    # copy unless Wt was in the solve dtype (then p.W is Wt or a view of it)
-    shared = p.W.untyped_storage().data_ptr() == Wt.untyped_storage().data_ptr()
-    W, p.W = (p.W.clone() if shared else p.W), None
-    Hinv = _take_inverse(p)  # (m', m'), zero rows/cols for removed columns
-    cols = p.groups.clone()  # (U, g) positions of each unit's columns in W / Hinv
-    single = cols.shape[1] == 1  # channels: saliency from incrementally kept column norms
-    sq = W.pow(2).sum(0) if single else None  # (m',) squared column norms of W
-    alive = torch.ones(p.n_units, dtype=torch.bool, device=W.device)
-    left = torch.bincount(p.block_of, minlength=p.n_blocks).tolist()  # units alive per block
-    block_of = p.block_of.tolist()
-    n_alive, dead_cols = p.n_units, 0
-    while n_alive > k_keep:
-        live = alive.nonzero().squeeze(1)
-        sal = torch.full((p.n_units,), float("inf"), dtype=W.dtype, device=W.device)
-        if single:
-            c = cols[live, 0]
-            sal[live] = sq[c] / Hinv.diagonal()[c]
-        else:
-            sal[live] = _obs_saliency(W, Hinv, cols[live])
-        picked, want = [], min(per_step, n_alive - k_keep)
-        for u in sal.argsort()[:n_alive].tolist():  # alive units, cheapest first
-            b = block_of[u]
-            if left[b] > quota:
-                picked.append(u)
-                left[b] -= 1
-                if len(picked) == want:
-                    break
-        J = cols[picked].reshape(-1)  # (|J|,)
-        HJJ_inv = _spd_inverse(Hinv[J][:, J], "Hinv block of the removed units")
-        HJ = Hinv[J, :]  # (|J|, m')
-        a = W[:, J] @ HJJ_inv  # (d, |J|)
-        if single:  # ||W_i - a HJ_i||^2 = ||W_i||^2 - 2 HJ_i.(a^T W_i) + HJ_i^T a^T a HJ_i
-            sq += -2.0 * ((a.T @ W) * HJ).sum(0) + ((a.T @ a @ HJ) * HJ).sum(0)
-        W.addmm_(a, HJ, alpha=-1.0)  # in place: the (m', m') update below dominates
-        Hinv.addmm_(HJ.T, HJJ_inv @ HJ, alpha=-1.0)
-        W[:, J] = 0.0
-        Hinv[J, :] = 0.0
-        Hinv[:, J] = 0.0
-        alive[picked] = False
-        n_alive -= len(picked)
-        dead_cols += J.numel()
-        if dead_cols * 8 >= W.shape[1] and n_alive > k_keep:  # compact: drop removed columns
-            keep = torch.ones(W.shape[1], dtype=torch.bool, device=W.device)
-            dead = cols[~alive].reshape(-1)
-            keep[dead[dead >= 0]] = False
-            new_pos = keep.long().cumsum(0) - 1  # old position -> new position
-            idx = keep.nonzero().squeeze(1)
-            W, Hinv = W[:, idx], Hinv[idx[:, None], idx[None, :]]  # one copy, not two
-            cols = torch.where(alive[:, None], new_pos[cols], -1)
-            sq = W.pow(2).sum(0) if single else None  # also resets rounding drift
-            dead_cols = 0
-    check_finite("greedy OBS weights", W)
-    return alive.nonzero().squeeze(1)
-
-
-@dataclass
-class ModuleSolution:
-    """Result of ``solve_module`` for one output projection."""
-
-    kept: Tensor  # (k,) sorted kept unit ids
-    W_new: Tensor  # (d_out, n) dtype of W; zero columns for removed units
-    b_new: Tensor | None  # (d_out,); None iff allow_bias=False and the module had no bias
-    error_dense_to_masked_no_refit: float  # loss of zeroing the removed columns, undamped G
-    error_after_refit: float  # loss of (W_new, b_new), undamped G
-    trace: AdmmTrace | None  # ADMM diagnostics (selector="admm") else None
-    seconds: float  # wall time of the whole solve
 
 
 def augmented_weights(W: Tensor, b: Tensor | None) -> Tensor:
@@ -447,72 +363,3 @@ def augmented_weights(W: Tensor, b: Tensor | None) -> Tensor:
     Wt[:, :-1] = W
     Wt[:, -1] = 0.0 if b is None else b
     return Wt
-
-
-def solve_module(W: Tensor, b: Tensor | None, G: Tensor, groups: Tensor, k_keep: int,
-                 blocks: Tensor | None = None,
-                 selector: Literal["admm", "greedy", "saliency"] = "greedy",
-                 saliency: Literal["obs", "diag"] = "obs", refit_weights: bool = True,
-                 allow_bias: bool = True, damp_rel: float = DAMP_REL,
-                 local_swaps: int | None = None, per_step: int = 1, **admm_kw) -> ModuleSolution:
-    """Choose ``k_keep`` of the U units of one output projection and refit the kept columns.
-
-    W: (d_out, n), b: (d_out,) or None, G: (n+1, n+1) undamped augmented Gram, groups: (U, g),
-    blocks: (U,) or None. ``selector``: ``greedy`` (group-OBS backward elimination),
-    ``admm`` (see ``solver_admm.admm_select``; ``admm_kw`` go there) or ``saliency`` (one-shot
-    top-k by ``saliency``, no updates: the baselines' rule). ``local_swaps``: swap budget of
-    ``solver_admm.local_search`` on the selection; None = ``LOCAL_SWAPS`` after greedy / ADMM and
-    0 after saliency (baselines stay one-shot). ``per_step``: units removed per greedy update
-    (raise it for modules with thousands of channels). Errors are undamped losses.
-    """
-    t0 = time.perf_counter()
-    if selector not in ("admm", "greedy", "saliency"):
-        raise ValueError(f"selector must be 'admm', 'greedy' or 'saliency', got {selector!r}")
-    if saliency not in ("obs", "diag"):
-        raise ValueError(f"saliency must be 'obs' or 'diag', got {saliency!r}")
-    if W.dim() != 2:
-        raise ValueError(f"W must be (d_out, n), got {tuple(W.shape)}")
-    if b is not None and b.shape != (W.shape[0],):
-        raise ValueError(f"b must be ({W.shape[0]},), got {tuple(b.shape)}")
-    Wt = augmented_weights(W, b)  # every step below converts to the solve dtype anyway
-    p = _prepare(Wt, G, groups, blocks, allow_bias, damp_rel, gram=False)  # units and quota only
-    quota = _quota(p, k_keep)
-    ids = torch.arange(p.n_units, device=W.device)
-    trace = None
-    if k_keep == p.n_units:  # nothing to remove: the original weights, exactly
-        return ModuleSolution(ids, W.clone(), None if b is None else b.clone(), 0.0, 0.0, None,
-                              time.perf_counter() - t0)
-    kw = dict(allow_bias=allow_bias, damp_rel=damp_rel)
-    if local_swaps is None:
-        local_swaps = 0 if selector == "saliency" else LOCAL_SWAPS
-    if selector == "greedy":
-        kept = greedy_obs_select(Wt, G, groups, k_keep, blocks, per_step=per_step, **kw)
-    elif selector == "admm":
-        from structprune.solver_admm import admm_select
-        kept, trace = admm_select(Wt, G, groups, k_keep, blocks, saliency=saliency,
-                                  per_step=per_step, **kw, **admm_kw)
-    else:  # one-shot saliency top-k
-        sal = group_saliency(Wt, G, groups, saliency, **kw)
-        kept = topk_per_block(sal, p.block_of, p.n_blocks, quota)
-    if local_swaps > 0:
-        from structprune.solver_admm import local_search
-        kept = local_search(Wt, G, groups, kept, blocks, max_swaps=local_swaps, **kw)
-    masked = Wt.clone()
-    keep_col = torch.zeros(Wt.shape[1], dtype=torch.bool, device=W.device)
-    keep_col[p.groups[kept].reshape(-1)] = True
-    keep_col[-1] = True  # the bias stays (masked baseline: simply zero the removed columns)
-    masked[:, ~keep_col] = 0.0
-    err_mask = reconstruction_error(Wt, masked, G)
-    if refit_weights:
-        del masked  # not needed next to the refit's buffers
-        new = refit(Wt, G, kept, groups, **kw)
-    else:
-        new = masked
-    err_new = reconstruction_error(Wt, new, G) if refit_weights else err_mask
-    b_new = None
-    if allow_bias or b is not None:
-        b_new = new[:, -1].to((b if b is not None else W).dtype)
-    seconds = time.perf_counter() - t0
-    log.debug("solve_module %s: kept %d/%d units, error masked %.4e -> refit %.4e, %.2f s",
-              selector, k_keep, p.n_units, err_mask, err_new, seconds)
-    return ModuleSolution(kept, new[:, :-1].to(W.dtype), b_new, err_mask, err_new, trace, seconds)
