@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -69,7 +70,12 @@ def test_smoke_writes_every_planned_record(smoke):
     for item in plan:
         name = f"gpu-{item}.json" if isinstance(item, str) else item.filename
         assert name in recs, name
-    assert "gpu-summary.json" in recs
+        rec = recs[name]
+        # every run record says what ran, how it ended and at which commit (a short git hash)
+        assert rec["kind"] == (f"gpu-{item}" if isinstance(item, str) else "gpu-scaling"), name
+        assert rec["status"] == "ok" or (rec["status"] == "skipped" and "not available" in rec["message"]), name
+        assert re.fullmatch(r"[0-9a-f]{7,40}", rec["git_commit"] or ""), (name, rec["git_commit"])
+    assert recs["gpu-summary.json"]["status_counts"]["error"] == 0
 
 
 def test_scaling_records_have_the_schema_and_exact_cpu_estimates(smoke):
