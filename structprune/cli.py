@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import math
+import shutil
 import sys
 import time
 from dataclasses import MISSING, fields
@@ -133,8 +134,14 @@ def cmd_prune(args) -> int:
           f"{rec['memory']['peak_bytes'] / 2**20:.1f} MiB ({rec['memory']['kind']})")
     print(f"record: {path}")
     if args.save_model:
-        folder = save_pruned(res.model, res.tokenizer, out / f"model-{rec['run_id']}",
-                             provenance={"run_id": rec["run_id"], "config": rec["config"]})
+        provenance = {"run_id": rec["run_id"], "config": rec["config"]}
+        if res.layer_dir is not None:  # the weights stayed on disk: complete the run's shards into a folder
+            from .weights import complete_folder
+
+            folder = complete_folder(res.layer_dir, res.model, res.weights, res.tokenizer, provenance)
+            folder = Path(shutil.move(str(folder), str(out / f"model-{rec['run_id']}")))
+        else:
+            folder = save_pruned(res.model, res.tokenizer, out / f"model-{rec['run_id']}", provenance=provenance)
         print(f"pruned model: {folder}")
     return 0
 

@@ -23,6 +23,7 @@ SALIENCIES = ("obs", "diag")
 TARGETS = ("local", "dense")
 REFINE_SCHEDULES = ("cosine", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
+WEIGHTS = ("auto", "memory", "disk")
 MAX_SPARSITY = 0.9  # the one cap: on the target sparsity and on any one module's
 MAX_REFINE_EPOCHS = 100
 MAX_SEED = 2**31 - 1
@@ -95,6 +96,11 @@ class PruneConfig:
     dtype: str = _f("float32", "model dtype on the device: float32 (CPU), bfloat16 / float16 allowed on CUDA",
                     choices=DTYPES)
     batch_size: int = _f(1, "windows per forward batch", min=1, step=1)
+    weights: str = _f(
+        "auto", "where the weights stay between uses: memory (the whole model in host RAM), disk (each layer read "
+                "from the model folder's safetensors when needed, pruned layers written out as they finish; the "
+                "host holds a few layers) or auto (disk when the model would fill more than half the free host "
+                "memory)", choices=WEIGHTS)
 
     def __post_init__(self) -> None:
         if isinstance(self.eval_data, str):
@@ -110,6 +116,8 @@ class PruneConfig:
             raise InvalidConfigError(f"refine_epochs is a structprune setting; set it to 0 for {self.method}")
         if self.sparsity > self.s_max:
             raise InvalidConfigError(f"sparsity {self.sparsity} is above s_max {self.s_max}")
+        if self.weights == "disk" and self.method in ("global-taylor", "magnitude"):
+            raise InvalidConfigError(f"{self.method} needs the whole model in memory; use weights memory (or auto)")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise InvalidConfigError(f"device must be auto, cpu or cuda (got {self.device!r})")
 

@@ -30,6 +30,7 @@ from .methods.base import Method
 from .pipeline import Emitter, LayerStats, collect_stats, prune_sequential
 from .refine import fit_layer
 from .streaming import LayerStream
+from .weights import DiskResidency, HostResidency
 from .units import layouts_of, module_specs
 
 
@@ -69,20 +70,21 @@ class PruneEngine:
 
     `method` is needed for pass1 / allocate / pass2 / run, not for `module_gram` and `nll`.
     `on_event(ProgressEvent)` is called per layer and stage; `cancel` (a threading.Event) is
-    checked at every layer boundary and raises RunCancelledError.
+    checked at every layer boundary and raises RunCancelledError. `residency`: where the weights
+    are between uses (default: host memory; `weights.DiskResidency` reads them from safetensors).
     """
 
     def __init__(self, model: nn.Module, device: torch.device | str, method: Method | None = None, *,
                  batch_size: int = 1, on_event: Callable | None = None, cancel=None,
                  ledger: DeviceLedger | None = None, host_grams: bool | None = None,
-                 t0: float | None = None) -> None:
+                 t0: float | None = None, residency: HostResidency | DiskResidency | None = None) -> None:
         self.model = model
         self.method = method
         self.adapter = adapter_for(model)
         self.device = torch.device(device)
         self.ledger = ledger or DeviceLedger(self.device)
         self.stream = LayerStream(model, self.adapter, self.device, ledger=self.ledger, batch_size=batch_size,
-                                  host_grams=host_grams)
+                                  host_grams=host_grams, residency=residency)
         self.emit = Emitter(self.stream, on_event, cancel, time.perf_counter() if t0 is None else t0)
         self.specs = module_specs(layouts_of(model, self.adapter))  # of the model as given (dense)
 
@@ -145,10 +147,12 @@ class PruneEngine:
         return Plan(alloc, energy_info, keep)
 
     def pass2(self, calib_ids: torch.Tensor, keep: list[dict[str, int]], pass1: Pass1,
-              refine: Callable[..., dict] | None = None) -> list[dict]:
+              refine: Callable[..., dict] | None = None,
+              commit_layer: Callable[[int, nn.Module], None] | None = None) -> list[dict]:
         """Prunes the model in place to `keep` (per layer, units kept per module; `Plan.keep`);
         one info dict per module. `refine` replaces the block refit the config asks for (a
-        `refine.fit_layer`-like callable: the refit probe's extension point)."""
+        `refine.fit_layer`-like callable: the refit probe's extension point); `commit_layer(i,
+        layer)` receives each finished layer on the device (disk streaming writes it out)."""
         method = self._need_method()
         cfg = method.cfg
         if not method.needs_calibration:
@@ -157,9 +161,11 @@ class PruneEngine:
             refine = functools.partial(fit_layer, epochs=cfg.refine_epochs, lr=cfg.refine_lr, seed=cfg.seed,
                                        schedule=cfg.refine_schedule)
         return prune_sequential(self.stream, calib_ids, keep, method.rule, self.emit, target=cfg.target,
-                                solves=method.solves, refine=refine, weigh=pass1.weigh, damp=cfg.damp)
+                                solves=method.solves, refine=refine, weigh=pass1.weigh, damp=cfg.damp,
+                                commit_layer=commit_layer)
 
-    def run(self, calib_ids: torch.Tensor, cache: dict | None = None, cache_key: tuple | None = None) -> PruneOutcome:
+    def run(self, calib_ids: torch.Tensor, cache: dict | None = None, cache_key: tuple | None = None,
+            commit_layer: Callable[[int, nn.Module], None] | None = None) -> PruneOutcome:
         """The method end to end: pass 1, allocation, pass 2 (or the method's own whole-model
         pruning). The model is pruned in place."""
         method = self._need_method()
@@ -174,7 +180,7 @@ class PruneEngine:
         timing["pass1_s"] = time.perf_counter() - t
         plan = self.allocate(p1)
         t = time.perf_counter()
-        infos = self.pass2(calib_ids, plan.keep, p1)
+        infos = self.pass2(calib_ids, plan.keep, p1, commit_layer=commit_layer)
         timing["pass2_s"] = time.perf_counter() - t
         return PruneOutcome(plan.allocation, plan.energy_info, infos, dict(p1.calib_loss), timing, p1.stats,
                             peak_bytes=self.ledger.peak)

@@ -16,6 +16,7 @@ from .engine import PruneEngine
 from .errors import InvalidConfigError, SequenceLengthError
 from .memory import DeviceLedger
 from .streaming import window_nll
+from .weights import DiskResidency
 
 
 @dataclass(frozen=True)
@@ -98,10 +99,12 @@ def perplexity_streamed(
     batch_size: int = 1,
     protocol: str = "",
     ledger: DeviceLedger | None = None,
+    residency: DiskResidency | None = None,
 ) -> PerplexityResult:
     """One decoder layer on `device` at a time (the engine's stream); activations of all windows
-    stay on the host."""
-    nll, tokens = PruneEngine(model, device, batch_size=batch_size, ledger=ledger).nll(windows)
+    stay on the host. `residency`: the weights' source when they are on disk (weights.py)."""
+    engine = PruneEngine(model, device, batch_size=batch_size, ledger=ledger, residency=residency)
+    nll, tokens = engine.nll(windows)
     return _nll_to_result(nll, tokens, windows, protocol)
 
 
@@ -112,12 +115,16 @@ def perplexity(
     mode: str = "auto",
     batch_size: int = 1,
     protocol: str = "",
+    residency: DiskResidency | None = None,
 ) -> PerplexityResult:
-    """mode: 'whole', 'streamed', or 'auto' (whole when it fits on the device, else streamed)."""
+    """mode: 'whole', 'streamed', or 'auto' (whole when it fits on the device, else streamed).
+    With `residency` (the weights on disk) the model is always streamed."""
     dev = resolve_device(device)
     if windows.ndim != 2 or windows.shape[0] < 1:
         raise SequenceLengthError("need at least one evaluation window")
     check_seqlen(model, windows.shape[1])
+    if residency is not None:
+        return perplexity_streamed(model, windows, dev, batch_size, protocol, residency=residency)
     if mode == "auto":
         mode = "whole" if fits_on_device(model, dev) else "streamed"
     if mode == "whole":

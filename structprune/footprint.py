@@ -120,8 +120,8 @@ def layerwise_moments(config, method: str = "structprune", batch_size: int = 1, 
 def estimate_memory(config, method: str = "structprune", nsamples: int = 64, seqlen: int = 512,
                     dtype: str = "float32", batch_size: int = 1, sensitivity: bool = True,
                     target: str = "local", relative: bool | None = None, host_grams: bool = False,
-                    refine: bool = False) -> dict:
-    """Predicted peak device bytes, per phase, for one pruning run.
+                    refine: bool = False, weights: str = "memory") -> dict:
+    """Predicted peak device bytes, per phase, for one pruning run, and the host's peak.
 
     Layer-wise methods: the largest of `layerwise_moments` (the same items the engine holds), per
     phase and overall, with the moment it happens at. Host memory for the activations
@@ -131,10 +131,18 @@ def estimate_memory(config, method: str = "structprune", nsamples: int = 64, seq
     engine keeps structprune's Grams in host memory between accumulation and solve (its default on
     CUDA; `LayerStream.host_grams`). `refine`: the block refit after each pruned layer
     (structprune's refine_epochs > 0), with a dense copy of the layer through pass 2.
+    `weights`: "memory" (the host holds the loaded model and the run's working copy of it) or
+    "disk" (the host holds the largest of the base, one layer and the head: weights.py); the host
+    peak adds the calibration activations, which the stream keeps there.
     """
     db = _dtype_bytes(dtype)
     lay = config_layout(config)
     n_params = model_params(config)
+    if weights not in ("memory", "disk"):
+        raise ValueError(f"weights must be memory or disk (got {weights!r})")
+    spec = adapter_for(config).spec
+    host_weights = (2 * n_params * db if weights == "memory" else
+                    max(spec.embedding_params(config), layer_weight_bytes(lay, 1), spec.lm_head_params(config)) * db)
     phases: dict[str, int] = {}
     peak_moment = None
     if method in LAYERWISE_METHODS:
@@ -159,6 +167,9 @@ def estimate_memory(config, method: str = "structprune", nsamples: int = 64, seq
         "model_params": n_params, "model_weight_bytes": n_params * db,
         "layer_weight_bytes": layer_weight_bytes(lay, db), "n_layers": config.num_hidden_layers,
         "host_activation_bytes": 2 * nsamples * seqlen * lay.hidden * db,
+        "host_weight_bytes": host_weights,
+        "host_peak_bytes": host_weights + 2 * nsamples * seqlen * lay.hidden * db,
+        "weights": weights,
         "nsamples": nsamples, "seqlen": seqlen, "dtype": dtype, "batch_size": batch_size,
         **({"terms": {k: int(v) for k, v in terms.items()}} if method == "global-taylor" else {}),
     }

@@ -21,7 +21,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from .adapters import adapter_for
 from .errors import ModelLoadError, UnknownModelError
+from .footprint import model_params
 from .paths import models_dir
+from .weights import SafetensorsSource, load_skeleton
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,8 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase | None
     source: str  # "builtin" | "folder" | "hub" | "tiny"
     path: str | None = None
+    # set when the weights stay on disk: `model` is then a skeleton without weights (weights.py)
+    weights: SafetensorsSource | None = None
 
     @property
     def description(self) -> str:
@@ -190,12 +194,17 @@ def known_models() -> list[str]:
     return list(BUILTIN_MODELS) + list(TINY_MODELS)
 
 
-def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, seed: int = 0) -> LoadedModel:
+def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, seed: int = 0,
+               on_disk: bool = False) -> LoadedModel:
     """Loads a built-in name, a tiny config name, a local HF folder or a hub id (on CPU).
+    `on_disk`: build the model without weights and leave them in the folder's safetensors files
+    (`LoadedModel.weights`), read layer by layer by the engine (tiny models have no files).
 
     Raises UnknownModelError / ModelLoadError / UnsupportedArchitectureError with a message that
     says what to do.
     """
+    if on_disk:
+        return _load_on_disk(name, dtype)
     if name in TINY_MODELS:
         model = build_tiny(name, seed=seed).to(dtype)
         return LoadedModel(name, model, None, "tiny")
@@ -224,6 +233,58 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, se
         f"unknown model {name!r}: use a built-in name ({', '.join(known_models())}), "
         "a local Hugging Face folder, or a hub id like org/name"
     )
+
+
+def model_folder(name: str) -> Path:
+    """The local folder that holds a model's files: the built-in conversion, a folder, or a hub
+    id's snapshot in the Hugging Face cache."""
+    if name in BUILTIN_MODELS:
+        return prepare_builtin(name)
+    path = Path(name).expanduser()
+    if path.is_dir() and (path / "config.json").exists():
+        return path
+    if "/" in name and not name.startswith((".", "/")) and not path.exists():
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(name, local_files_only=True))
+        except Exception as exc:  # noqa: BLE001 - the hub client raises several kinds
+            raise ModelLoadError(f"hub model {name!r} is not in the local Hugging Face cache; "
+                                 "download it first or pass its folder") from exc
+    if name in TINY_MODELS:
+        raise ModelLoadError(f"{name} is built in code and has no files to stream from; use weights memory, "
+                             "or save it with save_pretrained and give the folder")
+    raise UnknownModelError(f"no model folder for {name!r}: give a built-in name ({', '.join(BUILTIN_MODELS)}), "
+                            "a local Hugging Face folder or a cached hub id")
+
+
+def _load_on_disk(name: str, dtype: torch.dtype) -> LoadedModel:
+    from .checkpoint import is_structprune_checkpoint
+
+    folder = model_folder(name)
+    if is_structprune_checkpoint(folder):
+        raise ModelLoadError(f"{folder} is a pruned checkpoint; disk streaming prunes dense model folders "
+                             "(use weights memory to load it)")
+    model, weights = load_skeleton(folder, dtype)
+    tok = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None
+    source = "builtin" if name in BUILTIN_MODELS else "folder" if Path(name).expanduser().exists() else "hub"
+    return LoadedModel(name, model, tok, source, str(folder), weights=weights)
+
+
+def weights_on_disk(cfg_weights: str, name: str, dtype_bytes: int) -> bool:
+    """Whether a run streams the weights from disk: as asked, or (auto) when the model would fill
+    more than half of the host memory available now (tiny models never)."""
+    if cfg_weights != "auto":
+        return cfg_weights == "disk"
+    if name in TINY_MODELS:
+        return False
+    import psutil
+
+    try:
+        config = AutoConfig.from_pretrained(model_folder(name))
+    except Exception:  # noqa: BLE001 - unreadable or unknown: load_model reports it properly
+        return False
+    return model_params(config) * dtype_bytes > 0.5 * psutil.virtual_memory().available
 
 
 def _check_architecture(config) -> None:

@@ -253,6 +253,7 @@ def prune_sequential(
     refine: Callable[..., dict] | None = None,
     weigh: TokenWeights | None = None,
     damp: float = DAMP_REL,
+    commit_layer: Callable[[int, nn.Module], None] | None = None,
 ) -> list[dict]:
     """Pass 2: prunes every layer with `keep_counts[i][kind]` units kept. target="dense" also
     streams the dense model's activations and fits each module to the dense model's output of that
@@ -260,7 +261,9 @@ def prune_sequential(
     module. With `solves` and `stream.host_grams` (local targets), each Gram moves to host memory
     before its solve. `refine` (refine.fit_layer's signature, settings bound) is called on each
     pruned layer before the calibration batches move on through it; its report lands in the
-    layer's MLP info. `weigh`: the token weights pass 1 used (None: plain Grams)."""
+    layer's MLP info. `weigh`: the token weights pass 1 used (None: plain Grams). `commit_layer(i,
+    layer)` is called on each finished layer while it is still on the device (disk streaming
+    writes it out there: weights.LayerWriter)."""
     ad = stream.adapter
     ledger = stream.ledger
     host = solves and stream.host_grams and target == "local"
@@ -315,6 +318,8 @@ def prune_sequential(
                 if target == "dense":
                     xd = stream.run_layer(i, dense_layer, xd)
                 del dense_layer
+            if commit_layer is not None:
+                commit_layer(i, layer)
         emit("pass2", i)
     return infos
 

@@ -10,6 +10,7 @@ import logging
 import math
 import platform
 import subprocess
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -18,18 +19,21 @@ from pathlib import Path
 
 import torch
 
+from .adapters import adapter_for
 from .config import PruneConfig
 from .data.calibration import HELDOUT_LOSS_WINDOWS, calibration_ids, heldout_ids, random_token_data
 from .data.corpora import corpus_id, corpus_label
 from .data.windows import CalibrationSpec, corpus_token_ids, eval_windows, protocol_string
 from .engine import PruneEngine, check_sensitivity_windows, pass1_key
-from .errors import DeviceOutOfMemoryError
+from .errors import DeviceOutOfMemoryError, InvalidConfigError
 from .evaluation import check_seqlen, perplexity, resolve_device
 from .memory import DTYPE_BYTES
 from .methods import Method, get_method
-from .models import LoadedModel, load_model
+from .models import LoadedModel, load_model, weights_on_disk
+from .paths import data_dir
 from .pipeline import ProgressEvent
 from .units import count_params
+from .weights import DiskResidency, LayerWriter, SafetensorsSource
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +44,17 @@ CALIB_LOSS_WINDOWS = 8  # calibration windows of the pruned model's calibration 
 @dataclass
 class PruneResult:
     record: dict
-    model: torch.nn.Module  # the pruned model (on the CPU)
+    model: torch.nn.Module  # the pruned model (on the CPU; without weights when they stayed on disk)
     tokenizer: object | None
+    layer_dir: Path | None = None  # with the weights on disk: the pruned layers' shards
+    weights: SafetensorsSource | None = None  # ... and where every tensor of the pruned model is
+
+
+def _streamed_dir() -> Path:
+    """Where runs with their weights on disk write pruned layers unless told otherwise."""
+    folder = data_dir() / "streamed"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -85,12 +98,15 @@ def run_prune(
     evaluate_dense: bool = True,
     stats_cache: dict | None = None,
     method: Method | None = None,
+    layer_dir: str | Path | None = None,
 ) -> PruneResult:
     """Prunes a copy of `loaded` (or of `cfg.model`, loaded here) and evaluates it.
 
     stats_cache: a dict shared across runs; pass-1 statistics are kept in it under a key of
     everything they depend on, so sweeps over allocations and temperatures stream pass 1 once.
     method: a `Method` instance to run instead of `cfg.method`'s (a variant, e.g. an ablation).
+    layer_dir: with the weights on disk (`cfg.weights`), where the pruned layers are written as
+    they finish (default: a new folder under the run store's `streamed/`).
 
     on_event(ProgressEvent) is called per layer and stage; cancel (a threading.Event) is checked at
     every layer boundary and raises RunCancelledError. The loaded model is never modified.
@@ -103,12 +119,21 @@ def run_prune(
         dtype = torch.float32
     method = method or get_method(cfg.method)(cfg)
     check_sensitivity_windows(method, cfg.nsamples)
-    loaded = loaded or load_model(cfg.model)
+    if loaded is None:
+        loaded = load_model(cfg.model, on_disk=weights_on_disk(cfg.weights, cfg.model, DTYPE_BYTES[dtype]))
     model = copy.deepcopy(loaded.model).to(dtype).eval()
     calib_ids, evals, protocols = prepare_data(cfg, loaded.tokenizer, model)
+    residency = writer = None
+    if loaded.weights is not None:  # the weights stay in their files; pruned layers go to layer_dir
+        if method.whole_model or not method.needs_calibration:
+            raise InvalidConfigError(f"{cfg.method} needs the whole model in memory; use weights memory")
+        layers_path = adapter_for(model).spec.layers
+        residency = DiskResidency(model, loaded.weights.fork(), dtype, layers_path)
+        layer_dir = Path(layer_dir) if layer_dir else Path(tempfile.mkdtemp(prefix="run-", dir=_streamed_dir()))
+        writer = LayerWriter(residency, layers_path, layer_dir)
 
     engine = PruneEngine(model, device, method, batch_size=cfg.batch_size, on_event=on_event, cancel=cancel,
-                         t0=t_start)
+                         t0=t_start, residency=residency)
     params_before = count_params(model, engine.adapter)
     specs = engine.specs
     timing: dict[str, float] = {}
@@ -117,7 +142,8 @@ def run_prune(
         out = {}
         t = time.perf_counter()
         for name, win in evals.items():
-            res = perplexity(model, win, device=device, batch_size=cfg.batch_size, protocol=protocols[name])
+            res = perplexity(model, win, device=device, batch_size=cfg.batch_size, protocol=protocols[name],
+                             residency=residency)
             out[name] = {**res.to_dict(), "label": corpus_label(name, "test") if name != "random" else "random tokens"}
             engine.emit(f"eval-{tag}", -1, f"{name}: ppl {res.value:.4g}")
         timing[f"eval_{tag}_s"] = time.perf_counter() - t
@@ -127,18 +153,20 @@ def run_prune(
     try:
         ppl_dense = evaluate("dense") if evaluate_dense else {}
         if evaluate_dense and heldout is not None:
-            calib_loss_dense_heldout = heldout_nll(model, heldout, device, cfg.batch_size)[0]
+            calib_loss_dense_heldout = heldout_nll(model, heldout, device, cfg.batch_size, residency)[0]
         if engine.ledger.measured:  # the dense evaluation may hold the whole model: not pruning's peak
             torch.cuda.reset_peak_memory_stats(device)
         key = pass1_key(method, id(loaded.model), method.wants_sensitivity())
-        outcome = engine.run(calib_ids, cache=stats_cache, cache_key=key)
+        outcome = engine.run(calib_ids, cache=stats_cache, cache_key=key, commit_layer=writer)
         timing.update(outcome.timing)
         calib_loss = outcome.calib_loss
         if evaluate_dense and heldout is not None:
             calib_loss["heldout_dense"] = calib_loss_dense_heldout
-        calib_loss["pruned"], calib_loss["pruned_windows"] = calibration_nll(model, calib_ids, device, cfg.batch_size)
+        calib_loss["pruned"], calib_loss["pruned_windows"] = calibration_nll(model, calib_ids, device, cfg.batch_size,
+                                                                             residency)
         if heldout is not None:
-            calib_loss["heldout"], calib_loss["heldout_windows"] = heldout_nll(model, heldout, device, cfg.batch_size)
+            calib_loss["heldout"], calib_loss["heldout_windows"] = heldout_nll(model, heldout, device, cfg.batch_size,
+                                                                               residency)
         ppl_pruned = evaluate("pruned")
     except torch.cuda.OutOfMemoryError as exc:  # pragma: no cover - needs a GPU
         raise DeviceOutOfMemoryError(
@@ -186,24 +214,27 @@ def run_prune(
                    "model_weight_bytes": params_before.total * DTYPE_BYTES[dtype],
                    "timeline": ledger.timeline_records()},
         "timing": timing,
+        "weights": ({"mode": "memory"} if writer is None else
+                    {"mode": "disk", "pruned_layers": str(writer.folder), **residency.counts()}),
         "environment": environment(),
     }
-    return PruneResult(record, model, loaded.tokenizer)
+    return PruneResult(record, model, loaded.tokenizer, writer.folder if writer else None,
+                       residency.source if residency else None)
 
 
 def calibration_nll(model: torch.nn.Module, calib_ids: torch.Tensor, device: torch.device,
-                    batch_size: int = 1) -> tuple[float, int]:
+                    batch_size: int = 1, residency: DiskResidency | None = None) -> tuple[float, int]:
     """Mean next-token NLL (nats/token) of `model` on the first CALIB_LOSS_WINDOWS calibration
     windows, and how many were used. In-sample: the refit was fitted to these tokens, so choices
     are made by heldout_nll instead (and never by test perplexity)."""
-    return heldout_nll(model, calib_ids[:CALIB_LOSS_WINDOWS], device, batch_size)
+    return heldout_nll(model, calib_ids[:CALIB_LOSS_WINDOWS], device, batch_size, residency)
 
 
 def heldout_nll(model: torch.nn.Module, windows: torch.Tensor, device: torch.device,
-                batch_size: int = 1) -> tuple[float, int]:
+                batch_size: int = 1, residency: DiskResidency | None = None) -> tuple[float, int]:
     """Mean next-token NLL (nats/token) on `windows` (held-out calibration windows, see
     heldout_ids: the loss temperatures and energies are chosen by), and how many."""
-    res = perplexity(model, windows, device=device, batch_size=batch_size)
+    res = perplexity(model, windows, device=device, batch_size=batch_size, residency=residency)
     return res.nll / res.tokens, int(windows.shape[0])
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .adapters import Adapter
+from .weights import DiskResidency, HostResidency
 from .memory import (DTYPE_BYTES, DeviceLedger, activation_bytes, embed_workspace_bytes, forward_workspace_bytes,
                      layer_weight_bytes, logits_bytes)
 
@@ -82,8 +83,11 @@ class LayerStream:
         ledger: DeviceLedger | None = None,
         batch_size: int = 1,
         host_grams: bool | None = None,
+        residency: HostResidency | DiskResidency | None = None,
     ) -> None:
         self.model = model
+        # where the weights are between uses: host memory (default) or safetensors files (weights.py)
+        self.residency = residency or HostResidency()
         self.adapter = adapter
         self.device = torch.device(device)
         self.ledger = ledger or DeviceLedger(self.device)
@@ -116,7 +120,7 @@ class LayerStream:
         base = self.adapter.base(self.model)
         outs = []
         try:
-            base.to(self.device)  # embeddings, rotary tables, final norm: not the layers
+            self.residency.bring(base, self.device)  # embeddings, rotary tables, final norm: not the layers
             self.ledger.hold("embedding", sum(p.numel() for p in base.parameters()) * self.dtype_bytes)
             for start in range(0, input_ids.shape[0], self.batch_size):
                 ids = input_ids[start : start + self.batch_size].to(self.device)
@@ -133,7 +137,7 @@ class LayerStream:
         finally:
             for i, layer in enumerate(originals):
                 layers[i] = layer
-            base.to("cpu")
+            self.residency.release(base)
             self.ledger.release("embedding")
         return Batches(outs)
 
@@ -152,12 +156,12 @@ class LayerStream:
         """Moves decoder layer `index` to the device for the duration of the block."""
         layer = self.adapter.layers(self.model)[index]
         lay = self.adapter.layout(layer)
-        layer.to(self.device)
+        self.residency.bring(layer, self.device)
         self.ledger.hold("layer", layer_weight_bytes(lay, self.dtype_bytes))
         try:
             yield layer
         finally:
-            layer.to("cpu")
+            self.residency.release(layer)
             self.ledger.release("layer")
 
     def batch_input(self) -> torch.Tensor:
@@ -220,7 +224,7 @@ class LayerStream:
         NLL (N,) in fp64 and the number of predicted tokens."""
         mods = self.adapter.final_modules(self.model) + [self.adapter.lm_head(self.model)]
         for m in mods:
-            m.to(self.device)
+            self.residency.bring(m, self.device)
         head_bytes = sum(p.numel() for m in mods for p in m.parameters()) * self.dtype_bytes
         self.ledger.hold("head", head_bytes)
         nll = []
@@ -237,7 +241,7 @@ class LayerStream:
                     nll.append(window_nll(z, ids))
         finally:
             for m in mods:
-                m.to("cpu")
+                self.residency.release(m)
             self.ledger.release("head")
         tokens = input_ids.shape[0] * (input_ids.shape[1] - 1)
         return torch.cat(nll), tokens
