@@ -29,7 +29,7 @@ from .memory import DeviceLedger
 from .methods.base import Method
 from .pipeline import Emitter, LayerStats, collect_stats, prune_sequential
 from .refine import fit_layer
-from .streaming import LayerStream
+from .streaming import ActivationSpill, LayerStream
 from .weights import DiskResidency, HostResidency
 from .units import layouts_of, module_specs
 
@@ -71,20 +71,22 @@ class PruneEngine:
     `method` is needed for pass1 / allocate / pass2 / run, not for `module_gram` and `nll`.
     `on_event(ProgressEvent)` is called per layer and stage; `cancel` (a threading.Event) is
     checked at every layer boundary and raises RunCancelledError. `residency`: where the weights
-    are between uses (default: host memory; `weights.DiskResidency` reads them from safetensors).
+    are between uses (default: host memory; `weights.DiskResidency` reads them from safetensors);
+    `spill`: where activations go past a host-memory budget (`streaming.ActivationSpill`).
     """
 
     def __init__(self, model: nn.Module, device: torch.device | str, method: Method | None = None, *,
                  batch_size: int = 1, on_event: Callable | None = None, cancel=None,
                  ledger: DeviceLedger | None = None, host_grams: bool | None = None,
-                 t0: float | None = None, residency: HostResidency | DiskResidency | None = None) -> None:
+                 t0: float | None = None, residency: HostResidency | DiskResidency | None = None,
+                 spill: ActivationSpill | None = None) -> None:
         self.model = model
         self.method = method
         self.adapter = adapter_for(model)
         self.device = torch.device(device)
         self.ledger = ledger or DeviceLedger(self.device)
         self.stream = LayerStream(model, self.adapter, self.device, ledger=self.ledger, batch_size=batch_size,
-                                  host_grams=host_grams, residency=residency)
+                                  host_grams=host_grams, residency=residency, spill=spill)
         self.emit = Emitter(self.stream, on_event, cancel, time.perf_counter() if t0 is None else t0)
         self.specs = module_specs(layouts_of(model, self.adapter))  # of the model as given (dense)
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import psutil
 import torch
 
 from .adapters import adapter_for
@@ -32,6 +33,7 @@ from .methods import Method, get_method
 from .models import LoadedModel, load_model, weights_on_disk
 from .paths import data_dir
 from .pipeline import ProgressEvent
+from .streaming import ActivationSpill
 from .units import count_params
 from .weights import DiskResidency, LayerWriter, SafetensorsSource
 
@@ -99,6 +101,7 @@ def run_prune(
     stats_cache: dict | None = None,
     method: Method | None = None,
     layer_dir: str | Path | None = None,
+    activation_budget: int | None = None,
 ) -> PruneResult:
     """Prunes a copy of `loaded` (or of `cfg.model`, loaded here) and evaluates it.
 
@@ -106,7 +109,9 @@ def run_prune(
     everything they depend on, so sweeps over allocations and temperatures stream pass 1 once.
     method: a `Method` instance to run instead of `cfg.method`'s (a variant, e.g. an ablation).
     layer_dir: with the weights on disk (`cfg.weights`), where the pruned layers are written as
-    they finish (default: a new folder under the run store's `streamed/`).
+    they finish (default: a new folder under the run store's `streamed/`), and
+    activation_budget: the host bytes of calibration activations per pass kept in memory before
+    the rest go to memory-mapped files in layer_dir (default: a quarter of the free host memory).
 
     on_event(ProgressEvent) is called per layer and stage; cancel (a threading.Event) is checked at
     every layer boundary and raises RunCancelledError. The loaded model is never modified.
@@ -123,7 +128,7 @@ def run_prune(
         loaded = load_model(cfg.model, on_disk=weights_on_disk(cfg.weights, cfg.model, DTYPE_BYTES[dtype]))
     model = copy.deepcopy(loaded.model).to(dtype).eval()
     calib_ids, evals, protocols = prepare_data(cfg, loaded.tokenizer, model)
-    residency = writer = None
+    residency = writer = spill = None
     if loaded.weights is not None:  # the weights stay in their files; pruned layers go to layer_dir
         if method.whole_model or not method.needs_calibration:
             raise InvalidConfigError(f"{cfg.method} needs the whole model in memory; use weights memory")
@@ -131,9 +136,12 @@ def run_prune(
         residency = DiskResidency(model, loaded.weights.fork(), dtype, layers_path)
         layer_dir = Path(layer_dir) if layer_dir else Path(tempfile.mkdtemp(prefix="run-", dir=_streamed_dir()))
         writer = LayerWriter(residency, layers_path, layer_dir)
+        if activation_budget is None:
+            activation_budget = psutil.virtual_memory().available // 4
+        spill = ActivationSpill(layer_dir / "activations", activation_budget)
 
     engine = PruneEngine(model, device, method, batch_size=cfg.batch_size, on_event=on_event, cancel=cancel,
-                         t0=t_start, residency=residency)
+                         t0=t_start, residency=residency, spill=spill)
     params_before = count_params(model, engine.adapter)
     specs = engine.specs
     timing: dict[str, float] = {}
@@ -215,7 +223,8 @@ def run_prune(
                    "timeline": ledger.timeline_records()},
         "timing": timing,
         "weights": ({"mode": "memory"} if writer is None else
-                    {"mode": "disk", "pruned_layers": str(writer.folder), **residency.counts()}),
+                    {"mode": "disk", "pruned_layers": str(writer.folder), **residency.counts(),
+                     "activation_budget_bytes": spill.budget_bytes, "activations_spilled_bytes": spill.spilled_bytes}),
         "environment": environment(),
     }
     return PruneResult(record, model, loaded.tokenizer, writer.folder if writer else None,

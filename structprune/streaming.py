@@ -13,7 +13,10 @@ Activations live in host memory (pinned on CUDA); only one batch at a time is on
 from __future__ import annotations
 
 import contextlib
+import os
+import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from dataclasses import dataclass
 
 import torch
@@ -84,8 +87,10 @@ class LayerStream:
         batch_size: int = 1,
         host_grams: bool | None = None,
         residency: HostResidency | DiskResidency | None = None,
+        spill: ActivationSpill | None = None,
     ) -> None:
         self.model = model
+        self.spill = spill  # activations past a host-memory budget go to memory-mapped files
         # where the weights are between uses: host memory (default) or safetensors files (weights.py)
         self.residency = residency or HostResidency()
         self.adapter = adapter
@@ -132,7 +137,7 @@ class LayerStream:
                 key = tuple(ids.shape)
                 if key not in self._kwargs:
                     self._kwargs[key] = sink["kwargs"]
-                outs.append(self._to_host(sink["input"]))
+                outs.append(self._to_host(sink["input"], outs))
                 sink.clear()
         finally:
             for i, layer in enumerate(originals):
@@ -141,8 +146,12 @@ class LayerStream:
             self.ledger.release("embedding")
         return Batches(outs)
 
-    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+    def _to_host(self, t: torch.Tensor, held: list[torch.Tensor]) -> torch.Tensor:
+        """`t` in host memory (pinned on CUDA), or in a memory-mapped file once the batches
+        `held` so far for this stream of activations fill the spill budget."""
         t = t.detach().to("cpu")
+        if self.spill is not None and self.spill.over_budget(held, t):
+            return self.spill.place(t)
         if self.device.type == "cuda":
             t = t.pin_memory()
         return t
@@ -214,7 +223,7 @@ class LayerStream:
                     if on_batch is not None:
                         on_batch(b, x, y)
                     if keep_outputs:
-                        outs.append(self._to_host(y))
+                        outs.append(self._to_host(y, outs))
         return Batches(outs) if keep_outputs else None
 
     # --- the head ---------------------------------------------------------------------------
@@ -245,6 +254,39 @@ class LayerStream:
             self.ledger.release("head")
         tokens = input_ids.shape[0] * (input_ids.shape[1] - 1)
         return torch.cat(nll), tokens
+
+
+class ActivationSpill:
+    """Host activations beyond `budget_bytes` per stream of batches (the calibration set's layer
+    inputs or outputs) go to memory-mapped files in `folder`, unlinked as soon as they are mapped:
+    the page cache holds them (the OS writes them out under memory pressure) and the file is gone
+    with the tensor. At 70B, 128 x 2048 tokens of activations are 4 GiB in bf16, twice over."""
+
+    def __init__(self, folder: str | Path, budget_bytes: int) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.budget_bytes = int(budget_bytes)
+        self.spilled_bytes = 0  # in total, over the run
+
+    def over_budget(self, held: list[torch.Tensor], t: torch.Tensor) -> bool:
+        in_memory = sum(h.numel() * h.element_size() for h in held if not _is_mapped(h))
+        return in_memory + t.numel() * t.element_size() > self.budget_bytes
+
+    def place(self, t: torch.Tensor) -> torch.Tensor:
+        fd, path = tempfile.mkstemp(suffix=".act", dir=self.folder)
+        os.close(fd)
+        try:
+            mapped = torch.from_file(path, shared=True, size=t.numel(), dtype=t.dtype).view(t.shape)
+        finally:
+            os.unlink(path)
+        mapped.copy_(t)
+        mapped.spilled = True  # an attribute of this tensor object, which the Batches keep
+        self.spilled_bytes += t.numel() * t.element_size()
+        return mapped
+
+
+def _is_mapped(t: torch.Tensor) -> bool:
+    return getattr(t, "spilled", False)
 
 
 class StopLayer(Exception):

@@ -126,3 +126,17 @@ def test_the_estimator_predicts_the_hosts_weight_peak_of_a_disk_run(tmp_path):
         assert disk["host_weight_bytes"] == rec["weights"]["peak_weight_bytes_loaded"]
         assert mem["host_weight_bytes"] == 2 * mem["model_weight_bytes"] > disk["host_weight_bytes"]
         assert disk["host_peak_bytes"] == disk["host_weight_bytes"] + disk["host_activation_bytes"]
+
+
+def test_activations_past_the_budget_go_to_mapped_files_and_change_nothing(tmp_path):
+    _, folder = _folder(tmp_path, "tiny-llama")
+    cfg = PruneConfig(model="tiny-llama", sparsity=0.4, nsamples=4, seqlen=24, eval_windows=2)
+    kept = run_prune(cfg, load_model(str(folder), on_disk=True), layer_dir=tmp_path / "a").record
+    spilled = run_prune(cfg, load_model(str(folder), on_disk=True), layer_dir=tmp_path / "b",
+                        activation_budget=0).record
+    assert kept["weights"]["activations_spilled_bytes"] == 0
+    # every calibration batch of every layer's inputs and outputs went to a file, and was read back
+    assert spilled["weights"]["activations_spilled_bytes"] > 4 * 24 * 64 * 4 * 2 * 4
+    assert [m["kept"] for m in spilled["modules"]] == [m["kept"] for m in kept["modules"]]
+    assert spilled["ppl"] == kept["ppl"] and spilled["calib_loss"] == kept["calib_loss"]
+    assert list((tmp_path / "b" / "activations").iterdir()) == []  # the mapped files are unlinked
