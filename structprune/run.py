@@ -23,18 +23,30 @@ from .data.calibration import HELDOUT_LOSS_WINDOWS, calibration_ids, heldout_ids
 from .data.corpora import corpus_id, corpus_label
 from .data.windows import CalibrationSpec, corpus_token_ids, eval_windows, protocol_string
 from .engine import PruneEngine, check_sensitivity_windows, pass1_key
-from .errors import DeviceOutOfMemoryError
+from .errors import DeviceOutOfMemoryError, StructPruneError
 from .evaluation import check_seqlen, perplexity, resolve_device
+from .jsonio import strict_record
 from .memory import DTYPE_BYTES
 from .methods import Method, get_method
 from .models import LoadedModel, load_model
 from .pipeline import ProgressEvent
-from .units import count_params
+from .preflight import check_reachable, preflight
+from .units import count_params, layouts_of, module_specs
 
 log = logging.getLogger(__name__)
 
 RECORD_SCHEMA = "structprune.run/1"
 CALIB_LOSS_WINDOWS = 8  # calibration windows of the pruned model's calibration loss (calib_loss["pruned"])
+
+
+class NonFiniteResultError(StructPruneError):
+    """A run whose perplexity or loss is not finite: it ends as failed, never "finished". `record`
+    is its complete record with status "failed" and the reason (strict JSON: the non-finite numbers
+    are null and listed under "nonfinite")."""
+
+    def __init__(self, message: str, record: dict | None = None) -> None:
+        super().__init__(message)
+        self.record = record
 
 
 @dataclass
@@ -96,6 +108,7 @@ def run_prune(
     every layer boundary and raises RunCancelledError. The loaded model is never modified.
     """
     t_start = time.perf_counter()
+    preflight(cfg, model=loaded is None)  # every refusal the settings allow, before any weights load
     device = resolve_device(cfg.device)
     dtype = _dtype(cfg.dtype)
     if device.type == "cpu" and dtype != torch.float32:
@@ -105,6 +118,9 @@ def run_prune(
     check_sensitivity_windows(method, cfg.nsamples)
     loaded = loaded or load_model(cfg.model)
     model = copy.deepcopy(loaded.model).to(dtype).eval()
+    from .adapters import adapter_for  # the loaded model's own layers (a pruned checkpoint's differ)
+
+    check_reachable(cfg, module_specs(layouts_of(model, adapter_for(model))))
     calib_ids, evals, protocols = prepare_data(cfg, loaded.tokenizer, model)
 
     engine = PruneEngine(model, device, method, batch_size=cfg.batch_size, on_event=on_event, cancel=cancel,
@@ -126,6 +142,8 @@ def run_prune(
     heldout = heldout_ids(cfg, loaded.tokenizer, model.config.vocab_size)
     try:
         ppl_dense = evaluate("dense") if evaluate_dense else {}
+        if (reason := nonfinite_reason(ppl_dense, {}, {})) is not None:  # no pruning can mend the dense model
+            raise NonFiniteResultError(reason)
         if evaluate_dense and heldout is not None:
             calib_loss_dense_heldout = heldout_nll(model, heldout, device, cfg.batch_size)[0]
         if engine.ledger.measured:  # the dense evaluation may hold the whole model: not pruning's peak
@@ -143,6 +161,9 @@ def run_prune(
     except torch.cuda.OutOfMemoryError as exc:  # pragma: no cover - needs a GPU
         raise DeviceOutOfMemoryError(
             "the GPU ran out of memory; lower --nsamples, --seqlen or --batch-size, or use --device cpu") from exc
+    except FloatingPointError as exc:  # weights are finite (checked at load): activations overflowed
+        hint = " at half precision: use --dtype float32" if dtype != torch.float32 else ""
+        raise NonFiniteResultError(f"the run failed: {exc}{hint}") from exc
 
     alloc, energy_info, infos = outcome.allocation, outcome.energy_info, outcome.modules
     params_after = count_params(model, engine.adapter)
@@ -188,7 +209,23 @@ def run_prune(
         "timing": timing,
         "environment": environment(),
     }
-    return PruneResult(record, model, loaded.tokenizer)
+    reason = nonfinite_reason(ppl_dense, ppl_pruned, calib_loss)
+    if reason is not None:
+        record.update(status="failed", error=reason)
+        raise NonFiniteResultError(reason, strict_record(record))
+    return PruneResult(strict_record(record), model, loaded.tokenizer)
+
+
+def nonfinite_reason(ppl_dense: dict, ppl_pruned: dict, calib_loss: dict) -> str | None:
+    """Why a run's results are unusable (a perplexity or a loss that is NaN or inf), or None."""
+    bad = [f"{tag} perplexity on {name}" for tag, ppl in (("dense", ppl_dense), ("pruned", ppl_pruned))
+           for name, r in ppl.items() if not r.get("finite", is_finite(r.get("value")))]
+    bad += [f"calibration loss '{k}'" for k, v in calib_loss.items()
+            if isinstance(v, float) and not math.isfinite(v)]
+    if not bad:
+        return None
+    return (f"the run failed: {', '.join(bad)} is not finite (NaN or inf); the weights were finite when loaded, "
+            "so the model overflowed: try --dtype float32 or a lower --sparsity")
 
 
 def calibration_nll(model: torch.nn.Module, calib_ids: torch.Tensor, device: torch.device,
@@ -219,5 +256,5 @@ def is_finite(x: float | None) -> bool:
     return x is not None and math.isfinite(x)
 
 
-__all__ = ["PruneResult", "run_prune", "ProgressEvent", "RECORD_SCHEMA", "calibration_ids", "heldout_ids",
+__all__ = ["PruneResult", "run_prune", "NonFiniteResultError", "nonfinite_reason", "ProgressEvent", "RECORD_SCHEMA", "calibration_ids", "heldout_ids",
            "random_token_data", "HELDOUT_LOSS_WINDOWS", "prepare_data"]
