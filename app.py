@@ -1,4 +1,4 @@
-"""StructPrune Explorer: `streamlit run app.py` (or `make app`).
+"""StructPrune Explorer: `make app`, or `streamlit run app.py` from the repository root (on 127.0.0.1: see docs/SECURITY.md).
 
 The pages are in pages/; they call the structprune library and draw its results.
 """

@@ -23,7 +23,7 @@ from .data.calibration import HELDOUT_LOSS_WINDOWS, calibration_ids, heldout_ids
 from .data.corpora import corpus_id, corpus_label
 from .data.windows import CalibrationSpec, corpus_token_ids, eval_windows, protocol_string
 from .engine import PruneEngine, check_sensitivity_windows, pass1_key
-from .errors import DeviceOutOfMemoryError, StructPruneError
+from .errors import DeviceOutOfMemoryError, SequenceLengthError, StructPruneError
 from .evaluation import check_seqlen, perplexity, resolve_device
 from .jsonio import strict_record
 from .memory import DTYPE_BYTES
@@ -83,7 +83,10 @@ def prepare_data(cfg: PruneConfig, tokenizer, model) -> tuple[torch.Tensor, dict
     calib = CalibrationSpec(corpus_id(cfg.calib_data, "calib"), cfg.nsamples, cfg.seqlen, cfg.seed)
     evals, protocols = {}, {}
     for name in cfg.eval_data:
-        win = eval_windows(corpus_token_ids(tokenizer, name, "test"), cfg.seqlen, cfg.eval_windows)
+        try:
+            win = eval_windows(corpus_token_ids(tokenizer, name, "test"), cfg.seqlen, cfg.eval_windows)
+        except SequenceLengthError as exc:
+            raise SequenceLengthError(f"--eval-data {name}: {exc}; lower --seqlen or --eval-windows") from None
         evals[name] = win
         protocols[name] = protocol_string(corpus_id(name, "test"), cfg.seqlen, win.shape[0], calib)
     return calib_ids, evals, protocols

@@ -290,6 +290,23 @@ def check_corpus(name_or_path: str, option: str = "corpus") -> None:
         raise CorpusUnavailableError(f"{option} {name}: {exc}") from None
 
 
+def _check_utf8(path: Path, chunk: int = 1 << 20) -> None:
+    import codecs
+
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as exc:
+                raise CorpusUnavailableError(f"not UTF-8 text (byte {offset + exc.start}); save it as UTF-8") from None
+            offset += len(block)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise CorpusUnavailableError("not UTF-8 text (it ends inside a character); save it as UTF-8") from None
+
+
 def _check_local_file(path: Path) -> None:
     if path.suffix.lower() not in LOCAL_SUFFIXES:
         raise CorpusUnavailableError("unsupported corpus file: give a .txt or a .parquet file (with a 'text' column)")
@@ -299,6 +316,8 @@ def _check_local_file(path: Path) -> None:
         raise CorpusUnavailableError("the file is not readable")
     if path.stat().st_size == 0:
         raise CorpusUnavailableError("the file is empty")
+    if path.suffix.lower() == ".txt":
+        _check_utf8(path)
     if path.suffix.lower() == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
