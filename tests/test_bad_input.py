@@ -417,6 +417,6 @@ def test_the_app_binds_localhost_however_it_is_started():
 
     conf = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
     assert conf["server"]["address"] == "127.0.0.1"
-    doc = (ROOT / "docs" / "SECURITY.md").read_text()
+    doc = (ROOT / "docs/SECURITY.md").read_text()
     assert "--server.address=0.0.0.0" in doc and "no authentication" in doc
     assert "docs/SECURITY.md" in (ROOT / "README.md").read_text()
