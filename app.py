@@ -1,4 +1,5 @@
-"""StructPrune Explorer: `streamlit run app.py` (or `make app`).
+"""StructPrune Explorer: `make app`, or `streamlit run app.py` from the repository root (it listens on
+127.0.0.1 only: .streamlit/config.toml; docs/SECURITY.md says how to expose it deliberately).
 
 The pages are in pages/; they call the structprune library and draw its results.
 """

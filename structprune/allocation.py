@@ -149,6 +149,15 @@ def _unit_bounds(a: _Arrays, s_min: float, s_max: float) -> tuple[np.ndarray, np
     return np.minimum(lo, hi), hi
 
 
+def max_reachable_sparsity(specs: Sequence[ModuleSpec], s_max: float = DEFAULT_S_MAX) -> float:
+    """The largest target sparsity any scheme can reach under s_max, min_keep and step: every
+    module at its upper bound hi_m (see the module doc). Known from the specs alone, so a target
+    above it is refused before any model is loaded."""
+    _, a = _spec_arrays(specs)
+    _, hi = _unit_bounds(a, 0.0, _check_fraction("s_max", s_max, 0.0, 1.0))
+    return float(hi @ a.p) / float(a.params.sum())
+
+
 def _check_budget(a: _Arrays, lo: np.ndarray, hi: np.ndarray, budget: float, s: float) -> None:
     most, least = float(hi @ a.p), float(lo @ a.p)
     total = float(a.params.sum())

@@ -2,22 +2,27 @@
 
 Options of `prune`, and the shared options of `eval`, `estimate` and `prepare`, come from
 `PruneConfig`'s fields: defaults, types, choices, bounds and help in one place. Every refusal (a bad
-option or an error of the library) prints one line, `error: ...`, and exits with status 2.
+option or an error of the library) prints one line, `error: ...`, and exits with status 2, before
+any model is loaded where the options allow (preflight.py). `prune` checks `--out` writable first,
+writes the model before the record and both atomically, leaves nothing behind when it fails, and
+records the run in the run store the app shows (unless `--no-store`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import logging
 import math
 import shutil
+import sqlite3
 import sys
+import tempfile
 import time
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from .config import PruneConfig, check_value, choices_for, config_field, default_for, help_for, range_text
+from .config import PruneConfig, check_settings, check_value, choices_for, config_field, default_for, help_for, range_text
 from .errors import StructPruneError
 
 log = logging.getLogger("structprune")
@@ -90,15 +95,29 @@ def cmd_models(_args) -> int:
     return 0
 
 
+def _flag(name: str) -> str:
+    """The CLI flag of a PruneConfig setting, for messages."""
+    return "--" + name.replace("_", "-")
+
+
 def cmd_eval(args) -> int:
-    from .data.corpora import corpus_id
+    from .data.corpora import check_corpus, corpus_id
     from .data.windows import corpus_token_ids, eval_windows, protocol_string
-    from .evaluation import check_seqlen, perplexity
-    from .models import load_model
+    from .evaluation import check_seqlen, perplexity, resolve_device
+    from .models import TINY_MODELS, load_model, model_config
+    from .preflight import check_context
 
     check_value("eval_windows", args.windows, "--windows")
     check_value("seqlen", args.seqlen, "--seqlen")
     check_value("batch_size", args.batch_size, "--batch-size")
+    check_settings({"device": args.device}, _flag)
+    resolve_device(args.device)
+    if args.model in TINY_MODELS:
+        raise StructPruneError(f"{args.model} has no tokenizer; evaluate a built-in model or a model folder")
+    config = model_config(args.model)  # unknown name, damaged config.json: refused before any weights load
+    if config is not None:
+        check_context(config, args.seqlen)
+    check_corpus(args.data, "--data")
     loaded = load_model(args.model)
     if loaded.tokenizer is None:
         raise StructPruneError(f"{args.model} has no tokenizer; evaluate a built-in model or a model folder")
@@ -107,24 +126,102 @@ def cmd_eval(args) -> int:
     proto = protocol_string(corpus_id(args.data, "test"), args.seqlen, win.shape[0])
     t = time.perf_counter()
     res = perplexity(loaded.model, win, device=args.device, mode=args.mode, batch_size=args.batch_size, protocol=proto)
-    value = f"{res.value:.4f}" if math.isfinite(res.value) else "inf"
-    print(f"perplexity {value}  ({proto}; {loaded.description}; {time.perf_counter() - t:.1f} s)")
+    if not math.isfinite(res.value):
+        raise StructPruneError(f"perplexity is not finite ({res.value}) on {proto}: the model overflowed; "
+                               "its weights were finite when loaded")
+    print(f"perplexity {res.value:.4f}  ({proto}; {loaded.description}; {time.perf_counter() - t:.1f} s)")
     return 0
 
 
+def _prepare_out(out: Path) -> list[Path]:
+    """Makes `out` a writable folder before any work (a probe file written and removed); returns the
+    folders it created, which are removed again if the run fails."""
+    if out.exists() and not out.is_dir():
+        raise StructPruneError(f"--out {out} is a file, not a folder; give a folder for the record")
+    missing = [p for p in (out, *out.parents) if not p.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".structprune-probe-"):
+            pass
+    except OSError as exc:
+        _remove_empty(missing)
+        why = exc.strerror or type(exc).__name__
+        raise StructPruneError(f"--out {out} is not a writable folder ({why}); give another --out") from None
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for p in folders:  # deepest first
+        try:
+            p.rmdir()
+        except OSError:
+            pass
+
+
 def cmd_prune(args) -> int:
-    from .checkpoint import save_pruned
-    from .run import run_prune
+    from .preflight import preflight
 
     values = {f.name: getattr(args, f.name) for f in fields(PruneConfig)}
     values["eval_data"] = tuple(values["eval_data"])
+    check_settings(values, _flag)  # messages name the flags
     cfg = PruneConfig(**values)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    res = run_prune(cfg, on_event=_progress)
-    rec = res.record
-    path = out / f"{rec['run_id']}.json"
-    path.write_text(json.dumps(rec, indent=1))
+    preflight(cfg)  # the model config, reachability, corpora: before any weights load
+    out = Path(args.out).expanduser()
+    created = _prepare_out(out)
+    store = None
+    if not args.no_store:
+        from .paths import data_dir
+        from .store import RunStore
+
+        try:
+            store = RunStore()
+        except (OSError, sqlite3.Error) as exc:
+            _remove_empty(created)
+            raise StructPruneError(f"cannot open the run store in {data_dir()} ({exc}); set STRUCTPRUNE_DATA "
+                                   "to a writable folder or pass --no-store") from None
+    try:
+        return _prune_and_write(cfg, args, out, store)
+    except BaseException:
+        _remove_empty(created)
+        raise
+
+
+def _prune_and_write(cfg: PruneConfig, args, out: Path, store) -> int:
+    """The run, then its outputs: the model (if asked) first and the record last, so a record exists
+    only next to a complete model; the store row ends finished or failed, never running."""
+    from .checkpoint import save_pruned
+    from .jsonio import write_json
+    from .run import NonFiniteResultError, run_prune
+    from .weights import complete_folder
+
+    run_id = store.start(cfg.to_dict()) if store is not None else None
+    folder = None
+    try:
+        with store.heartbeat(run_id) if store is not None else contextlib.nullcontext():
+            res = run_prune(cfg, on_event=_progress)
+        rec = res.record
+        if run_id is not None:
+            rec["run_id"] = run_id
+        if args.save_model:
+            folder = out / f"model-{rec['run_id']}"
+            provenance = {"run_id": rec["run_id"], "config": rec["config"]}
+            if res.layer_dir is not None:  # the weights stayed on disk: complete the run's shards into a folder
+                complete_folder(res.layer_dir, res.model, res.weights, res.tokenizer, provenance)
+                shutil.move(str(res.layer_dir), str(folder))
+            else:
+                save_pruned(res.model, res.tokenizer, folder, provenance=provenance)
+            rec["saved_model"] = str(folder)
+        path = write_json(out / f"{rec['run_id']}.json", rec)
+        if store is not None:
+            store.finish(run_id, rec)
+    except BaseException as exc:
+        if folder is not None and folder.exists():  # a model without its record is not kept
+            shutil.rmtree(folder, ignore_errors=True)
+        if store is not None:
+            msg = _one_line(exc) if not isinstance(exc, KeyboardInterrupt) else "interrupted (Ctrl-C)"
+            store.fail(run_id, msg, cancelled=isinstance(exc, KeyboardInterrupt),
+                       record=exc.record if isinstance(exc, NonFiniteResultError) else None)
+        raise
     for name, r in rec["ppl"]["pruned"].items():
         dense = rec["ppl"]["dense"].get(name, {}).get("value")
         print(f"{name}: ppl dense {dense} -> pruned {r['value']}  ({r['protocol']})")
@@ -132,30 +229,29 @@ def cmd_prune(args) -> int:
     print(f"sparsity target {sp['target']:.3f}, achieved {sp['achieved_prunable']:.4f} of prunable, "
           f"{sp['achieved_total']:.4f} of all parameters; peak device memory "
           f"{rec['memory']['peak_bytes'] / 2**20:.1f} MiB ({rec['memory']['kind']})")
-    print(f"record: {path}")
-    if args.save_model:
-        provenance = {"run_id": rec["run_id"], "config": rec["config"]}
-        if res.layer_dir is not None:  # the weights stayed on disk: complete the run's shards into a folder
-            from .weights import complete_folder
-
-            folder = complete_folder(res.layer_dir, res.model, res.weights, res.tokenizer, provenance)
-            folder = Path(shutil.move(str(folder), str(out / f"model-{rec['run_id']}")))
-        else:
-            folder = save_pruned(res.model, res.tokenizer, out / f"model-{rec['run_id']}", provenance=provenance)
+    if folder is not None:
         print(f"pruned model: {folder}")
+    print(f"record: {path}" + (f" (and in the run store {store.path})" if store is not None else ""))
     return 0
 
 
 def cmd_estimate(args) -> int:
     from .estimate import estimate_memory, load_config
+    from .jsonio import dumps
 
     for name in ("nsamples", "seqlen", "batch_size"):
-        check_value(name, getattr(args, name), "--" + name.replace("_", "-"))
+        check_value(name, getattr(args, name), _flag(name))
     config = load_config(args.model)
     est = estimate_memory(config, args.method, args.nsamples, args.seqlen, args.dtype, batch_size=args.batch_size,
                           host_grams=args.device == "cuda")
-    print(json.dumps(est, indent=1))
+    print(dumps(est, indent=1))
     return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as one line (messages of other libraries may span several)."""
+    text = " ".join(str(exc).split())
+    return text if isinstance(exc, StructPruneError) and text else f"{type(exc).__name__}: {text}".rstrip(": ")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -191,8 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="prune a model and write its JSON record")
     _add_config_options(p)
-    p.add_argument("--out", default="runs", help="folder for the record (and the model)")
+    p.add_argument("--out", default="runs", help="folder for the record (and the model); checked writable "
+                                                  "before the run, left as it was if the run fails")
     p.add_argument("--save-model", action="store_true", help="also save the pruned model")
+    p.add_argument("--no-store", action="store_true",
+                   help="do not record the run in the run store the app shows (STRUCTPRUNE_DATA; default: recorded)")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("estimate", help="predicted peak device memory for a model config")
@@ -218,11 +317,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except StructPruneError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk, a folder that went away: what failed, not a traceback
+        log.debug("", exc_info=True)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - a bug: one line, the traceback with -v
+        log.info("", exc_info=True)
+        print(f"error: internal error, {_one_line(exc)} (run with -v for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 
 from .errors import InvalidConfigError
@@ -110,16 +111,9 @@ class PruneConfig:
 
     def validate(self) -> None:
         """Every field against its metadata (choices, bounds), then the rules between fields."""
-        for f in fields(self):
-            check_value(f.name, getattr(self, f.name))
-        if self.refine_epochs and self.method != "structprune":
-            raise InvalidConfigError(f"refine_epochs is a structprune setting; set it to 0 for {self.method}")
-        if self.sparsity > self.s_max:
-            raise InvalidConfigError(f"sparsity {self.sparsity} is above s_max {self.s_max}")
+        check_settings({f.name: getattr(self, f.name) for f in fields(self)})
         if self.weights == "disk" and self.method in ("global-taylor", "magnitude"):
             raise InvalidConfigError(f"{self.method} needs the whole model in memory; use weights memory (or auto)")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise InvalidConfigError(f"device must be auto, cpu or cuda (got {self.device!r})")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -135,6 +129,35 @@ class PruneConfig:
             d["temperature"] = math.inf
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def check_settings(values: dict, label: Callable[[str], str] | None = None) -> None:
+    """Checks run settings (PruneConfig field -> value) one by one, then the rules between them,
+    before anything is built. `label` names a setting in messages (the CLI passes its flags);
+    missing settings take their defaults."""
+    label = label or (lambda name: name)
+    v = {f.name: default_for(f.name) for f in fields(PruneConfig)} | dict(values)
+    for name in (f.name for f in fields(PruneConfig)):
+        check_value(name, v[name], label(name))
+    if v["refine_epochs"] and v["method"] != "structprune":
+        raise InvalidConfigError(f"{label('refine_epochs')} is a structprune setting; set it to 0 for {v['method']}")
+    if v["sparsity"] > v["s_max"]:
+        raise InvalidConfigError(f"{label('sparsity')} {v['sparsity']} is above {label('s_max')} {v['s_max']}; "
+                                 f"lower it or raise {label('s_max')}")
+    device = v["device"]
+    if not isinstance(device, str) or (device not in ("auto", "cpu", "cuda") and not _is_cuda_index(device)):
+        raise InvalidConfigError(f"{label('device')} must be auto, cpu, cuda or cuda:N (got {device!r})")
+    for name in ("model", "calib_data"):
+        if not isinstance(v[name], str) or not v[name].strip():
+            raise InvalidConfigError(f"{label(name)} must name a model / corpus (got {v[name]!r})")
+    eval_data = v["eval_data"]
+    if isinstance(eval_data, str) or not eval_data or not all(isinstance(e, str) and e.strip() for e in eval_data):
+        raise InvalidConfigError(f"{label('eval_data')} must name one or more corpora (got {eval_data!r})")
+
+
+def _is_cuda_index(device: str) -> bool:
+    head, _, index = device.partition(":")
+    return head == "cuda" and index.isdigit()
 
 
 def config_field(name: str) -> Field:

@@ -9,6 +9,7 @@ project does not install).
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -211,25 +212,35 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, se
     if name in BUILTIN_MODELS:
         folder = prepare_builtin(name)
         model, tok = _load_folder(folder, dtype)
+        check_finite_weights(model, name)
         return LoadedModel(name, model, tok, "builtin", str(folder))
     path = Path(name).expanduser()
     if path.exists():
-        if not path.is_dir() or not (path / "config.json").exists():
-            raise ModelLoadError(
-                f"{name!r} is not a model folder (no config.json); give a Hugging Face model folder "
-                f"or one of: {', '.join(known_models())}"
-            )
+        read_config_json(path)  # a damaged config.json: one line, before anything else reads it
         from .checkpoint import is_structprune_checkpoint, load_pruned
 
         if is_structprune_checkpoint(path):
-            model, tok = load_pruned(path, dtype=dtype)
+            try:
+                model, tok = load_pruned(path, dtype=dtype)
+            except Exception as exc:  # noqa: BLE001 - a damaged checkpoint: one line that says so
+                raise ModelLoadError(f"cannot load the pruned model in {path}: {_one_line(exc)}") from exc
         else:
             model, tok = _load_folder(path, dtype)
+        check_finite_weights(model, str(path))
         return LoadedModel(name, model, tok, "folder", str(path))
-    if "/" in name and not name.startswith((".", "/")):
+    if _is_hub_id(name):
         model, tok = _load_hub(name, dtype)
+        check_finite_weights(model, name)
         return LoadedModel(name, model, tok, "hub", name)
-    raise UnknownModelError(
+    raise _unknown(name)
+
+
+def _is_hub_id(name: str) -> bool:
+    return "/" in name and not name.startswith((".", "/", "~"))
+
+
+def _unknown(name: str) -> UnknownModelError:
+    return UnknownModelError(
         f"unknown model {name!r}: use a built-in name ({', '.join(known_models())}), "
         "a local Hugging Face folder, or a hub id like org/name"
     )
@@ -287,21 +298,82 @@ def weights_on_disk(cfg_weights: str, name: str, dtype_bytes: int) -> bool:
     return model_params(config) * dtype_bytes > 0.5 * psutil.virtual_memory().available
 
 
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
+
+
+def read_config_json(folder: Path) -> dict:
+    """The parsed config.json of a model folder; ModelLoadError (one line) when the folder is not
+    one or the file is not a JSON object."""
+    cfg = folder / "config.json"
+    if not folder.is_dir() or not cfg.is_file():
+        raise ModelLoadError(
+            f"{str(folder)!r} is not a model folder (no config.json); give a Hugging Face model folder "
+            f"or one of: {', '.join(known_models())}"
+        )
+    try:
+        raw = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{cfg} is damaged (not valid JSON: {_one_line(exc)}); restore or re-create "
+                             "the model folder") from exc
+    if not isinstance(raw, dict) or "model_type" not in raw:
+        raise ModelLoadError(f"{cfg} is not a Hugging Face model config (no model_type); restore or "
+                             "re-create the model folder")
+    return raw
+
+
+def model_config(name: str):
+    """The transformers config a model name resolves to, read without loading any weights (None where
+    only loading tells: a built-in model not yet converted, a hub id, a pruned checkpoint, whose
+    layers differ). Raises what `load_model` would for an unknown name or a damaged config, so
+    options are checked against the model before any weights load."""
+    if name in TINY_MODELS:
+        return tiny_config(name)
+    if name in BUILTIN_MODELS:
+        folder = converted_dir(name)
+        return _config_of(folder) if (folder / "config.json").is_file() else None
+    path = Path(name).expanduser()
+    if path.exists():
+        raw = read_config_json(path)
+        return None if "structprune" in raw else _config_of(path)  # a pruned checkpoint: layers differ
+    if _is_hub_id(name):
+        return None
+    raise _unknown(name)
+
+
+def _config_of(folder: Path):
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"cannot read the model config in {folder}: {_one_line(exc)}") from exc
+    _check_architecture(config)
+    return config
+
+
+def check_finite_weights(model: torch.nn.Module, where: str) -> None:
+    """ModelLoadError naming the first parameter that holds NaN or inf: such a model cannot be
+    evaluated or pruned (every loss would be NaN), so it is refused when it loads."""
+    for pname, p in model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            bad = int((~torch.isfinite(p)).sum())
+            kinds = "NaN" if bool(torch.isnan(p).any()) else "inf"
+            raise ModelLoadError(
+                f"{where}: weight {pname} holds {bad} non-finite value(s) ({kinds}) of {p.numel()}; the "
+                "model's weights are damaged: re-create or re-download the model")
+
+
 def _check_architecture(config) -> None:
     adapter_for(config)  # raises UnsupportedArchitectureError before any weights load
 
 
 def _load_folder(folder: Path, dtype: torch.dtype):
-    try:
-        config = AutoConfig.from_pretrained(folder)
-    except Exception as exc:  # noqa: BLE001
-        raise ModelLoadError(f"cannot read the model config in {folder}: {exc}") from exc
-    _check_architecture(config)
+    _config_of(folder)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
         tok = AutoTokenizer.from_pretrained(folder)
     except Exception as exc:  # noqa: BLE001
-        raise ModelLoadError(f"cannot load the model in {folder}: {exc}") from exc
+        raise ModelLoadError(f"cannot load the model in {folder}: {_one_line(exc)}") from exc
     return model.eval(), tok
 
 

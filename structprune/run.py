@@ -26,21 +26,33 @@ from .data.calibration import HELDOUT_LOSS_WINDOWS, calibration_ids, heldout_ids
 from .data.corpora import corpus_id, corpus_label
 from .data.windows import CalibrationSpec, corpus_token_ids, eval_windows, protocol_string
 from .engine import PruneEngine, check_sensitivity_windows, pass1_key
-from .errors import DeviceOutOfMemoryError, InvalidConfigError
+from .errors import DeviceOutOfMemoryError, InvalidConfigError, SequenceLengthError, StructPruneError
 from .evaluation import check_seqlen, perplexity, resolve_device
+from .jsonio import strict_record
 from .memory import DTYPE_BYTES
 from .methods import Method, get_method
 from .models import LoadedModel, load_model, weights_on_disk
 from .paths import data_dir
 from .pipeline import ProgressEvent
+from .preflight import check_reachable, preflight
 from .streaming import ActivationSpill
-from .units import count_params
+from .units import count_params, layouts_of, module_specs
 from .weights import DiskResidency, LayerWriter, SafetensorsSource
 
 log = logging.getLogger(__name__)
 
 RECORD_SCHEMA = "structprune.run/1"
 CALIB_LOSS_WINDOWS = 8  # calibration windows of the pruned model's calibration loss (calib_loss["pruned"])
+
+
+class NonFiniteResultError(StructPruneError):
+    """A run whose perplexity or loss is not finite: it ends as failed, never "finished". `record`
+    is its complete record with status "failed" and the reason (strict JSON: the non-finite numbers
+    are null and listed under "nonfinite")."""
+
+    def __init__(self, message: str, record: dict | None = None) -> None:
+        super().__init__(message)
+        self.record = record
 
 
 @dataclass
@@ -86,7 +98,10 @@ def prepare_data(cfg: PruneConfig, tokenizer, model) -> tuple[torch.Tensor, dict
     calib = CalibrationSpec(corpus_id(cfg.calib_data, "calib"), cfg.nsamples, cfg.seqlen, cfg.seed)
     evals, protocols = {}, {}
     for name in cfg.eval_data:
-        win = eval_windows(corpus_token_ids(tokenizer, name, "test"), cfg.seqlen, cfg.eval_windows)
+        try:
+            win = eval_windows(corpus_token_ids(tokenizer, name, "test"), cfg.seqlen, cfg.eval_windows)
+        except SequenceLengthError as exc:
+            raise SequenceLengthError(f"--eval-data {name}: {exc}; lower --seqlen or --eval-windows") from None
         evals[name] = win
         protocols[name] = protocol_string(corpus_id(name, "test"), cfg.seqlen, win.shape[0], calib)
     return calib_ids, evals, protocols
@@ -117,6 +132,7 @@ def run_prune(
     every layer boundary and raises RunCancelledError. The loaded model is never modified.
     """
     t_start = time.perf_counter()
+    preflight(cfg, model=loaded is None)  # every refusal the settings allow, before any weights load
     device = resolve_device(cfg.device)
     dtype = _dtype(cfg.dtype)
     if device.type == "cpu" and dtype != torch.float32:
@@ -127,6 +143,8 @@ def run_prune(
     if loaded is None:
         loaded = load_model(cfg.model, on_disk=weights_on_disk(cfg.weights, cfg.model, DTYPE_BYTES[dtype]))
     model = copy.deepcopy(loaded.model).to(dtype).eval()
+    # the loaded model's own layers (a pruned checkpoint's differ)
+    check_reachable(cfg, module_specs(layouts_of(model, adapter_for(model))))
     calib_ids, evals, protocols = prepare_data(cfg, loaded.tokenizer, model)
     residency = writer = spill = None
     if loaded.weights is not None:  # the weights stay in their files; pruned layers go to layer_dir
@@ -160,6 +178,8 @@ def run_prune(
     heldout = heldout_ids(cfg, loaded.tokenizer, model.config.vocab_size)
     try:
         ppl_dense = evaluate("dense") if evaluate_dense else {}
+        if (reason := nonfinite_reason(ppl_dense, {}, {})) is not None:  # no pruning can mend the dense model
+            raise NonFiniteResultError(reason)
         if evaluate_dense and heldout is not None:
             calib_loss_dense_heldout = heldout_nll(model, heldout, device, cfg.batch_size, residency)[0]
         if engine.ledger.measured:  # the dense evaluation may hold the whole model: not pruning's peak
@@ -179,6 +199,9 @@ def run_prune(
     except torch.cuda.OutOfMemoryError as exc:  # pragma: no cover - needs a GPU
         raise DeviceOutOfMemoryError(
             "the GPU ran out of memory; lower --nsamples, --seqlen or --batch-size, or use --device cpu") from exc
+    except FloatingPointError as exc:  # weights are finite (checked at load): activations overflowed
+        hint = " at half precision: use --dtype float32" if dtype != torch.float32 else ""
+        raise NonFiniteResultError(f"the run failed: {exc}{hint}") from exc
 
     alloc, energy_info, infos = outcome.allocation, outcome.energy_info, outcome.modules
     params_after = count_params(model, engine.adapter)
@@ -227,8 +250,24 @@ def run_prune(
                      "activation_budget_bytes": spill.budget_bytes, "activations_spilled_bytes": spill.spilled_bytes}),
         "environment": environment(),
     }
-    return PruneResult(record, model, loaded.tokenizer, writer.folder if writer else None,
+    reason = nonfinite_reason(ppl_dense, ppl_pruned, calib_loss)
+    if reason is not None:
+        record.update(status="failed", error=reason)
+        raise NonFiniteResultError(reason, strict_record(record))
+    return PruneResult(strict_record(record), model, loaded.tokenizer, writer.folder if writer else None,
                        residency.source if residency else None)
+
+
+def nonfinite_reason(ppl_dense: dict, ppl_pruned: dict, calib_loss: dict) -> str | None:
+    """Why a run's results are unusable (a perplexity or a loss that is NaN or inf), or None."""
+    bad = [f"{tag} perplexity on {name}" for tag, ppl in (("dense", ppl_dense), ("pruned", ppl_pruned))
+           for name, r in ppl.items() if not r.get("finite", is_finite(r.get("value")))]
+    bad += [f"calibration loss '{k}'" for k, v in calib_loss.items()
+            if isinstance(v, float) and not math.isfinite(v)]
+    if not bad:
+        return None
+    return (f"the run failed: {', '.join(bad)} is not finite (NaN or inf); the weights were finite when loaded, "
+            "so the model overflowed: try --dtype float32 or a lower --sparsity")
 
 
 def calibration_nll(model: torch.nn.Module, calib_ids: torch.Tensor, device: torch.device,
@@ -259,5 +298,5 @@ def is_finite(x: float | None) -> bool:
     return x is not None and math.isfinite(x)
 
 
-__all__ = ["PruneResult", "run_prune", "ProgressEvent", "RECORD_SCHEMA", "calibration_ids", "heldout_ids",
+__all__ = ["PruneResult", "run_prune", "NonFiniteResultError", "nonfinite_reason", "ProgressEvent", "RECORD_SCHEMA", "calibration_ids", "heldout_ids",
            "random_token_data", "HELDOUT_LOSS_WINDOWS", "prepare_data"]

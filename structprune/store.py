@@ -3,8 +3,11 @@
 A run is inserted as "running" when it starts and carries a heartbeat (and its process id); it is
 rewritten once, in one transaction, when it ends: "finished" with its record, or "failed" /
 "cancelled" with the error. A process killed mid-run leaves a "running" row whose process is gone
-(or whose heartbeat stopped); opening the store marks such rows "failed", so no run is left
-looking alive and every finished run stays readable.
+(or whose heartbeat stopped, or lies further in the future than the timeout: a clock set back);
+opening the store, and every read of its runs, marks such rows "failed", so a run killed in
+another process never stays "running" in a long-lived reader (the app) and every finished run
+stays readable. The command line records its runs here too (`structprune prune`, unless
+`--no-store`), so the app's pages show them.
 
 The same file keeps small JSON caches (`cache_put` / `cache_get`): the allocation explorer's energy
 profiles and the Method page's solver step-through, so they survive a restart.
@@ -16,10 +19,10 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import socket
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,12 +30,14 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .jsonio import dumps, strict_record
 from .paths import data_dir
 
 log = logging.getLogger(__name__)
 
 DB_NAME = "runs.sqlite"
 HEARTBEAT_TIMEOUT_S = 120.0  # a running row whose heartbeat is older than this is dead
+HEARTBEAT_INTERVAL_S = 15.0  # how often `heartbeat` beats (well inside the timeout)
 STATUSES = ("running", "finished", "failed", "cancelled")
 
 _SCHEMA = """
@@ -66,18 +71,9 @@ def _now() -> str:
 
 
 def _json(obj) -> str:
-    """JSON without NaN/Infinity (not JSON): non-finite floats become null."""
-
-    def clean(o):
-        if isinstance(o, float) and not math.isfinite(o):
-            return None
-        if isinstance(o, dict):
-            return {k: clean(v) for k, v in o.items()}
-        if isinstance(o, (list, tuple)):
-            return [clean(v) for v in o]
-        return o
-
-    return json.dumps(clean(obj), allow_nan=False)
+    """Strict JSON (no NaN/Infinity): a record's non-finite numbers become null and are listed
+    under its `nonfinite` key (jsonio.strict_record)."""
+    return dumps(strict_record(obj) if isinstance(obj, dict) else obj)
 
 
 def _process_alive(pid: int) -> bool:
@@ -108,7 +104,8 @@ class RunStore:
         self.heartbeat_timeout = heartbeat_timeout
         with self._connect() as con:
             con.executescript(_SCHEMA)
-        self.recovered = self.recover()
+        self.recovered: list[str] = []  # runs this instance marked failed (on opening, then on reads)
+        self.recover()
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -148,20 +145,45 @@ class RunStore:
                 "allocation = COALESCE(?, allocation) WHERE run_id = ?",
                 (_json(rec), _now(), time.time(), record.get("allocation_scheme"), run_id))
 
-    def fail(self, run_id: str, error: str, cancelled: bool = False) -> None:
-        """Marks a run failed (or cancelled) with the error message."""
+    def fail(self, run_id: str, error: str, cancelled: bool = False, record: dict | None = None) -> None:
+        """Marks a run failed (or cancelled) with the error message, and its record when it has one
+        (a run whose perplexity was not finite)."""
+        status = "cancelled" if cancelled else "failed"
+        rec = None if record is None else _json({**record, "run_id": run_id, "status": status, "error": error})
         with self._connect() as con:
-            con.execute("UPDATE runs SET status = ?, error = ?, ended = ?, heartbeat = ? WHERE run_id = ?",
-                        ("cancelled" if cancelled else "failed", error, _now(), time.time(), run_id))
+            con.execute("UPDATE runs SET status = ?, error = ?, ended = ?, heartbeat = ?, record = COALESCE(?, record) "
+                        "WHERE run_id = ?", (status, error, _now(), time.time(), rec, run_id))
+
+    @contextmanager
+    def heartbeat(self, run_id: str, interval: float = HEARTBEAT_INTERVAL_S) -> Iterator[None]:
+        """Beats `run_id` every `interval` seconds from a thread while the block runs (a missed beat
+        is logged, never raised: the run goes on)."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(interval):
+                try:
+                    self.beat(run_id)
+                except Exception:  # noqa: BLE001
+                    log.warning("heartbeat of run %s failed", run_id, exc_info=True)
+
+        thread = threading.Thread(target=beat, name="structprune-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=5)
 
     def recover(self) -> list[str]:
         """Marks as failed every "running" row whose process is gone (same host) or whose heartbeat
-        is older than `heartbeat_timeout`; returns their ids."""
+        is more than `heartbeat_timeout` old, or as far in the future (a clock set back, a damaged
+        row: it would otherwise never go stale); returns their ids."""
         host, now = socket.gethostname(), time.time()
         dead = []
         with self._connect() as con:
             for row in con.execute("SELECT run_id, host, pid, heartbeat FROM runs WHERE status = 'running'"):
-                stale = row["heartbeat"] is None or now - row["heartbeat"] > self.heartbeat_timeout
+                stale = row["heartbeat"] is None or abs(now - row["heartbeat"]) > self.heartbeat_timeout
                 gone = row["host"] == host and row["pid"] is not None and not _process_alive(row["pid"])
                 if gone or stale:
                     dead.append(row["run_id"])
@@ -172,6 +194,7 @@ class RunStore:
                      run_id))
         if dead:
             log.warning("marked %d interrupted run(s) failed: %s", len(dead), ", ".join(dead))
+            self.recovered.extend(dead)
         return dead
 
     # --- reading --------------------------------------------------------------------------
@@ -182,11 +205,14 @@ class RunStore:
         args: tuple = ()
         if status is not None:
             q, args = q + " WHERE status = ?", (status,)
+        self.recover()
         with self._connect() as con:
             return [dict(r) for r in con.execute(q + " ORDER BY created DESC, rowid DESC", args)]
 
     def get(self, run_id: str) -> dict | None:
-        """One run: its summary plus `config` and `record` (dicts; record None unless finished)."""
+        """One run: its summary plus `config` and `record` (dicts; record None unless finished, or
+        failed with a record)."""
+        self.recover()
         with self._connect() as con:
             row = con.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         if row is None:
@@ -198,6 +224,7 @@ class RunStore:
 
     def records(self) -> list[dict]:
         """Records of every finished run, newest first."""
+        self.recover()
         with self._connect() as con:
             rows = con.execute("SELECT record FROM runs WHERE status = 'finished' ORDER BY created DESC, rowid DESC")
             return [json.loads(r["record"]) for r in rows]
@@ -223,4 +250,4 @@ class RunStore:
             return [r["key"] for r in rows]
 
 
-__all__ = ["RunStore", "STATUSES", "DB_NAME", "HEARTBEAT_TIMEOUT_S"]
+__all__ = ["RunStore", "STATUSES", "DB_NAME", "HEARTBEAT_TIMEOUT_S", "HEARTBEAT_INTERVAL_S"]

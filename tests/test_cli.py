@@ -72,8 +72,10 @@ def test_percent_signs_in_help_strings_reach_the_help_text(monkeypatch, capsys):
     assert "sparsity: keeps 50% (or 100%) of the units" in _flat(capsys.readouterr().out)
 
 
-def test_prune_a_tiny_model_saves_a_loadable_model(tmp_path, capsys):
+def test_prune_a_tiny_model_saves_a_loadable_model(tmp_path, capsys, monkeypatch):
     from structprune.checkpoint import load_pruned
+
+    monkeypatch.setenv("STRUCTPRUNE_DATA", str(tmp_path / "store"))  # the run is recorded there, not in the user's
 
     argv = ["prune", "--model", "tiny-llama", "--nsamples", "2", "--seqlen", "16", "--eval-windows", "1",
             "--device", "cpu", "--out", str(tmp_path), "--save-model"]

