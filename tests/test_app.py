@@ -498,3 +498,40 @@ def test_make_app_starts_without_the_file_watcher():
     make = (ROOT / "Makefile").read_text()
     app_rule = make[make.index("\napp:"):].split("\n\n")[0]
     assert "--server.fileWatcherType=none" in app_rule
+
+
+def test_cancel_stops_a_run_inside_its_evaluation_and_shows_cancelling(app):
+    """Cancel is checked after every evaluation window (evaluation.cancel_scope), not only at layer
+    boundaries; the page says "cancelling" until the worker stops."""
+    from structprune.config import PruneConfig
+    from structprune.models import load_model
+
+    loaded, runner = load_model("tiny-llama"), ui.runner()
+    seen = []
+    job = runner.submit_prune(PruneConfig(model="tiny-llama", nsamples=2, seqlen=32, eval_windows=400, device="cpu"),
+                              loaded, ui.store())
+    _wait(lambda: any(e.stage.endswith("windows") for e in job.events) or not job.active)
+    assert job.active, job.error
+    seen.append(job.events[-1].message)  # "k/400": inside the dense evaluation
+    runner.cancel()
+    assert job.cancelling and job.progress()[1].startswith("cancelling")
+    t = time.time()
+    _wait(lambda: not job.active, timeout=30)
+    assert job.status == "cancelled" and time.time() - t < 5
+    done, total = map(int, seen[0].split("/"))
+    assert total == 400 and done < total
+    statuses = {r["status"] for r in RunStore(ui.store().folder).runs()}
+    assert statuses == {"cancelled"}
+
+
+def test_calibration_too_small_to_mean_anything_is_warned(app):
+    from structprune.config import PruneConfig
+    from structprune.planning import calibration_warning
+
+    assert calibration_warning(PruneConfig(nsamples=1, seqlen=2)).startswith("1 calibration window of 2 tokens")
+    assert calibration_warning(PruneConfig(nsamples=8, seqlen=256)) is None
+    at = app
+    _set(at, nsamples=1, seqlen=2)
+    assert any("too little to mean anything" in w.value for w in at.warning)
+    _set(at, nsamples=8, seqlen=256)
+    assert not any("too little" in w.value for w in at.warning)
