@@ -82,9 +82,11 @@ browser:
 		/usr/bin/chromium --version; \
 	fi
 
+# no file watcher: the app never reloads its own code while it serves, and on a busy machine the
+# watcher overflows inotify (thousands of warnings an hour)
 app: setup prepare
 	$(BIN)/streamlit run app.py --server.address=127.0.0.1 --server.port=$(PORT) \
-		--server.headless=true --browser.gatherUsageStats=false
+		--server.headless=true --browser.gatherUsageStats=false --server.fileWatcherType=none
 
 test: setup prepare browser
 	$(BIN)/python -m pytest -q $(ARGS)

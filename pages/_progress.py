@@ -31,15 +31,22 @@ def job_progress(kind: str, seen_key: str, failed: str, *, cancel_key: str | Non
         if job is None or job.kind != kind:
             return
         if job.active:
-            if steps:
+            if job.cancelling:
+                st.warning(f"{job.label}: cancelling (stops at the next evaluation window or layer) · "
+                           f"{job.elapsed_s:.0f} s", icon=":material/hourglass_top:")
+            elif steps:
                 frac, where = job.progress()
-                st.progress(frac, text=f"{job.label}: {where} · {job.elapsed_s:.0f} s")
+                left = (f" · about {ui.fmt_seconds(job.elapsed_s * (1 - frac) / frac)} left"
+                        if 0.05 < frac < 1 else "")  # extrapolated from the steps done so far
+                st.progress(frac, text=f"{job.label}: {where} · {job.elapsed_s:.0f} s{left}")
             else:
-                st.info(f"{job.label}: running · {job.elapsed_s:.0f} s", icon=":material/hourglass_top:")
+                frac, where = job.progress()
+                st.info(f"{job.label}: {where} · {job.elapsed_s:.0f} s", icon=":material/hourglass_top:")
+            if cancel_key:
+                st.button("Cancelling..." if job.cancelling else "Cancel", key=cancel_key, on_click=runner.cancel,
+                          disabled=job.cancelling)
             if live_memory:
                 _live_memory(job)
-            if cancel_key:
-                st.button("Cancel", key=cancel_key, on_click=runner.cancel)
             return
         if st.session_state.get(seen_key) != job.job_id:  # it just ended: redraw the whole page
             st.session_state[seen_key] = job.job_id

@@ -10,7 +10,8 @@ import streamlit as st
 from pages import _ui as ui
 from structprune.config import PruneConfig
 from structprune.evaluation import resolve_device
-from structprune.planning import estimate_run
+from structprune.errors import StructPruneError
+from structprune.planning import calibration_warning, estimate_run
 
 
 def before_running(cfg: PruneConfig | None, config_error: Exception | None) -> str:
@@ -22,12 +23,17 @@ def before_running(cfg: PruneConfig | None, config_error: Exception | None) -> s
         return "cpu"
     if not cfg.model:
         return "cpu"
+    warning = calibration_warning(cfg)
+    if warning:
+        st.warning(warning, icon=":material/warning:")
     dev = "cpu"
     try:
         dev = str(resolve_device(cfg.device))
         est = estimate_run(ui.model_config(cfg.model), cfg)
     except Exception as exc:  # noqa: BLE001 - no estimate is not an error of the run
-        st.info(f"No estimate for this model: {exc}")
+        # the library's one line; a hub library's multi-line error is cut to its first line
+        msg = str(exc) if isinstance(exc, StructPruneError) else (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        st.info(f"No estimate for this model: {msg}")
         return dev
     mem, secs = est["memory"], est["seconds"]
     st.session_state["estimate_bytes"] = mem["peak_bytes"]

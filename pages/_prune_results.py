@@ -29,8 +29,11 @@ def choose_run() -> tuple[str, dict] | None:
         st.info("No finished run yet. Runs are stored and can be reopened here after a restart.")
         return None
     ids = [r["run_id"] for r in finished]
-    shown = st.session_state.get("show_run")
-    sel = st.selectbox("Show run", ids, index=ids.index(shown) if shown in ids else 0, key="result_run",
+    # a run that just finished replaces the selection (a widget's own state would keep the older one)
+    shown = st.session_state.pop("show_run", None)
+    if shown in ids or st.session_state.get("result_run") not in ids:
+        st.session_state["result_run"] = shown if shown in ids else ids[0]
+    sel = st.selectbox("Show run", ids, key="result_run",
                        format_func=lambda i: ui.run_label(next(r for r in finished if r["run_id"] == i)))
     return sel, ui.store().get(sel)["record"]
 
@@ -44,7 +47,9 @@ def headline(rec: dict) -> None:
     m2.metric("Pruned (of prunable)", f"{sp['achieved_prunable']:.1%}",
               delta=f"{sp['achieved_total']:.1%} of all parameters", delta_color="off",
               help=f"target {sp['target']:.0%} of the prunable parameters (heads + channels)")
-    m3.metric("Parameters", f"{head['params_after_m']:.1f} M", delta=f"{head['params_delta_m']:.1f} M")
+    # fewer parameters is what pruning is for: the reduction is shown green ("inverse"), not as a loss
+    m3.metric("Parameters", f"{head['params_after_m']:.1f} M", delta=f"{head['params_delta_m']:.1f} M",
+              delta_color="inverse")
     m4.metric("Peak device memory", ui.fmt_bytes(rec["memory"]["peak_bytes"]), help=rec["memory"]["kind"])
     m5.metric("Wall time", ui.fmt_seconds(rec["timing"]["total_s"]))
     st.caption(f"{rec['model']['description']} · {rec['method']} · allocation {rec.get('allocation_scheme')} · "

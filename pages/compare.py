@@ -10,6 +10,11 @@ from pages import _ui as ui
 from structprune import plots, reports
 
 st.title("Compare runs")
+st.caption("Every finished run of the app's run store and the repository's own benchmark records, under one "
+           "evaluation protocol at a time.")
+n1, n2 = st.columns(2)
+n1.page_link("pages/prune.py", label="Prune a model to add a run", icon=":material/content_cut:")
+n2.page_link("pages/explorer.py", label="See each scheme's allocation before any run", icon=":material/tune:")
 store = ui.store()
 bench_runs, _ = reports.load_result_records(ui.RESULTS_DIR)
 records = {r["run_id"]: r for r in store.records()}
@@ -21,8 +26,8 @@ runs = pd.concat(frames, ignore_index=True)
 if runs.empty:
     st.info("No finished run yet: prune one on the Prune page.")
     st.stop()
-st.caption(f"{runs['run_id'].nunique()} finished runs: {len(store.records())} from the app's run store "
-           f"(`{store.path}`), {len(bench_runs)} benchmark records from `benchmarks/results/`.")
+st.caption(f"{reports.plural(runs['run_id'].nunique(), 'finished run')}: {len(store.records())} from the app's run "
+           f"store (`{store.path}`), {reports.plural(len(bench_runs), 'benchmark record')} from `benchmarks/results/`.")
 
 f1, f2, f3, f4 = st.columns(4)
 
@@ -45,24 +50,29 @@ if protocols.empty:
 newest = view.sort_values("created", ascending=False)["eval_protocol"].dropna()
 order = list(dict.fromkeys([newest.iloc[0]] + list(protocols.index)))  # the latest run's protocol first
 protocol = st.selectbox("Evaluation protocol (perplexities are comparable only under one)", order,
-                        format_func=lambda p: f"{p} ({protocols[p]} runs)", key="cmp_protocol")
+                        format_func=lambda p: f"{p} ({reports.plural(int(protocols[p]), 'run')})", key="cmp_protocol")
 same = view[view["eval_protocol"] == protocol]
 
 st.plotly_chart(plots.ppl_vs_sparsity_figure(same, protocol), key="cmp_ppl_sparsity")
 soft = same[same["allocation"] == "softmax"]
-if soft.loc[np.isfinite(soft["temperature"].astype(float)), "temperature"].nunique() >= 2:
+if soft.loc[np.isfinite(soft["temperature"]), "temperature"].nunique() >= 2:
     st.plotly_chart(plots.ppl_vs_temperature_figure(soft, protocol), key="cmp_ppl_temperature")
 else:
     st.caption("Fewer than two softmax temperatures under this protocol: the temperature sweep (ppl vs T) appears "
                "once there are runs at two or more temperatures.")
 
-ids = list(dict.fromkeys(same["run_id"]))
-chosen = st.multiselect("Runs to overlay", ids, default=ids[:3], key=f"cmp_overlay|{protocol}",
-                        format_func=lambda i: f"{i} · {records[i]['method']} · "
-                                              f"{records[i].get('allocation_scheme')} · s={records[i]['sparsity']['target']:g}")
+st.subheader("Allocations side by side")
+st.caption("Pick runs by what they are (method, allocation scheme and temperature, sparsity); the colour is the "
+           "scheme's (a baseline's: its method's), the same in every chart of the app.")
+first = same.drop_duplicates("run_id").sort_values(["sparsity_target", "method", "allocation", "temperature", "created"])
+choices = {reports.run_choice_label(row): row["run_id"] for row in first.to_dict("records")}
+common = first[first["sparsity_target"] == first["sparsity_target"].mode().iloc[0]] if len(first) else first
+# one run per method / scheme / temperature at the most common sparsity: what the schemes do with one budget
+default = common.drop_duplicates(["method", "allocation", "temperature"]).head(4).to_dict("records")
+chosen = st.multiselect("Runs to overlay", list(choices), default=[reports.run_choice_label(r) for r in default],
+                        key=f"cmp_overlay|{protocol}")
 if chosen:
-    labels = {f"{i} ({records[i].get('allocation_scheme')}, s={records[i]['sparsity']['target']:g})": records[i]
-              for i in chosen}
+    labels = {label: records[choices[label]] for label in chosen}
     st.plotly_chart(plots.allocation_overlay_figure(reports.allocation_overlay_frame(labels)), key="cmp_overlay_chart")
 
 st.subheader("Table")
@@ -82,6 +92,6 @@ st.download_button("Export the table (CSV)", view[cols].to_csv(index=False), "st
 
 failed = [r for r in store.runs() if r["status"] in ("failed", "cancelled")]
 if failed:
-    with st.expander(f"{len(failed)} runs that did not finish"):
+    with st.expander(f"{reports.plural(len(failed), 'run')} that did not finish"):
         st.dataframe(pd.DataFrame(failed)[["run_id", "created", "status", "model", "method", "error"]],
                      hide_index=True)

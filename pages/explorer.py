@@ -12,6 +12,7 @@ from pages import _ui as ui
 from pages._progress import job_progress
 from structprune import plots
 from structprune.config import PruneConfig
+from structprune.demo import demo_entries
 from structprune.errors import StructPruneError
 from structprune.explorer import (EnergyProfile, entropy_frame, scheme_frame, softmax_frame,
                                   temperature_grid, temperature_ladder)
@@ -22,15 +23,16 @@ LADDER = [float(t) for t in temperature_ladder()]
 
 @st.cache_resource(show_spinner=False, max_entries=8)
 def load_profile(folder: str, key: str) -> EnergyProfile | None:
-    """A stored profile, kept in memory (with its energies memo) for instant redraws."""
-    data = ui.store().cache_get(key)
+    """A stored (else a shipped demo) profile, kept in memory (with its energies memo) for instant redraws."""
+    data = ui.store().cache_get(key) or demo_entries("profile").get(key)
     return EnergyProfile.from_dict(data) if data else None
 
 
 def profile_label(key: str) -> str:
     parts = key.split("|")  # profile|model|calib|NxS|seed|s|sens|...
     sens = f"sensitivities at {parts[5]}" if parts[6].startswith("sens") else f"{parts[5]}, no sensitivities"
-    return f"{parts[1]} · {parts[2]} {parts[3]} · {parts[4]} · {sens}"
+    demo = " · shipped demo" if key in demo_entries("profile") and not ui.store().cache_get(key) else ""
+    return f"{parts[1]} · {parts[2]} {parts[3]} · {parts[4]} · {sens}{demo}"
 
 
 st.title("Allocation explorer")
@@ -38,9 +40,9 @@ st.caption("Pass 1 of the engine measures every module's energy once; every char
            "numbers alone (no model run), so moving the temperature redraws in milliseconds.")
 
 store, runner = ui.store(), ui.runner()
-keys = store.cache_keys("profile|")
+keys = list(dict.fromkeys(store.cache_keys("profile|") + list(demo_entries("profile"))))  # computed ones first
 
-with st.expander("Compute an energy profile", expanded=not keys):
+with st.expander("Compute an energy profile of another model or calibration", expanded=not keys):
     models = available_models()
     ui.init({"ex_model": ui.default("model") if ui.default("model") in models else models[0],
              "ex_nsamples": 8, "ex_seqlen": 256, "ex_s": ui.default("sparsity")})

@@ -8,6 +8,7 @@ import streamlit as st
 from pages import _ui as ui
 from pages._progress import job_progress
 from structprune import plots
+from structprune.demo import demo_entries
 from structprune.planning import available_models
 from structprune.stepthrough import admm_stepthrough, support_rows
 
@@ -49,18 +50,45 @@ st.markdown("$T \\to \\infty$ is uniform; $T \\to 0$ prunes the cheapest modules
 
 st.divider()
 st.subheader("One module's solve, step by step")
+
+
+def selector_story(data: dict) -> str:
+    """What the three selectors chose, in words: where ADMM's support differs from the others'."""
+    errors = data["errors"]
+    kept = {e["selector"]: set(e["kept"]) for e in errors}
+    rows = ["| selector | units removed | error after refit |", "|---|---|---|"]
+    removed = {}
+    for e in errors:
+        gone = sorted(set(range(data["n_units"])) - kept[e["selector"]])
+        removed[e["selector"]] = gone
+        rows.append(f"| {e['selector']} | {', '.join(map(str, gone))} | {e['err_after_refit'] / data['output_energy']:.3%} |")
+    if removed.get("admm") == removed.get("greedy") == removed.get("saliency"):
+        verdict = ("All three selectors remove the same units here, so their errors agree: this module's best "
+                   "support is also the one the one-shot saliency finds. The support chart shows ADMM's path to it.")
+    elif removed.get("admm") != removed.get("saliency"):
+        verdict = ("ADMM moves away from the one-shot saliency support (the iterations above show which units it "
+                   "swaps) and lands on a support with a different error.")
+    else:
+        verdict = "ADMM keeps the saliency support; greedy removal differs."
+    return "\n".join(rows) + "\n\n" + verdict
 models = available_models()
 ui.init({"m_model": ui.default("model") if ui.default("model") in models else models[0], "m_layer": 3,
          "m_kind": "attn", "m_s": ui.default("sparsity")})
 c1, c2, c3, c4 = st.columns(4)
 model_name = c1.selectbox("Model", models, key="m_model", help=ui.tip("model"))
-layer = c2.number_input("Layer", 0, 200, key="m_layer")
+try:  # the layer box is bounded by the model's own layers (shapes only: no weights are loaded)
+    n_layers = int(ui.model_config(model_name).num_hidden_layers)
+except Exception:  # noqa: BLE001 - an unreadable config: the solve itself will say what is wrong
+    n_layers = 200
+if st.session_state["m_layer"] > n_layers - 1:
+    st.session_state["m_layer"] = n_layers - 1
+layer = c2.number_input(f"Layer (0 to {n_layers - 1})", 0, n_layers - 1, key="m_layer")
 kind = c3.radio("Module", ["attn", "mlp"], key="m_kind", horizontal=True,
                 format_func={"attn": "attention (o_proj)", "mlp": "MLP (down_proj, slow)"}.get)
 sparsity = ui.number(c4, "Sparsity (uniform)", "sparsity", "m_s", positive=True)
 key = f"stepthrough|{model_name}|{layer}|{kind}|{sparsity:g}|8x256"
 store, runner = ui.store(), ui.runner()
-data = store.cache_get(key)
+data = store.cache_get(key) or demo_entries("stepthrough").get(key)
 if data is None:
     st.caption("Streams 8 calibration windows of 256 tokens to this layer and runs the engine's solver on its Gram "
                "matrix (under a minute on a CPU for attention; several minutes for an MLP). Cached afterwards.")
@@ -78,7 +106,7 @@ if data is None:
             runner.submit_call("stepthrough", f"step-through {model_name} L{layer} {kind}", {"key": key}, work)
         except Exception as exc:  # noqa: BLE001
             ui.show_error(exc)
-    job_progress("stepthrough", "m_seen", "The step-through failed", steps=False)
+    job_progress("stepthrough", "m_seen", "The step-through failed", steps=False, cancel_key="m_cancel")
     st.stop()
 
 tr = data["trace"]
@@ -105,3 +133,4 @@ err = pd.DataFrame(data["errors"]).assign(energy=data["output_energy"])
 st.plotly_chart(plots.refit_selectors_figure(err), key="m_refit")
 st.caption("Error = tr((W~ - W') G (W~ - W')^T) on this layer's calibration Gram, as a share of the module's output "
            "energy tr(W~ G W~^T). The refit recovers most of what zeroing the removed units loses.")
+st.markdown(selector_story(data))

@@ -13,8 +13,17 @@ from pages._progress import job_progress
 from structprune.errors import StructPruneError
 
 st.title("Prune a model")
-st.caption("Structured pruning (attention heads, MLP channels) with one decoder layer on the compute device at a "
-           "time. The built-in models are 4-bit GGUF weights dequantized to fp32, not the original bf16 checkpoints.")
+st.markdown("StructPrune removes whole attention heads and MLP channels from a language model, one decoder layer "
+            "on the compute device at a time, and measures what it cost in perplexity. **Where to begin:** press "
+            "*Quick preview settings* below and *Run* (a few minutes on a CPU), or look first at what the repository's "
+            "own runs already show:")
+l1, l2, l3, l4 = st.columns(4)
+l1.page_link("pages/explorer.py", label="Allocation explorer: how the budget moves across layers",
+             icon=":material/tune:")
+l2.page_link("pages/compare.py", label="Compare runs: perplexity vs sparsity per method", icon=":material/compare_arrows:")
+l3.page_link("pages/memory.py", label="Memory: what fits on which GPU", icon=":material/memory:")
+l4.page_link("pages/method.py", label="Method: one module's solve, step by step", icon=":material/functions:")
+st.caption("The built-in models are 4-bit GGUF weights dequantized to fp32, not the original bf16 checkpoints.")
 
 # --- settings -----------------------------------------------------------------------------------
 _prune_form.settings_form()

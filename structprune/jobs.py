@@ -63,10 +63,34 @@ class Job:
     def elapsed_s(self) -> float:
         return (self.ended or time.time()) - self.started
 
+    @property
+    def cancelling(self) -> bool:
+        """Cancel was asked and the worker has not stopped yet."""
+        return self.active and self.cancel_event.is_set()
+
+    def on_window(self, done: int, total: int) -> None:
+        """An evaluation window finished (evaluation.cancel_scope): a progress line of its own."""
+        last = self.events[-1] if self.events else None
+        stage = "evaluating" if last is None else last.stage.split(" ")[0]
+        self.events.append(ProgressEvent(f"{stage} windows", -1, last.n_layers if last else 1,
+                                         time.time() - self.started, last.device_bytes if last else 0,
+                                         last.peak_bytes if last else 0, f"{done}/{total}"))
+
     def progress(self) -> tuple[float, str]:
         """(fraction done in [0, 1], a line saying where the run is)."""
+        if self.cancelling:
+            return (self.progress_value(), "cancelling: stops at the next window or layer")
+        return self.progress_value(), self.where()
+
+    def progress_value(self) -> float:
+        return self._progress()[0]
+
+    def where(self) -> str:
+        return self._progress()[1]
+
+    def _progress(self) -> tuple[float, str]:
         if not self.events:
-            return 0.0, "starting (copying the model, preparing the data)"
+            return 0.0, "starting (loading the model, preparing the data, evaluating the dense model)"
         ev = self.events[-1]
         n = max(ev.n_layers, 1)
         done_layers = {s: 0 for s in ("pass1", "pass2")}
@@ -214,7 +238,10 @@ class JobRunner:
 
             threading.Thread(target=beat, name="structprune-heartbeat", daemon=True).start()
         try:
-            job.result = work()
+            from .evaluation import cancel_scope
+
+            with cancel_scope(job.cancel_event, job.on_window):  # evaluation checks Cancel per window
+                job.result = work()
             job.status = "finished"
         except RunCancelledError:
             job.status, job.error = "cancelled", "cancelled by the user"

@@ -30,6 +30,22 @@ FORWARD_EFFICIENCY = 2.0  # layer forwards ran ~2x the 1024^2 benchmark's FLOP/s
 CORPUS_TEST_TOKENS = {"sotu": 174_563, "brown": 677_527}
 
 
+MIN_MEANINGFUL_WINDOWS = 8
+MIN_MEANINGFUL_TOKENS = 2048
+
+
+def calibration_warning(cfg: PruneConfig) -> str | None:
+    """A warning for calibration too small to mean anything (None when it is fine): the Grams of a
+    few windows are rank-deficient, so the solver fits noise and the pruned perplexity says little."""
+    tokens = cfg.nsamples * cfg.seqlen
+    if cfg.method == "magnitude" or (cfg.nsamples >= MIN_MEANINGFUL_WINDOWS and tokens >= MIN_MEANINGFUL_TOKENS):
+        return None
+    return (f"{cfg.nsamples} calibration window{'s' if cfg.nsamples != 1 else ''} of {cfg.seqlen} tokens "
+            f"({tokens} tokens) is too little to mean anything: the statistics of so few tokens fit noise, and "
+            f"the pruned perplexity (even one below dense) says little. Use at least {MIN_MEANINGFUL_WINDOWS} "
+            f"windows and {MIN_MEANINGFUL_TOKENS} tokens, e.g. Quick preview settings (8 x 256).")
+
+
 def detect_devices() -> list[dict]:
     """[{name, label}] for the CPU and every CUDA device torch sees."""
     threads = torch.get_num_threads()

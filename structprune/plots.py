@@ -4,6 +4,12 @@ No Streamlit here, so each figure is testable on a hand-made frame (tests/test_p
 are the Okabe-Ito palette (colour-blind safe), hover labels carry units, and a figure that shows
 perplexity carries its protocol as a caption under the plot (also in ``fig.layout.meta``).
 
+Titles are always ``{"text": ...}`` dicts (`_finish`): the figures skip plotly.py's validation,
+which is what turned ``xaxis_title_text="..."`` into ``title.text``, and plotly.js 3 (Streamlit's
+bundle) silently draws no title given as a bare string.
+
+Colours: one per method and allocation scheme (`series_color`), the same in every chart.
+
 Log axes: plotly places annotations on a log axis in log10 coordinates, so a labelled horizontal
 line at v is ``add_hline(y=v)`` plus ``add_annotation(y=log10(v))`` (`_hline`).
 """
@@ -22,7 +28,56 @@ OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "
 MODULE_NAMES = {"attn": "attention heads", "mlp": "MLP channels"}
 MODULE_COLORS = {"attn": OKABE_ITO[0], "mlp": OKABE_ITO[1]}
 SCHEME_COLORS = {"uniform": OKABE_ITO[7], "threshold": OKABE_ITO[3], "owl": OKABE_ITO[2], "softmax": OKABE_ITO[0]}
+# The baselines: global-taylor allocates by one global threshold and owl is OWL's allocation, so they
+# share those schemes' colours; the three uniform baselines get the remaining ones.
+METHOD_COLORS = {"structprune": OKABE_ITO[0], "wanda-sp": OKABE_ITO[1], "flap": OKABE_ITO[4],
+                 "magnitude": OKABE_ITO[5], "owl": OKABE_ITO[2], "global-taylor": OKABE_ITO[3]}
+DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
 TEMPLATE = "plotly_white"
+
+
+def series_color(method: str | None, scheme: str | None = None) -> str:
+    """The one colour of a series in every chart: structprune runs by their allocation scheme (what
+    the Compare and explorer charts contrast), a baseline by its method."""
+    if method in (None, "", "structprune") and scheme:
+        return SCHEME_COLORS.get(str(scheme).split(" ")[0], OKABE_ITO[6])
+    return METHOD_COLORS.get(str(method), OKABE_ITO[6])
+
+
+def _text_titles(obj) -> None:
+    """Every ``title: "x"`` below obj becomes ``title: {"text": "x"}`` (in place; skips the template)."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k == "title" and isinstance(v, str):
+                obj[k] = {"text": v}
+            elif k != "template":
+                _text_titles(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _text_titles(v)
+
+
+def _finish(fig: go.Figure) -> go.Figure:
+    """Checks that no title is a bare string (see the module docstring); tests/test_plots.py walks
+    every figure too."""
+    lay = fig.layout.to_plotly_json()
+    lay.pop("template", None)
+    bare = []
+    _find_bare_titles(lay, "layout", bare)
+    assert not bare, f"titles given as bare strings are not drawn by plotly.js 3: {bare}"
+    return fig
+
+
+def _find_bare_titles(obj, path: str, out: list) -> None:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k == "title" and isinstance(v, str):
+                out.append(path)
+            else:
+                _find_bare_titles(v, f"{path}.{k}", out)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _find_bare_titles(v, f"{path}[{i}]", out)
 
 
 def _figure() -> go.Figure:
@@ -38,6 +93,8 @@ def _subplots(**kw) -> go.Figure:
 def _dict_figure(data: list[dict], layout: dict) -> go.Figure:
     """A figure from plain dicts without validation: about 1 ms instead of 100+ ms for the
     explorer's redraws (tests/test_plots.py checks what these figures contain)."""
+    _text_titles(layout)
+    _text_titles(data)
     return go.Figure({"data": data, "layout": layout}, _validate=False)
 
 
@@ -77,11 +134,22 @@ def color(i: int) -> str:
     return OKABE_ITO[i % len(OKABE_ITO)]
 
 
-def _base(fig: go.Figure, title: str, height: int = 380) -> go.Figure:
-    fig.update_layout(template=TEMPLATE, title=title, height=height, margin=dict(l=60, r=20, t=60, b=60),
-                      legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="left", x=0),
+RIGHT_LEGEND = dict(orientation="v", yanchor="top", y=1.0, xanchor="left", x=1.02)
+
+
+def _base(fig: go.Figure, title: str, height: int = 380, legend: dict | None = None) -> go.Figure:
+    """Template, title and margins, and the titles made drawable (`_finish`). The legend sits in a
+    row of its own between the title and the plot (`legend=RIGHT_LEGEND` for long legends, which
+    would otherwise wrap into the title)."""
+    right = legend is RIGHT_LEGEND
+    b = max(fig.layout.margin.b or 0, 60)  # a caption under the plot has asked for more
+    fig.update_layout(template=TEMPLATE, title=dict(text=title, y=0.98, yanchor="top", yref="container"),
+                      height=height, margin=dict(l=60, r=20, t=90, b=b),
+                      legend=legend or dict(orientation="h", yanchor="bottom", y=1.02, xanchor="left", x=0),
                       hoverlabel=dict(namelength=-1))
-    return fig
+    if right:
+        fig.update_layout(margin=dict(t=60))
+    return _finish(fig)
 
 
 def caption(fig: go.Figure, text: str) -> go.Figure:
@@ -117,7 +185,7 @@ def allocation_figure(df: pd.DataFrame, target: float, title: str = "Sparsity pe
                     hovertemplate="layer %{x}<br>sparsity %{y:.1%}<br>kept %{customdata[0]} of %{customdata[1]} units"
                                   "<br>%{customdata[2]:,} parameters pruned<extra>" + MODULE_NAMES[kind] + "</extra>")
     _hline(fig, target, f"target {target:.0%} of prunable parameters")
-    fig.update_layout(barmode="group", xaxis_title="decoder layer", yaxis_title="sparsity (share of units pruned)",
+    fig.update_layout(barmode="group", xaxis_title_text="decoder layer", yaxis_title_text="sparsity (share of units pruned)",
                       yaxis_tickformat=".0%", yaxis_range=[0, 1])
     return _base(fig, title)
 
@@ -155,7 +223,8 @@ def energy_figure(df: pd.DataFrame, temperature: float, energy_kind: str,
 
 
 def ppl_figure(df: pd.DataFrame, title: str = "Perplexity, dense vs pruned") -> go.Figure:
-    """Bars per evaluation corpus (its honest label), dense and pruned, log y, protocol as caption.
+    """Bars per evaluation corpus (its honest label), dense and pruned, on a linear axis from zero (a
+    bar's length is its value), protocol as caption.
     df: label, model (dense | pruned), value, protocol."""
     fig = _figure()
     for i, which in enumerate(("dense", "pruned")):
@@ -167,7 +236,8 @@ def ppl_figure(df: pd.DataFrame, title: str = "Perplexity, dense vs pruned") -> 
                     text=[f"{v:.4g}" if math.isfinite(v) else "inf" for v in vals], textposition="outside",
                     customdata=d["protocol"],
                     hovertemplate="%{x}<br>" + which + " ppl %{y:.4g}<br>%{customdata}<extra></extra>")
-    fig.update_layout(barmode="group", yaxis_type="log", yaxis_title="perplexity (log)", xaxis_title="evaluation set")
+    fig.update_layout(barmode="group", yaxis_rangemode="tozero", yaxis_title_text="perplexity",
+                      xaxis_title_text="evaluation set")
     protocols = sorted(set(df["protocol"])) if not df.empty else []
     caption(fig, "<br>".join(f"protocol: {p}" for p in protocols))
     return _base(fig, title)
@@ -181,7 +251,7 @@ def params_figure(df: pd.DataFrame, title: str = "Parameters before and after") 
         fig.add_bar(x=d["count"], y=d["params"] / 1e6, name=which, marker_color=color(7 if i == 0 else 3),
                     text=[f"{p / 1e6:.1f} M" for p in d["params"]], textposition="outside",
                     hovertemplate="%{x}<br>%{y:.2f} M parameters<extra>" + which + "</extra>")
-    fig.update_layout(barmode="group", yaxis_title="parameters (millions)")
+    fig.update_layout(barmode="group", yaxis_title_text="parameters (millions)")
     return _base(fig, title)
 
 
@@ -202,7 +272,7 @@ def memory_timeline_figure(df: pd.DataFrame, kind: str = "", estimate_bytes: flo
         _hline(fig, estimate_bytes / 2**20, f"estimated peak {estimate_bytes / 2**20:.0f} MiB", color_=color(2))
     what = {"measured-cuda": "measured (torch.cuda.memory_allocated)",
             "accounted-cpu": "accounted by the pipeline (CPU has no separate device)"}.get(kind, kind)
-    fig.update_layout(xaxis_title="time since start (s)", yaxis_title="MiB on the compute device")
+    fig.update_layout(xaxis_title_text="time since start (s)", yaxis_title_text="MiB on the compute device")
     caption(fig, f"memory: {what}" if what else "")
     return _base(fig, title)
 
@@ -216,7 +286,7 @@ def refit_error_figure(df: pd.DataFrame, title: str = "Reconstruction error per 
                     marker=dict(color=color(3), symbol="x", size=8), hovertemplate="%{x}<br>%{y:.3g}<extra></extra>")
     fig.add_scatter(x=x, y=df["err_after_refit"], mode="markers", name="after least-squares refit (+ bias)",
                     marker=dict(color=color(2), size=8), hovertemplate="%{x}<br>%{y:.3g}<extra></extra>")
-    fig.update_layout(yaxis_type="log", yaxis_title="output error (mean squared, per token)", xaxis_title="module")
+    fig.update_layout(yaxis_type="log", yaxis_title_text="output error (mean squared, per token)", xaxis_title_text="module")
     return _base(fig, title)
 
 
@@ -230,7 +300,7 @@ def admm_trace_figure(df: pd.DataFrame, title: str = "ADMM convergence per modul
                         customdata=np.stack([d["dual_residual"], d["support_changes"]], axis=1),
                         hovertemplate=f"L{layer} {kind}<br>iteration %{{x}}<br>primal %{{y:.2e}}<br>"
                                       "dual %{customdata[0]:.2e}<br>support changes %{customdata[1]}<extra></extra>")
-    fig.update_layout(yaxis_type="log", xaxis_title="ADMM iteration", yaxis_title="primal residual ||W'-Z|| / ||W'||",
+    fig.update_layout(yaxis_type="log", xaxis_title_text="ADMM iteration", yaxis_title_text="primal residual ||W'-Z|| / ||W'||",
                       showlegend=False)
     return _base(fig, title)
 
@@ -245,7 +315,7 @@ def temperature_heatmap(df: pd.DataFrame, title: str = "Softmax allocation over 
     for c, kind in enumerate(kinds, start=1):
         piv = df[df["module"] == kind].pivot_table(index="layer", columns="temperature", values="sparsity")
         fig.add_heatmap(z=piv.values, x=list(piv.columns), y=piv.index, zmin=0, zmax=0.9,
-                        colorscale="Viridis", showscale=c == len(kinds), colorbar=dict(title="sparsity", tickformat=".0%"),
+                        colorscale="Viridis", showscale=c == len(kinds), colorbar=dict(title=dict(text="sparsity"), tickformat=".0%"),
                         hovertemplate="T %{x:.3g}<br>layer %{y}<br>sparsity %{z:.1%}<extra>" + MODULE_NAMES[kind]
                                       + "</extra>", row=1, col=c)
         fig.update_xaxes(title_text="temperature T (log)", type="log", tickvals=LOG_T_TICKS, row=1, col=c)
@@ -269,7 +339,7 @@ def schemes_figure(df: pd.DataFrame, target: float, title: str = "Allocation sch
             ax = "" if r == 0 else str(r + 1)
             data.append(dict(type="scatter", x=d["layer"].tolist(), y=d["sparsity"].tolist(), mode="lines+markers",
                              xaxis=f"x{ax}", yaxis=f"y{ax}", name=scheme, legendgroup=scheme, showlegend=r == 0,
-                             line=dict(color=SCHEME_COLORS.get(base, color(i)), dash="dot" if base == "uniform" else "solid"),
+                             line=dict(color=series_color("structprune", base), dash="dot" if base == "uniform" else "solid"),
                              hovertemplate=f"{scheme}<br>layer %{{x}}<br>sparsity %{{y:.1%}}<extra></extra>"))
     text = f"same budget: {target:.0%} of the prunable parameters, in whole heads / channels"
     layout = _layout(title, 560, meta={"caption": text}, annotations=[_caption_parts(text)] + [
@@ -280,7 +350,7 @@ def schemes_figure(df: pd.DataFrame, target: float, title: str = "Allocation sch
         layout[f"xaxis{ax}"] = dict(anchor=f"y{ax}", matches="x" if r else None, showticklabels=last,
                                     title=dict(text="decoder layer" if last else ""))
         layout[f"yaxis{ax}"] = dict(domain=domains[r], tickformat=".0%", range=[0, 0.95], title=dict(text="sparsity"))
-    layout["legend"]["y"], layout["margin"]["t"], layout["margin"]["b"] = 1.08, 110, 90
+    layout["legend"], layout["margin"]["t"], layout["margin"]["b"] = dict(RIGHT_LEGEND), 60, 90  # five entries: a row would wrap into the title
     return _dict_figure(data, layout)
 
 
@@ -308,65 +378,92 @@ def entropy_figure(df: pd.DataFrame, temperature: float | None = None,
 
 # --- Compare runs ------------------------------------------------------------------------------
 
+def _styles(keys: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(colour, dash) per (method, scheme) series: the shared colour, and a dash of its own when
+    several series share a colour (e.g. softmax at two energies)."""
+    seen: dict[str, int] = {}
+    out = []
+    for method, scheme in keys:
+        c = series_color(method, scheme)
+        out.append((c, DASHES[seen.get(c, 0) % len(DASHES)]))
+        seen[c] = seen.get(c, 0) + 1
+    return out
+
+
+def _numeric(col: pd.Series) -> pd.Series:
+    """A column as floats: records store T = inf as the string "inf"; a frame concatenated with an
+    empty one has object dtype, which numpy's isfinite refuses."""
+    return pd.to_numeric(col.replace({"inf": math.inf, "-inf": -math.inf}), errors="coerce").astype(float)
+
+
 def ppl_vs_sparsity_figure(df: pd.DataFrame, protocol: str, group: str = "method_allocation",
                            x: str = "sparsity_target", title: str = "Perplexity vs sparsity") -> go.Figure:
-    """One line per method/allocation (mean over seeds, each run as a point), log y. df: runs_frame
-    rows of one evaluation protocol."""
+    """One line per method/allocation (mean over seeds, each run as a point), log y, coloured by
+    `series_color`. df: runs_frame rows of one evaluation protocol."""
     fig = _figure()
-    for i, (name, d) in enumerate(df.groupby(group, sort=True)):
+    df = df.assign(**{x: _numeric(df[x]), "ppl_pruned": _numeric(df["ppl_pruned"])})
+    groups = list(df.groupby(group, sort=True))
+    keys = [(str(d["method"].iloc[0]) if "method" in d else "", str(d["allocation"].iloc[0]) if "allocation" in d else "")
+            for _, d in groups]
+    for (name, d), (c, dash) in zip(groups, _styles(keys)):
         d = d.sort_values(x)
         mean = d.groupby(x, as_index=False)["ppl_pruned"].mean()
         fig.add_scatter(x=mean[x], y=mean["ppl_pruned"], mode="lines", name=str(name), legendgroup=str(name),
-                        line_color=color(i), hoverinfo="skip")
+                        line=dict(color=c, dash=dash), hoverinfo="skip")
         fig.add_scatter(x=d[x], y=d["ppl_pruned"], mode="markers", name=str(name), legendgroup=str(name),
-                        showlegend=False, marker=dict(color=color(i), size=8), customdata=d[["run_id", "seed"]],
+                        showlegend=False, marker=dict(color=c, size=8), customdata=d[["run_id", "seed"]],
                         hovertemplate=f"{name}<br>sparsity %{{x:.0%}}<br>ppl %{{y:.4g}}<br>run %{{customdata[0]}}"
                                       " seed %{customdata[1]}<extra></extra>")
-    dense = df["ppl_dense"].dropna().unique() if "ppl_dense" in df else []
+    dense = _numeric(df["ppl_dense"]).dropna().unique() if "ppl_dense" in df else []
     if len(dense) == 1:
         _hline(fig, float(dense[0]), f"dense {float(dense[0]):.4g}", log_y=True)
-    fig.update_layout(yaxis_type="log", yaxis_title="perplexity (log)", xaxis_tickformat=".0%",
-                      xaxis_range=[-0.02, 0.92], xaxis_title="sparsity target (share of prunable parameters)")
+    fig.update_layout(yaxis_type="log", yaxis_title_text="perplexity (log)", xaxis_tickformat=".0%",
+                      xaxis_range=[-0.02, 0.92], xaxis_title_text="sparsity target (share of prunable parameters)")
     caption(fig, f"protocol: {protocol}")
-    return _base(fig, title, height=440)
+    return _base(fig, title, height=460, legend=RIGHT_LEGEND)
 
 
 def allocation_overlay_figure(df: pd.DataFrame, title: str = "Allocations of the chosen runs") -> go.Figure:
-    """Sparsity per layer, one line per run, attention and MLP panels. df: run, layer, module, sparsity."""
+    """Sparsity per layer, one line per run, attention and MLP panels, coloured by the run's method
+    and scheme. df: run, layer, module, sparsity [, method, scheme]."""
     kinds = [k for k in ("attn", "mlp") if k in set(df["module"])]
     fig = _subplots(rows=max(len(kinds), 1), cols=1, shared_xaxes=True, vertical_spacing=0.1,
-                        subplot_titles=[MODULE_NAMES[k] for k in kinds])
-    for i, (run, d0) in enumerate(df.groupby("run", sort=False)):
+                    subplot_titles=[MODULE_NAMES[k] for k in kinds])
+    runs = list(df.groupby("run", sort=False))
+    keys = [(str(d["method"].iloc[0]) if "method" in d else "", str(d["scheme"].iloc[0]) if "scheme" in d else "")
+            for _, d in runs]
+    for (run, d0), (c, dash) in zip(runs, _styles(keys)):
         for r, kind in enumerate(kinds, start=1):
             d = d0[d0["module"] == kind].sort_values("layer")
             fig.add_scatter(x=d["layer"], y=d["sparsity"], mode="lines+markers", name=str(run), legendgroup=str(run),
-                            showlegend=r == 1, line_color=color(i), row=r, col=1,
+                            showlegend=r == 1, line=dict(color=c, dash=dash), row=r, col=1,
                             hovertemplate=f"{run}<br>layer %{{x}}<br>sparsity %{{y:.1%}}<extra></extra>")
             fig.update_yaxes(tickformat=".0%", title_text="sparsity", row=r, col=1)
     fig.update_xaxes(title_text="decoder layer", row=max(len(kinds), 1), col=1)
-    _base(fig, title, height=560)
-    fig.update_layout(legend=dict(y=-0.15, yanchor="top"), margin=dict(b=120))
-    return fig
+    return _base(fig, title, height=560, legend=RIGHT_LEGEND)
 
 
 def ppl_vs_temperature_figure(df: pd.DataFrame, protocol: str, title: str = "Perplexity vs temperature") -> go.Figure:
-    """Softmax runs: ppl vs T (log-log) per (model, sparsity, energy); T = inf (uniform) as a line.
-    df: runs_frame rows with temperature, ppl_pruned, sparsity_target, energy."""
+    """Softmax runs: ppl vs T (log-log) per (sparsity, energy), in the softmax colour (a dash per
+    series); T = inf (uniform) as a line. df: runs_frame rows with temperature, ppl_pruned,
+    sparsity_target, energy (T may be the string "inf", as records store it)."""
     fig = _figure()
+    df = df.assign(temperature=_numeric(df["temperature"]), ppl_pruned=_numeric(df["ppl_pruned"]))
     finite = df[np.isfinite(df["temperature"])]
-    for i, (key, d) in enumerate(finite.groupby(["sparsity_target", "energy"], sort=True)):
+    groups = list(finite.groupby(["sparsity_target", "energy"], sort=True))
+    for (key, d), (c, dash) in zip(groups, _styles([("structprune", "softmax")] * len(groups))):
         d = d.sort_values("temperature")
         name = f"s={key[0]:.0%} · {key[1]}"
-        fig.add_scatter(x=d["temperature"], y=d["ppl_pruned"], mode="lines+markers", name=name, line_color=color(i),
-                        customdata=d["run_id"],
+        fig.add_scatter(x=d["temperature"], y=d["ppl_pruned"], mode="lines+markers", name=name,
+                        line=dict(color=c, dash=dash), customdata=d["run_id"],
                         hovertemplate=name + "<br>T %{x:.3g}<br>ppl %{y:.4g}<br>run %{customdata}<extra></extra>")
-    for j, (s, d) in enumerate(df[np.isinf(df["temperature"])].groupby("sparsity_target")):
+    for s, d in df[np.isinf(df["temperature"])].groupby("sparsity_target"):
         v = float(d["ppl_pruned"].mean())
-        _hline(fig, v, f"uniform (T = inf), s={s:.0%}: {v:.4g}", log_y=True, color_=color(7), dash="dot")
-    fig.update_layout(xaxis_type="log", yaxis_type="log", xaxis_title="temperature T (log)",
-                      yaxis_title="perplexity (log)")
+        _hline(fig, v, f"uniform (T = inf), s={s:.0%}: {v:.4g}", log_y=True, color_=SCHEME_COLORS["uniform"], dash="dot")
+    fig.update_layout(xaxis_type="log", yaxis_type="log", xaxis_title_text="temperature T (log)",
+                      yaxis_title_text="perplexity (log)")
     caption(fig, f"protocol: {protocol}")
-    return _base(fig, title, height=420)
+    return _base(fig, title, height=440, legend=RIGHT_LEGEND)
 
 
 # --- Memory ------------------------------------------------------------------------------------
@@ -403,8 +500,8 @@ def memory_scaling_figure(est: pd.DataFrame, measured: pd.DataFrame | None = Non
                                 hovertemplate="%{customdata}<br>out of memory<extra>" + m + "</extra>")
     for name, gib in gpu_gib:
         _hline(fig, gib, name, log_y=True)
-    fig.update_layout(xaxis_type="log", yaxis_type="log", xaxis_title="model parameters N (log)",
-                      yaxis_title="peak device memory (GiB, log)")
+    fig.update_layout(xaxis_type="log", yaxis_type="log", xaxis_title_text="model parameters N (log)",
+                      yaxis_title_text="peak device memory (GiB, log)")
     return _base(fig, title, height=480)
 
 
@@ -427,8 +524,8 @@ def depth_width_figure(df: pd.DataFrame, slopes: dict[str, float] | None = None,
                         customdata=np.stack([d["n_layers"], d["hidden"]], axis=1),
                         hovertemplate="%{text}<br>N %{x:.3s}<br>one layer %{y:.3s} parameters<br>"
                                       "%{customdata[0]} layers, hidden %{customdata[1]}<extra></extra>")
-    fig.update_layout(xaxis_type="log", yaxis_type="log", xaxis_title="model parameters N (log)",
-                      yaxis_title="parameters held on the device (log)")
+    fig.update_layout(xaxis_type="log", yaxis_type="log", xaxis_title_text="model parameters N (log)",
+                      yaxis_title_text="parameters held on the device (log)")
     caption(fig, "depth and width grow together, so one layer grows about as sqrt(N): a layer-wise method holds "
                  "one layer, a global one all N")
     return _base(fig, title, height=480)
@@ -443,7 +540,7 @@ def support_figure(df: pd.DataFrame, title: str = "Which units ADMM keeps, itera
     fig.add_heatmap(z=piv.values, x=piv.columns, y=piv.index, zmin=0, zmax=1, showscale=False,
                     colorscale=[[0, "#f2f2f2"], [1, OKABE_ITO[0]]],
                     hovertemplate="iteration %{x}<br>unit %{y}<br>kept %{z}<extra></extra>")
-    fig.update_layout(xaxis_title="ADMM iteration (0 = one-shot saliency start)", yaxis_title="unit (head / channel)")
+    fig.update_layout(xaxis_title_text="ADMM iteration (0 = one-shot saliency start)", yaxis_title_text="unit (head / channel)")
     return _base(fig, title, height=360)
 
 
@@ -460,8 +557,8 @@ def residuals_figure(df: pd.DataFrame, title: str = "Residuals and penalty") -> 
     fig.update_yaxes(type="log", title_text="residual (log)", secondary_y=False)
     fig.update_yaxes(title_text="support changes", secondary_y=True, rangemode="tozero", dtick=1)
     fig.update_xaxes(title_text="ADMM iteration")
-    _base(fig, title)
-    fig.update_layout(legend=dict(y=-0.25, yanchor="top"), margin=dict(b=110))
+    fig = _base(fig, title)
+    fig.update_layout(legend=dict(y=-0.25, yanchor="top"), margin=dict(b=110, t=60))
     return fig
 
 
@@ -474,8 +571,8 @@ def refit_selectors_figure(df: pd.DataFrame, title: str = "Error of the kept uni
         fig.add_bar(x=df["selector"], y=rel, name=name, marker_color=color(3 if i == 0 else 2),
                     text=[f"{v:.2%}" for v in rel], textposition="outside",
                     hovertemplate="%{x}<br>%{y:.3%} of the output energy<extra>" + name + "</extra>")
-    fig.update_layout(barmode="group", yaxis_tickformat=".0%", yaxis_title="error / output energy",
-                      xaxis_title="unit selector")
+    fig.update_layout(barmode="group", yaxis_tickformat=".0%", yaxis_title_text="error / output energy",
+                      xaxis_title_text="unit selector")
     return _base(fig, title)
 
 

@@ -95,14 +95,36 @@ def admm_frame(record: dict) -> pd.DataFrame:
                                        "support_changes", "converged", "kept_from"])
 
 
+OVERLAY_COLUMNS = ["run", "method", "scheme", "layer", "module", "sparsity"]
+
+
 def allocation_overlay_frame(records: dict[str, dict]) -> pd.DataFrame:
-    """Long frame (run, layer, module, sparsity) of several runs, keyed by a display label."""
+    """Long frame (run, method, scheme, layer, module, sparsity) of several runs, keyed by a display label."""
     frames = []
     for label, rec in records.items():
         df = allocation_frame(rec)
         if not df.empty:
-            frames.append(df.assign(run=label)[["run", "layer", "module", "sparsity"]])
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["run", "layer", "module", "sparsity"])
+            scheme = rec.get("allocation_scheme") or (rec.get("config") or {}).get("allocation")
+            frames.append(df.assign(run=label, method=rec.get("method"), scheme=scheme)[OVERLAY_COLUMNS])
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=OVERLAY_COLUMNS)
+
+
+def run_choice_label(row: dict) -> str:
+    """How a run is named when runs are picked by what they are, not by hash:
+    'structprune · softmax T=1 (relative) · s=30% · seed 0 · 2024-05-01 12:00'."""
+    scheme = row.get("allocation") or "?"
+    t = row.get("temperature")
+    if scheme == "softmax" and t is not None and not (isinstance(t, float) and math.isnan(t)):
+        scheme = f"softmax T={'inf' if math.isinf(float(t)) else f'{float(t):g}'} ({row.get('energy')})"
+    s = row.get("sparsity_target")
+    s = f"s={s:.0%}" if isinstance(s, (int, float)) and not math.isnan(s) else "s=?"
+    when = str(row.get("created") or "")[:16].replace("T", " ")
+    return " · ".join(x for x in (str(row.get("method")), scheme, s, f"seed {row.get('seed')}", when) if x)
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """'1 run', '2 runs'."""
+    return f"{n} {word if n == 1 else (many or word + 's')}"
 
 
 def eval_protocol(protocol: str) -> str:
@@ -156,7 +178,14 @@ def runs_frame(records: list[dict], source: str = "app") -> pd.DataFrame:
         if not pruned:
             rows.append({**base, "corpus": None, "corpus_label": None, "ppl_pruned": None, "ppl_dense": None,
                          "eval_protocol": None, "protocol": None})
-    return pd.DataFrame(rows, columns=RUN_COLUMNS)
+    df = pd.DataFrame(rows, columns=RUN_COLUMNS)
+    for col in NUMERIC_RUN_COLUMNS:  # floats also with no rows (a concat with an empty frame stays numeric)
+        df[col] = pd.to_numeric(df[col].replace({"inf": math.inf}), errors="coerce").astype(float)
+    return df
+
+
+NUMERIC_RUN_COLUMNS = ["temperature", "sparsity_target", "sparsity_achieved", "sparsity_total", "calib_loss_pruned",
+                       "calib_loss_heldout", "peak_mib", "total_s", "ppl_pruned", "ppl_dense"]
 
 
 def load_result_records(folder: str | Path) -> tuple[list[dict], list[dict]]:
@@ -198,4 +227,4 @@ def gpu_frame(records: list[dict]) -> pd.DataFrame:
 
 
 __all__ = ["allocation_frame", "allocation_overlay_frame", "ppl_frame", "params_frame", "timeline_frame", "refit_frame", "admm_frame",
-           "runs_frame", "load_result_records", "gpu_frame", "eval_protocol"]
+           "runs_frame", "load_result_records", "gpu_frame", "eval_protocol", "run_choice_label", "plural"]

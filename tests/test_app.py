@@ -25,12 +25,26 @@ from structprune.store import RunStore  # noqa: E402
 TINY = {"model_choice": "tiny-llama", "nsamples": 4, "seqlen": 32, "eval_windows": 2}
 
 
+PAGES = ["pages/prune.py", "pages/explorer.py", "pages/compare.py", "pages/memory.py", "pages/method.py"]
+
+
 @pytest.fixture
 def app(tmp_path, monkeypatch):
     """A fresh app on an empty data folder and an empty benchmarks/results, caches cleared."""
+    yield from _fresh_app(tmp_path, monkeypatch, None)
+
+
+@pytest.fixture
+def first_visit(tmp_path, monkeypatch):
+    """The app as a newcomer opens it: an empty run store, the repository's own benchmark records."""
+    yield from _fresh_app(tmp_path, monkeypatch, ui.RESULTS_DIR)
+
+
+def _fresh_app(tmp_path, monkeypatch, results):
     monkeypatch.setenv("STRUCTPRUNE_DATA", str(tmp_path / "data"))
-    results = tmp_path / "results"
-    results.mkdir()
+    if results is None:
+        results = tmp_path / "results"
+        results.mkdir()
     monkeypatch.setattr(ui, "RESULTS_DIR", results)
     st.cache_data.clear()
     st.cache_resource.clear()
@@ -87,6 +101,20 @@ def _figures(at: AppTest) -> dict:
     return out
 
 
+def _sent_figures(at: AppTest) -> dict:
+    """title -> the figure JSON exactly as sent to the browser (not re-validated by plotly.py, which
+    would turn a bare-string title, invisible in plotly.js 3, into a drawn one)."""
+    return {json.loads(el.proto.spec)["layout"]["title"]["text"]: json.loads(el.proto.spec)
+            for el in at.get("plotly_chart")}
+
+
+def _untitled_axes(spec: dict) -> list[str]:
+    """Axes of a sent figure without a drawable title (bare strings count as missing)."""
+    lay = spec["layout"]
+    return [ax for ax in lay if ax.startswith(("xaxis", "yaxis")) and lay[ax].get("showticklabels") is not False
+            and not (isinstance(lay[ax].get("title"), dict) and lay[ax]["title"].get("text"))]
+
+
 def _errors(at: AppTest) -> str:
     return " | ".join(e.value for e in at.error)
 
@@ -122,7 +150,8 @@ def test_prune_page_runs_a_tiny_model_and_draws_the_record(app):
         assert list(trace.y) == [r["sparsity"] for r in rows]
     assert alloc.layout.shapes[0].y0 == rec["sparsity"]["target"] == 0.3
     ppl = figs["Perplexity, dense vs pruned"]
-    assert ppl.layout.yaxis.type == "log"
+    assert ppl.layout.yaxis.rangemode == "tozero" and ppl.layout.yaxis.type != "log"  # bars from zero
+    assert all(_untitled_axes(spec) == [] for spec in _sent_figures(at).values())
     pruned = next(t for t in ppl.data if t.name == "pruned")
     assert pruned.y[0] == pytest.approx(rec["ppl"]["pruned"]["random"]["value"])
     assert rec["ppl"]["pruned"]["random"]["protocol"] in ppl.layout.meta["caption"]
@@ -136,15 +165,19 @@ def test_prune_page_runs_a_tiny_model_and_draws_the_record(app):
     assert head.value == f"{want:.4g}" and head.delta == f"{want - rec['ppl']['dense']['random']['value']:+.4g} vs dense"
     params = next(m for m in at.metric if m.label == "Parameters")
     assert params.value == f"{rec['params']['after']['total'] / 1e6:.1f} M"
+    assert params.proto.color == params.proto.MetricColor.GREEN  # fewer parameters is good news, not a red arrow
     assert any("no tokenizer" in c.value for c in at.caption)  # tiny model: no text generation
     labels = [b.label for b in at.get("download_button")]
     assert "Run record (JSON)" in labels and "Allocation (CSV)" in labels
 
 
-def test_prune_page_admm_traces(app):
-    at = _prune(app, selector="admm", allocation="uniform")
+def test_prune_page_admm_traces_and_a_second_run_is_shown(app):
+    at = _prune(app, allocation="uniform")
+    first = at.selectbox(key="result_run").value
+    at = _prune(at, selector="admm", allocation="uniform")
     assert not at.error, _errors(at)
     rec = RunStore(ui.store().folder).records()[0]
+    assert at.selectbox(key="result_run").value == rec["run_id"] != first  # the latest run, not the earlier one
     fig = _figures(at)["ADMM convergence per module"]
     traced = [m for m in rec["modules"] if m.get("trace")]
     assert len(fig.data) == len(traced) > 0
@@ -401,3 +434,104 @@ def test_form_config_and_run_headline():
     assert run_headline({**rec, "ppl": {}})["ppl"] is None
     assert head["ppl"] == 12.5 and head["ppl_delta"] == pytest.approx(2.5)
     assert head["params_after_m"] == pytest.approx(2.25) and head["params_delta_m"] == pytest.approx(-0.75)
+
+
+def test_every_page_opens_on_the_repository_records_and_an_empty_store(first_visit):
+    """What a newcomer meets: no exception on any page, charts before anything is computed (the
+    benchmark records, the shipped demo profile and step-through), every axis titled as sent."""
+    at = first_visit
+    seen = {}
+    for page in PAGES:
+        at.switch_page(page)
+        at.run()
+        assert not at.exception, (page, at.exception)
+        assert not at.error, (page, _errors(at))
+        for title, spec in _sent_figures(at).items():
+            assert _untitled_axes(spec) == [], (page, title)
+            seen[title] = page
+    for title in ("Perplexity vs sparsity", "Perplexity vs temperature", "Allocations of the chosen runs",
+                  "Peak device memory vs model size"):
+        assert title in seen, (title, sorted(seen))
+    text = " ".join(c.value for c in at.caption)
+    assert "1 runs" not in text and "1 windows" not in text
+
+
+def test_compare_page_overlays_runs_chosen_by_scheme_and_temperature(first_visit):
+    at = first_visit
+    at.switch_page("pages/compare.py")
+    at.run()
+    assert not at.exception
+    overlay = next(w for w in at.multiselect if w.key.startswith("cmp_overlay|"))
+    assert overlay.value and all(" · s=" in v and "seed" in v for v in overlay.value)  # what a run is, not its hash
+    assert not any(len(v) == 12 and v.isalnum() for v in overlay.value)
+    fig = _figures(at)["Allocations of the chosen runs"]
+    assert len({t.name for t in fig.data}) == len(overlay.value)
+    with_t = [o for o in overlay.options if "softmax T=" in o]
+    assert with_t, overlay.options[:5]
+
+
+def test_explorer_and_method_show_the_shipped_demo_before_anything_is_computed(app, tmp_path, monkeypatch):
+    """A demo collection (assets/demo) is drawn on a first visit with an empty run store."""
+    from structprune import demo
+    from structprune.config import PruneConfig
+    from structprune.explorer import compute_energy_profile, profile_key
+    from structprune.models import load_model
+
+    loaded = load_model("tiny-llama")
+    cfg = PruneConfig(model="tiny-llama", nsamples=4, seqlen=32, sensitivity_windows=2, device="cpu")
+    folder = tmp_path / "demo"
+    demo.write_demo("profile", profile_key("tiny-llama", cfg), compute_energy_profile(cfg, loaded).to_dict(), "tiny",
+                    folder)
+    monkeypatch.setattr(demo, "DEMO_DIR", folder)
+    at = app
+    at.switch_page("pages/explorer.py")
+    at.run()
+    assert not at.exception and not at.info, [i.value for i in at.info]
+    assert "shipped demo" in at.selectbox(key="ex_profile").format_func(at.selectbox(key="ex_profile").value)
+    figs = _sent_figures(at)
+    assert {"Module energies and the softmax allocation", "Softmax allocation over temperature"} <= set(figs)
+    assert all(_untitled_axes(spec) == [] for spec in figs.values())
+    assert ui.store().cache_keys("profile|") == []  # drawn from the demo, nothing computed or stored
+
+
+def test_make_app_starts_without_the_file_watcher():
+    make = (ROOT / "Makefile").read_text()
+    app_rule = make[make.index("\napp:"):].split("\n\n")[0]
+    assert "--server.fileWatcherType=none" in app_rule
+
+
+def test_cancel_stops_a_run_inside_its_evaluation_and_shows_cancelling(app):
+    """Cancel is checked after every evaluation window (evaluation.cancel_scope), not only at layer
+    boundaries; the page says "cancelling" until the worker stops."""
+    from structprune.config import PruneConfig
+    from structprune.models import load_model
+
+    loaded, runner = load_model("tiny-llama"), ui.runner()
+    seen = []
+    job = runner.submit_prune(PruneConfig(model="tiny-llama", nsamples=2, seqlen=32, eval_windows=400, device="cpu"),
+                              loaded, ui.store())
+    _wait(lambda: any(e.stage.endswith("windows") for e in job.events) or not job.active)
+    assert job.active, job.error
+    seen.append(job.events[-1].message)  # "k/400": inside the dense evaluation
+    runner.cancel()
+    assert job.cancelling and job.progress()[1].startswith("cancelling")
+    t = time.time()
+    _wait(lambda: not job.active, timeout=30)
+    assert job.status == "cancelled" and time.time() - t < 5
+    done, total = map(int, seen[0].split("/"))
+    assert total == 400 and done < total
+    statuses = {r["status"] for r in RunStore(ui.store().folder).runs()}
+    assert statuses == {"cancelled"}
+
+
+def test_calibration_too_small_to_mean_anything_is_warned(app):
+    from structprune.config import PruneConfig
+    from structprune.planning import calibration_warning
+
+    assert calibration_warning(PruneConfig(nsamples=1, seqlen=2)).startswith("1 calibration window of 2 tokens")
+    assert calibration_warning(PruneConfig(nsamples=8, seqlen=256)) is None
+    at = app
+    _set(at, nsamples=1, seqlen=2)
+    assert any("too little to mean anything" in w.value for w in at.warning)
+    _set(at, nsamples=8, seqlen=256)
+    assert not any("too little" in w.value for w in at.warning)

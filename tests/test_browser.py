@@ -135,6 +135,68 @@ class App:
         self.page.set_viewport_size(size)
 
 
+CHART_TITLES_JS = """() => [...document.querySelectorAll('[data-testid=stPlotlyChart]')].map(c => ({
+    title: [...c.querySelectorAll('.gtitle')].map(e => e.textContent).join(' '),
+    x: [...c.querySelectorAll('text[class$=title]')].filter(e => /^x\\d*title$/.test(e.getAttribute('class')))
+        .map(e => e.textContent).filter(t => t),
+    y: [...c.querySelectorAll('text[class$=title]')].filter(e => /^y\\d*title$/.test(e.getAttribute('class')))
+        .map(e => e.textContent).filter(t => t),
+    legend: (c.querySelector('.legend') || {getBoundingClientRect: () => null}).getBoundingClientRect(),
+    gtitle: (c.querySelector('.gtitle') || {getBoundingClientRect: () => null}).getBoundingClientRect()}))"""
+
+
+def chart_titles(page) -> list[dict]:
+    """What the browser drew for each chart: its title, axis titles (SVG text), legend and title boxes."""
+    page.wait_for_function("() => [...document.querySelectorAll('[data-testid=stPlotlyChart]')]"
+                           ".every(e => e.querySelector('.main-svg'))", timeout=30_000)
+    return page.evaluate(CHART_TITLES_JS)
+
+
+def assert_charts_readable(page, where: str) -> int:
+    """Every drawn chart has x and y axis titles, and its legend does not overlap its title."""
+    charts = chart_titles(page)
+    for c in charts:
+        assert c["x"] and c["y"], (where, c["title"], c["x"], c["y"])
+        lg, tt = c["legend"], c["gtitle"]
+        if lg and tt and lg["width"] and tt["width"]:
+            overlap = not (lg["bottom"] <= tt["top"] or tt["bottom"] <= lg["top"] or lg["right"] <= tt["left"]
+                           or tt["right"] <= lg["left"])
+            assert not overlap, (where, c["title"])
+    assert page.locator('[data-testid="stException"]').count() == 0, where
+    return len(charts)
+
+
+def test_every_page_on_first_open(server):
+    """A fresh store and the repository's own records: every page renders without an exception, every
+    chart has its axis titles in the DOM, and Compare and the Method page show charts before any run."""
+    url, _, _ = server
+    shots = [ARTIFACTS] + ([ROOT / os.environ["STRUCTPRUNE_SCREENSHOTS"]] if os.environ.get("STRUCTPRUNE_SCREENSHOTS")
+                           else [])
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1440, "height": 1100})
+        app = App(page, shots)
+        try:
+            page.goto(url)
+            page.wait_for_selector("text=Where to begin", timeout=180_000)
+            app.idle()
+            assert_charts_readable(page, "Prune")
+            app.shot("first-prune")
+            counts = {}
+            for title, marker, shot in (("Compare runs", "Perplexity vs sparsity", "first-compare"),
+                                        ("Memory", "Peak device memory vs model size", "first-memory"),
+                                        ("Method", "Which units ADMM keeps", "first-method"),
+                                        ("Allocation explorer", "Allocation explorer", "first-explorer")):
+                app.goto(title)
+                page.wait_for_selector(f"text={marker}", timeout=60_000)
+                app.idle()
+                counts[title] = assert_charts_readable(page, title)
+                app.shot(shot)
+            assert counts["Compare runs"] >= 3 and counts["Memory"] == 2 and counts["Method"] == 3, counts
+        finally:
+            browser.close()
+
+
 def test_new_user_flow(server):
     url, t_start, tmp = server
     shots = [ARTIFACTS] + ([ROOT / os.environ["STRUCTPRUNE_SCREENSHOTS"]] if os.environ.get("STRUCTPRUNE_SCREENSHOTS")
@@ -182,6 +244,7 @@ def test_new_user_flow(server):
             page.get_by_role("button", name="Generate 30 tokens (greedy)").click()  # dense vs pruned text
             page.wait_for_selector("text=/Pruned \\(30%\\)/", timeout=120_000)
             app.idle()
+            assert assert_charts_readable(page, "Prune results") >= 4
             app.shot("prune")
 
             # --- the explorer: the run left its energy profile; move the temperature slider
@@ -209,6 +272,7 @@ def test_new_user_flow(server):
             app.goto("Compare runs")
             page.wait_for_selector("text=Perplexity vs sparsity", timeout=60_000)
             assert page.get_by_text(re.compile(r"finished runs: 1 from the app's run store")).count() == 1
+            assert assert_charts_readable(page, "Compare") >= 2
             app.shot("compare")
             if os.environ.get("STRUCTPRUNE_SCREENSHOTS"):  # for the README: the benchmark grid, if there is one
                 page.get_by_role("combobox", name="Evaluation protocol (perplexities are comparable only under one)").click()

@@ -52,7 +52,7 @@ def test_ppl_figure_log_axis_protocol_caption_and_infinite_values():
                        "model": ["dense", "pruned", "dense", "pruned"], "value": [26.5, 41.2, 80.0, math.inf],
                        "protocol": [PROTO, PROTO, "brown-test · seqlen 128 · 2 windows", "brown-test · seqlen 128 · 2 windows"]})
     fig = plots.ppl_figure(df)
-    assert fig.layout.yaxis.type == "log"
+    assert fig.layout.yaxis.type != "log" and fig.layout.yaxis.rangemode == "tozero"  # a bar's length is its value
     pruned = _trace(fig, "pruned")
     assert pruned.y[0] == 41.2 and np.isnan(pruned.y[1]) and list(pruned.text) == ["41.2", "inf"]
     cap = fig.layout.meta["caption"]
@@ -131,6 +131,11 @@ def test_ppl_vs_temperature_and_allocation_overlay():
     fig = plots.ppl_vs_temperature_figure(df, PROTO)
     assert fig.layout.xaxis.type == "log" and fig.layout.yaxis.type == "log"
     assert list(fig.data[0].x) == [0.5, 1.0, 2.0]  # finite temperatures only, sorted
+    # as Compare builds it: records store T = inf as "inf", and a concat with an empty frame is object dtype
+    raw = pd.concat([pd.DataFrame(columns=df.columns), df.assign(temperature=["inf", 1.0, 0.5, 2.0, None])])
+    assert raw["temperature"].dtype == object
+    fig = plots.ppl_vs_temperature_figure(raw, PROTO)
+    assert list(fig.data[0].x) == [0.5, 1.0, 2.0] and _annotation(fig, "uniform").y == pytest.approx(math.log10(30.0))
     assert _annotation(fig, "uniform").y == pytest.approx(math.log10(30.0))
     over = pd.DataFrame({"run": ["r1", "r1", "r2", "r2"], "layer": [0, 1, 0, 1], "module": ["attn"] * 4,
                          "sparsity": [0.1, 0.2, 0.3, 0.4]})
@@ -175,3 +180,97 @@ def test_method_figures():
     fig = plots.refit_selectors_figure(err)
     assert list(_trace(fig, "least-squares refit").y) == pytest.approx([0.02, 0.015])
     assert fig.layout.yaxis.tickformat == ".0%"
+
+
+def _every_figure() -> dict:
+    """One of each chart of the app, from the frames above."""
+    refit = pd.DataFrame({"layer": [0, 0], "module": ["attn", "mlp"], "err_no_refit": [2.0, 5.0],
+                          "err_after_refit": [0.1, 0.4]})
+    trace = pd.DataFrame({"layer": [0, 0], "module": ["attn"] * 2, "iteration": [1, 2], "primal_residual": [0.1, 0.01],
+                          "dual_residual": [0.5, 0.0], "support_changes": [2, 0]})
+    grid = pd.DataFrame({"temperature": [0.5, 0.5, 2.0, 2.0], "layer": [0, 1, 0, 1], "module": ["mlp"] * 4,
+                         "sparsity": [0.6, 0.0, 0.35, 0.25]})
+    schemes = pd.DataFrame({"scheme": ["uniform"] * 2 + ["softmax (T=1)"] * 2, "layer": [0, 1, 0, 1],
+                            "module": ["attn"] * 4, "sparsity": [0.3, 0.3, 0.5, 0.1]})
+    ppl = pd.DataFrame({"corpus": ["sotu"] * 2, "label": ["SOTU"] * 2, "model": ["dense", "pruned"],
+                        "value": [26.5, 41.2], "protocol": [PROTO] * 2})
+    params = pd.DataFrame({"count": ["all parameters"] * 2, "model": ["dense", "pruned"], "params": [134e6, 100e6]})
+    mem = pd.DataFrame({"t": [0.0, 1.0], "mib": [10.0, 20.0], "peak_mib": [10.0, 20.0]})
+    over = pd.DataFrame({"run": ["r1", "r1"], "layer": [0, 1], "module": ["attn", "attn"], "sparsity": [0.1, 0.2]})
+    est = pd.DataFrame({"preset": ["a", "b"], "n_params": [1e8, 1e10], "method": ["structprune"] * 2,
+                        "peak_gib": [0.1, 1.5]})
+    dw = pd.DataFrame({"preset": ["s", "m"], "family": ["OPT"] * 2, "n_params": [1e8, 1e9], "layer_params": [1e7, 3e7],
+                       "n_layers": [12, 24], "hidden": [768, 2048]})
+    sup = pd.DataFrame({"iteration": [0, 0, 1, 1], "unit": [0, 1, 0, 1], "kept": [1, 0, 0, 1]})
+    res = pd.DataFrame({"iteration": [1, 2], "primal_residual": [0.1, 0.001], "dual_residual": [0.2, 0.0],
+                        "support_changes": [2, 0]})
+    err = pd.DataFrame({"selector": ["saliency"], "err_no_refit": [20.0], "err_after_refit": [2.0], "energy": [100.0]})
+    ent = pd.DataFrame({"temperature": [0.1, 1.0], "entropy": [1.0, 2.0], "uniform": 3.0})
+    figs = [plots.allocation_figure(_alloc(), 0.3), plots.energy_figure(_alloc(), 1.0, "relative"),
+            plots.ppl_figure(ppl), plots.params_figure(params), plots.memory_timeline_figure(mem),
+            plots.refit_error_figure(refit), plots.admm_trace_figure(trace), plots.temperature_heatmap(grid),
+            plots.schemes_figure(schemes, 0.3), plots.entropy_figure(ent, 1.0),
+            plots.ppl_vs_sparsity_figure(_runs(), PROTO), plots.allocation_overlay_figure(over),
+            plots.ppl_vs_temperature_figure(_runs().assign(sparsity_target=0.3), PROTO),
+            plots.memory_scaling_figure(est), plots.depth_width_figure(dw), plots.support_figure(sup),
+            plots.residuals_figure(res), plots.refit_selectors_figure(err)]
+    return {f.layout.title.text: f for f in figs}
+
+
+def _bare_titles(obj, path="") -> list[str]:
+    if isinstance(obj, dict):
+        return [p for k, v in obj.items() if k != "template"
+                for p in ([f"{path}.{k}"] if k == "title" and isinstance(v, str) else _bare_titles(v, f"{path}.{k}"))]
+    if isinstance(obj, list):
+        return [p for i, v in enumerate(obj) for p in _bare_titles(v, f"{path}[{i}]")]
+    return []
+
+
+def test_every_figure_sends_its_titles_as_text_dicts():
+    """plotly.js 3 (Streamlit 1.67's bundle) draws no title given as a bare string; these figures skip
+    plotly.py's validation, which used to turn xaxis_title="..." into {"text": ...}. What is sent to
+    the browser (the JSON) must carry every title as a dict, and every visible axis a title."""
+    import json
+
+    figs = _every_figure()
+    assert len(figs) == 18
+    for name, fig in figs.items():
+        sent = json.loads(fig.to_json())
+        assert _bare_titles(sent) == [], name
+        assert sent["layout"]["title"]["text"] == name
+        lay = sent["layout"]
+        for ax in [k for k in lay if k.startswith(("xaxis", "yaxis"))]:
+            if lay[ax].get("showticklabels") is False:
+                continue  # the upper panel of a shared x axis: the lower panel carries the title
+            assert (lay[ax].get("title") or {}).get("text"), (name, ax)
+
+
+def test_one_colour_per_method_and_scheme_in_every_chart():
+    colours = {m: plots.series_color(m) for m in ("wanda-sp", "flap", "magnitude")}
+    assert len(set(colours.values())) == 3  # FLAP and wanda-sp used to share one
+    assert plots.series_color("structprune", "softmax") == plots.SCHEME_COLORS["softmax"]
+    assert plots.series_color("owl") == plots.series_color("structprune", "owl")
+    runs = _runs().assign(method=["structprune"] * 2 + ["wanda-sp"] * 3, allocation="uniform")
+    runs.loc[runs["run_id"] == "c", ["method", "method_allocation"]] = ["flap", "flap · uniform"]
+    fig = plots.ppl_vs_sparsity_figure(runs, PROTO)
+    by_name = {t.name: t.line.color for t in fig.data if t.mode == "lines"}
+    assert by_name == {"structprune · uniform": plots.SCHEME_COLORS["uniform"],
+                       "wanda-sp · uniform": plots.METHOD_COLORS["wanda-sp"], "flap · uniform": plots.METHOD_COLORS["flap"]}
+    schemes = pd.DataFrame({"scheme": ["uniform", "softmax (T=1)"], "layer": [0, 0], "module": ["attn"] * 2,
+                            "sparsity": [0.3, 0.5]})
+    fig = plots.schemes_figure(schemes, 0.3)
+    assert _trace(fig, "softmax (T=1)").line.color == plots.SCHEME_COLORS["softmax"]
+    over = pd.DataFrame({"run": ["a", "b", "c"], "method": ["structprune", "structprune", "flap"],
+                         "scheme": ["softmax", "softmax", "uniform"], "layer": [0] * 3, "module": ["attn"] * 3,
+                         "sparsity": [0.1, 0.2, 0.3]})
+    fig = plots.allocation_overlay_figure(over)
+    a, b, c = (_trace(fig, n) for n in "abc")
+    assert a.line.color == b.line.color == plots.SCHEME_COLORS["softmax"] and a.line.dash != b.line.dash
+    assert c.line.color == plots.METHOD_COLORS["flap"]
+
+
+def test_long_legends_sit_beside_the_plot_not_under_the_title():
+    figs = _every_figure()
+    for name in ("Perplexity vs sparsity", "Perplexity vs temperature", "Allocation schemes, same budget",
+                 "Allocations of the chosen runs"):
+        assert figs[name].layout.legend.orientation == "v" and figs[name].layout.legend.x > 1, name
