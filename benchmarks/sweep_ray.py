@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         records = out / "records"
         shutil.rmtree(records, ignore_errors=True)
         shutil.copytree(ray_dir, records, ignore=shutil.ignore_patterns("*.md", "*.html"))
-        compare._write_json(out / "sweep_ray.json", record)
+        compare.write_json(out / "sweep_ray.json", record)
         print(json.dumps({k: record[k] for k in ("sequential", "ray", "ray_over_sequential_wall")}, indent=1))
         print(f"kept units equal: {record['records']['all_kept_units_equal']}, "
               f"ppl max rel diff {record['records']['ppl_max_rel_diff']:.2e}")
