@@ -321,12 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-windows", type=int, default=None, help="sotu test windows (default all; 16 with --quick)")
     p.add_argument("--brown-windows", type=int, default=None, help=f"brown windows (default {BROWN_WINDOWS}; 16 with --quick)")
     p.add_argument("--eval-batch-size", type=int, default=1)
-    p.add_argument("--device", default=None,
+    p.add_argument("--device", default=None, choices=("cpu", "cuda", "auto"),
                    help="cpu or cuda (default: cpu; with --executor ray, cuda when the cluster has GPUs)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--share-pass1", action=argparse.BooleanOptionalAction, default=None,
                    help="reuse pass-1 statistics across runs that share them (default: on for the sweep only, "
-                        "so the grid's pass-1 times stay honest)")
+                        "so the grid's pass-1 times stay honest; with --executor ray, within each worker)")
     p.add_argument("--results", default=None, help="results folder (default benchmarks/results[/quick])")
     p.add_argument("--progress", action="store_true", help="per-layer progress on stderr")
     p.add_argument("--executor", choices=EXECUTORS, default="sequential",
@@ -442,6 +442,8 @@ def sweep(args, grid: list[Cell]) -> dict:
             started = ray_init(args.address, args.num_cpus)
             try:
                 gpus = 1 if cluster_gpus() and args.device != "cpu" else 0
+                if args.device == "cuda" and not gpus:
+                    _fail("--device cuda: the Ray cluster has no GPU")
                 settings["device"] = args.device or ("cuda" if gpus else "cpu")
                 settings["threads"] = args.cpus_per_task
                 run_ray(run_cell, settings, todo, dense.data, on_outcome, args.cpus_per_task, gpus)
