@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from . import compare
+from .compare import write_json
 
 OUT = compare.RESULTS / "sweep-ray"
 
@@ -77,38 +78,41 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(OUT))
     a = p.parse_args(argv)
     out = Path(a.out)
-    work = Path(tempfile.mkdtemp(prefix="sweep-ray-"))
-    try:
-        seq_dir, ray_dir = work / "sequential", work / "ray"
-        base = grid_args(seq_dir, a.model, a.nsamples, a.seqlen, a.windows)
-        threads = torch.get_num_threads()
-        seq = timed(base)
-        ray = timed(grid_args(ray_dir, a.model, a.nsamples, a.seqlen, a.windows)
-                    + ["--executor", "ray", "--num-cpus", str(a.workers), "--cpus-per-task", "1"])
-        record = {
-            "kind": "sweep-executor-benchmark",
-            "created": time.strftime("%Y-%m-%d %H:%M"),
-            "grid": {"model": a.model, "methods": ["structprune", "flap", "wanda-sp"], "sparsities": [0.2, 0.3, 0.5],
-                     "seed": 0, "calibration": f"{a.nsamples}x{a.seqlen} sotu-calib", "eval_windows": {"sotu": a.windows,
-                                                                                                "brown": a.windows},
-                     "cells": len(list(ray_dir.glob("*__*.json")))},
-            "machine": {"cpus": os.cpu_count(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-            "sequential": {**seq, "torch_threads": threads},
-            "ray": {**ray, "workers": a.workers, "cpus_per_task": 1, "torch_threads_per_task": 1},
-            "ray_over_sequential_wall": ray["wall_s"] / seq["wall_s"],
-            "records": compare_records(seq_dir, ray_dir),
-            "note": "both executors start cold (model load, dense references); the machine is shared "
-                    "(load averages around each phase); timings are one run",
-        }
-        records = out / "records"
-        shutil.rmtree(records, ignore_errors=True)
-        shutil.copytree(ray_dir, records, ignore=shutil.ignore_patterns("*.md", "*.html"))
-        compare.write_json(out / "sweep_ray.json", record)
-        print(json.dumps({k: record[k] for k in ("sequential", "ray", "ray_over_sequential_wall")}, indent=1))
-        print(f"kept units equal: {record['records']['all_kept_units_equal']}, "
-              f"ppl max rel diff {record['records']['ppl_max_rel_diff']:.2e}")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    work = Path(tempfile.mkdtemp(prefix="sweep-ray-"))  # both executors' records; kept if the run stops early
+    seq_dir, ray_dir = work / "sequential", work / "ray"
+    base = grid_args(seq_dir, a.model, a.nsamples, a.seqlen, a.windows)
+    record = {
+        "kind": "sweep-executor-benchmark",
+        "created": time.strftime("%Y-%m-%d %H:%M"),
+        "grid": {"model": a.model, "methods": ["structprune", "flap", "wanda-sp"], "sparsities": [0.2, 0.3, 0.5],
+                 "seed": 0, "calibration": f"{a.nsamples}x{a.seqlen} sotu-calib",
+                 "eval_windows": {"sotu": a.windows, "brown": a.windows}},
+        "machine": {"cpus": os.cpu_count(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        "note": "both executors start cold (model load, dense references); the machine is shared "
+                "(load averages around each phase); timings are one run",
+        "status": "sequential running",
+    }
+    write_json(out / "sweep_ray.json", record)  # each phase is kept as it ends: a long run may be stopped
+    record["sequential"] = {**timed(base), "torch_threads": torch.get_num_threads()}
+    record["status"] = "ray running"
+    write_json(out / "sweep_ray.json", record)
+    ray = timed(grid_args(ray_dir, a.model, a.nsamples, a.seqlen, a.windows)
+                + ["--executor", "ray", "--num-cpus", str(a.workers), "--cpus-per-task", "1"])
+    record.update({
+        "status": "complete",
+        "ray": {**ray, "workers": a.workers, "cpus_per_task": 1, "torch_threads_per_task": 1},
+        "ray_over_sequential_wall": ray["wall_s"] / record["sequential"]["wall_s"],
+        "records": compare_records(seq_dir, ray_dir),
+    })
+    record["grid"]["cells"] = len(list(ray_dir.glob("*__*.json")))
+    records = out / "records"
+    shutil.rmtree(records, ignore_errors=True)
+    shutil.copytree(ray_dir, records, ignore=shutil.ignore_patterns("*.md", "*.html"))
+    write_json(out / "sweep_ray.json", record)
+    print(json.dumps({k: record[k] for k in ("sequential", "ray", "ray_over_sequential_wall")}, indent=1))
+    print(f"kept units equal: {record['records']['all_kept_units_equal']}, "
+          f"ppl max rel diff {record['records']['ppl_max_rel_diff']:.2e}")
+    shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
