@@ -5,6 +5,10 @@ recorded as failed while the others finish, and a second run skips the finished 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import ray
@@ -15,6 +19,7 @@ from benchmarks.sweep import ray_init
 from benchmarks.variants import Variant
 from structprune import reports
 
+ROOT = Path(__file__).resolve().parents[1]
 GRID = ["--model", "tiny-llama", "--methods", "flap", "structprune", "--sparsities", "0.3", "0.5", "--extra-seeds",
         "--nsamples", "4", "--seqlen", "32", "--eval-windows", "2"]
 # fails inside the worker: sensitivities need 8 calibration windows, the grid has 4
@@ -92,6 +97,24 @@ def test_ray_grid_matches_sequential_records_failures_and_resume(local_ray, one_
     assert sorted(r["run_id"] for r in runs) == sorted(r["run_id"] for r in ray_recs.values())
     frame = reports.runs_frame(runs, "benchmark")
     assert len(frame) == 4 and set(frame["method"]) == {"flap", "structprune"}
+
+
+def test_the_script_joins_a_running_cluster_and_writes_one_record_per_cell(local_ray, tmp_path):
+    """`python benchmarks/compare.py --executor ray --address ...`: a second process joins the
+    running Ray, ships its code with the job (py_modules) and writes the records itself."""
+    address = ray.get_runtime_context().gcs_address
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the script finds its own checkout
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/compare.py", *GRID[:2], "--methods", "flap", "--sparsities", "0.3", "0.5",
+         *GRID[8:], "--executor", "ray", "--address", address, "--results", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = _records(tmp_path)
+    assert sorted(recs) == ["tiny-llama__flap__s0.30__seed0__calib4x32__random-2",
+                            "tiny-llama__flap__s0.50__seed0__calib4x32__random-2"]
+    assert {r["benchmark"]["executor"] for r in recs.values()} == {"ray"}
+    assert all(r["ppl"]["pruned"]["random"]["value"] > 1 for r in recs.values())
+    assert ray.is_initialized()  # the script disconnected; the cluster it joined is still up
 
 
 @pytest.mark.parametrize("argv, message", [
