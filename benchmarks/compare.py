@@ -500,14 +500,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         runs = plan(args)
         print(f"{len(runs)} runs in {args.results} ({args.executor})", file=sys.stderr)
-        sweep(args, cells(args, runs))
+        counts = sweep(args, cells(args, runs))
         if args.dry_run:
             return 0
     written = report.write_all(Path(args.results), sweep=args.sweep_temperature, temperatures=args.temperatures,
                                energies=args.energies)
     for path in written:
         print(f"wrote  {path}", file=sys.stderr)
-    return 0
+    return 1 if not args.report_only and counts["failed"] else 0  # a script sees that a cell failed
 
 
 if __name__ == "__main__":

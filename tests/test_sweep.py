@@ -71,7 +71,7 @@ def test_ray_grid_matches_sequential_records_failures_and_resume(local_ray, one_
     assert {r["benchmark"]["threads"] for r in ray_recs.values()} == {1}  # threads follow --cpus-per-task
     assert "dense.json" in {p.name for p in ray_dir.iterdir()}  # the workers' dense references, written by the driver
 
-    compare.main(GRID + ["--results", str(seq_dir), "--threads", "1"])
+    assert compare.main(GRID + ["--results", str(seq_dir), "--threads", "1"]) == 0
     seq_recs = _records(seq_dir)
     assert sorted(seq_recs) == sorted(ray_recs)
     for key, rec in seq_recs.items():
