@@ -31,10 +31,10 @@ LABELS = {
     "damp": "Damping", "s_max": "Largest module sparsity",
     "refine_epochs": "Block refit epochs (0 = off)", "refine_lr": "Block refit learning rate",
     "refine_schedule": "Block refit schedule", "sensitivity_windows": "Sensitivity windows", "seed": "Seed",
-    "dtype": "dtype", "batch_size": "Batch size",
+    "dtype": "dtype", "batch_size": "Batch size", "weights": "Weights between uses",
 }
 # the form's columns, top to bottom: every PruneConfig field appears once (tests/test_app.py checks)
-MAIN = (("model", "device"), ("sparsity", "method", "allocation", "temperature", "energy"),
+MAIN = (("model", "device", "weights"), ("sparsity", "method", "allocation", "temperature", "energy"),
         ("nsamples", "seqlen", "calib_data", "eval_data", "eval_windows"))
 ADVANCED = (("selector", "saliency", "target", "owl_lambda", "owl_m"),
             ("relative_error", "refit", "bias", "damp", "s_max"),
