@@ -1,4 +1,4 @@
-"""`structprune` command line: prepare, models, eval, prune, estimate.
+"""`structprune` command line: prepare, models, eval, prune, export, estimate.
 
 Options of `prune`, and the shared options of `eval`, `estimate` and `prepare`, come from
 `PruneConfig`'s fields: defaults, types, choices, bounds and help in one place. Every refusal (a bad
@@ -112,13 +112,14 @@ def cmd_eval(args) -> int:
 
 
 def cmd_prune(args) -> int:
+    from .atomic import check_output_folder
     from .checkpoint import save_pruned
     from .run import run_prune
 
     values = {f.name: getattr(args, f.name) for f in fields(PruneConfig)}
     values["eval_data"] = tuple(values["eval_data"])
     cfg = PruneConfig(**values)
-    out = Path(args.out)
+    out = check_output_folder(args.out, overwrite=True)  # a records folder may hold other runs: writable is enough
     out.mkdir(parents=True, exist_ok=True)
     res = run_prune(cfg, on_event=_progress)
     rec = res.record
@@ -134,8 +135,18 @@ def cmd_prune(args) -> int:
     print(f"record: {path}")
     if args.save_model:
         folder = save_pruned(res.model, res.tokenizer, out / f"model-{rec['run_id']}",
-                             provenance={"run_id": rec["run_id"], "config": rec["config"]})
+                             provenance={"run_id": rec["run_id"], "config": rec["config"]}, record=rec)
         print(f"pruned model: {folder}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_run
+
+    folder = export_run(args.run, args.out, overwrite=args.overwrite, store_folder=args.store, on_event=_progress)
+    trust = "" if json.loads((folder / "config.json").read_text())["structprune"]["plain_hf_loadable"] else \
+        ", trust_remote_code=True"
+    print(f"pruned model: {folder}  (load: AutoModelForCausalLM.from_pretrained({str(folder)!r}{trust}))")
     return 0
 
 
@@ -185,8 +196,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="prune a model and write its JSON record")
     _add_config_options(p)
     p.add_argument("--out", default="runs", help="folder for the record (and the model)")
-    p.add_argument("--save-model", action="store_true", help="also save the pruned model")
+    p.add_argument("--save-model", action="store_true", help="also save the pruned model: a folder plain transformers loads, "
+                   "model-<run_id> (docs/EXPORT.md)")
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("export", help="write the loadable model folder of a finished run (docs/EXPORT.md)")
+    p.add_argument("run", metavar="RUN_OR_RECORD", help="a run id in the run store, or a run's record JSON file")
+    p.add_argument("--out", required=True, help="the model folder to write (must not exist or be empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
+    p.add_argument("--store", default=None, help="run store folder (default: STRUCTPRUNE_DATA or the cache's runs/)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("estimate", help="predicted peak device memory for a model config")
     _config_option(p, "model", help=_help("model", "; or a config.json"))
