@@ -8,7 +8,7 @@ shape (query heads, KV heads, MLP channels, which output projections gained a bi
   `AdapterSpec.plain_loadable`): the config's own head and channel counts are rewritten and the
   folder is a plain checkpoint of the family, no remote code.
 - Otherwise the folder ships `modeling_structprune.py` (this package's file of that name, copied
-  unchanged) and config.json names it in `auto_map`, with `model_type` `structprune_<family>`:
+  unchanged) and config.json names it in `auto_map` (model_type stays the family's):
   `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` loads it without
   structprune (docs/EXPORT.md).
 
@@ -32,7 +32,7 @@ from .atomic import atomic_folder, check_complete
 from .errors import ModelLoadError, UnsupportedArchitectureError
 from .model_card import model_card
 
-FORMAT_VERSION = 2  # 2: model_type structprune_<family> + modeling_structprune.py when shapes differ
+FORMAT_VERSION = 2  # 2: auto_map + modeling_structprune.py when shapes differ; completion mark
 MODELING_FILE = "modeling_structprune.py"
 
 
@@ -76,12 +76,12 @@ def _plain_config(config, shapes: list[dict]):
 
 
 def _remote_code_config(folder: Path, base_type: str) -> None:
-    """Points config.json at the shipped modeling file (auto_map) under its own model_type, so plain
-    transformers without trust_remote_code refuses it clearly instead of a size mismatch."""
+    """Points config.json at the shipped modeling file (auto_map). model_type stays the family's, so
+    AutoConfig and AutoTokenizer read the folder without remote code (a custom model_type would make
+    every AutoTokenizer call ask whether to run it)."""
     config_cls, model_cls = modeling_structprune.CLASSES[base_type]
     path = folder / "config.json"
     d = json.loads(path.read_text())
-    d["model_type"] = f"structprune_{base_type}"
     d["architectures"] = [model_cls]
     module = Path(MODELING_FILE).stem
     d["auto_map"] = {"AutoConfig": f"{module}.{config_cls}", "AutoModelForCausalLM": f"{module}.{model_cls}"}

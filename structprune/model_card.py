@@ -36,14 +36,12 @@ def model_card(record: dict | None, shapes: list[dict], remote_code: bool, base_
     if model.get("weights_note"):
         lines.append(f"| base weights | {model['weights_note']} |")
     if rec:
-        lines += [f"| method | {rec.get('method')} (structprune; run {rec.get('run_id')}) |",
+        lines += [f"| method | {rec.get('method')} (structprune run {rec.get('run_id')}) |",
                   f"| allocation | {rec.get('allocation_scheme')} |",
                   f"| sparsity | target {_fmt(sp.get('target'), '.0%')}, achieved {_fmt(sp.get('achieved_prunable'), '.2%')} "
                   f"of prunable, {_fmt(sp.get('achieved_total'), '.2%')} of all parameters |",
                   f"| parameters | {(rec.get('params') or {}).get('before', {}).get('total', 'n/a')} dense -> "
-                  f"{(rec.get('params') or {}).get('after', {}).get('total', 'n/a')} pruned |",
-                  f"| calibration | {cfg.get('calib_data')}, {cfg.get('nsamples')} x {cfg.get('seqlen')} tokens, "
-                  f"seed {cfg.get('seed')} |"]
+                  f"{(rec.get('params') or {}).get('after', {}).get('total', 'n/a')} pruned |"]
     lines.append("")
     ppl = rec.get("ppl") or {}
     if ppl.get("pruned"):
@@ -51,7 +49,8 @@ def model_card(record: dict | None, shapes: list[dict], remote_code: bool, base_
         for eval_name, r in ppl["pruned"].items():
             dense = (ppl.get("dense") or {}).get(eval_name, {}).get("value")
             lines.append(f"| {r.get('label', eval_name)} | {_fmt(dense)} | {_fmt(r.get('value'))} | {r.get('protocol')} |")
-        lines += ["", "Protocol: docs/PROTOCOL.md of structprune (non-overlapping windows of the test split).", ""]
+        lines += ["", "The protocol names the evaluation windows and the calibration data (structprune's "
+                  "docs/PROTOCOL.md: non-overlapping windows of the test split).", ""]
     speed = rec.get("speed")
     lines += ["## Speed", ""]
     if speed:
@@ -59,7 +58,7 @@ def model_card(record: dict | None, shapes: list[dict], remote_code: bool, base_
                   json.dumps(speed, indent=1, allow_nan=False), "```", ""]
     else:
         lines += ["Not measured for this run.", ""]
-    lines += ["## Per-layer shapes", "", "| layer | query heads | KV heads | MLP channels | added output biases |",
+    lines += ["## Per-layer shapes", "", "| layer | query heads | KV heads | MLP channels | output biases |",
               "|---|---|---|---|---|"]
     for i, s in enumerate(shapes):
         bias = ", ".join(k for k, flag in (("attention", s["o_bias"]), ("MLP", s["mlp_out_bias"])) if flag) or "-"
