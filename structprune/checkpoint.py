@@ -1,26 +1,39 @@
-"""Saving a pruned model and loading it back with one call.
+"""Saving a pruned model as a folder that plain transformers loads, and loading it back.
 
-Pruned layers can differ in shape, which a plain Hugging Face config cannot express. The saved
-config.json keeps the model's own fields plus a `structprune` section with every layer's shape
-(query heads, KV heads, MLP channels, which output projections gained a bias). `load_pruned`
-rebuilds the dense skeleton, shrinks each layer to its recorded shape, then loads the weights.
-Where every layer has the same shape and no bias was added, the config's own head and channel
-counts are rewritten too, so plain `AutoModelForCausalLM.from_pretrained` loads the folder
-(families whose `AdapterSpec.plain_loadable` says so: Llama-family models; OPT derives its head size
-from hidden/heads and always needs `load_pruned`).
+Pruned layers can differ in shape, which a family's own Hugging Face config cannot express. The
+saved config.json keeps the model's own fields plus a `structprune` section with every layer's
+shape (query heads, KV heads, MLP channels, which output projections gained a bias).
+
+- Every layer alike and no bias added (and the family's config accepts the counts, see
+  `AdapterSpec.plain_loadable`): the config's own head and channel counts are rewritten and the
+  folder is a plain checkpoint of the family, no remote code.
+- Otherwise the folder ships `modeling_structprune.py` (this package's file of that name, copied
+  unchanged) and config.json names it in `auto_map` (model_type stays the family's):
+  `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` loads it without
+  structprune (docs/EXPORT.md).
+
+`load_pruned` reads either kind without remote code: it rebuilds the family's dense skeleton,
+shrinks each layer to its recorded shape, then loads the weights. Folders are written atomically
+with a completion mark (atomic.py), and both loaders here refuse a folder without it.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoTokenizer
 
+from . import modeling_structprune
 from .adapters import adapter_for, set_output_bias
+from .atomic import atomic_folder, check_complete
+from .errors import ModelLoadError, UnsupportedArchitectureError
+from .model_card import model_card
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: auto_map + modeling_structprune.py when shapes differ; completion mark
+MODELING_FILE = "modeling_structprune.py"
 
 
 def layer_shapes(model) -> list[dict]:
@@ -62,21 +75,49 @@ def _plain_config(config, shapes: list[dict]):
     return new
 
 
-def save_pruned(model, tokenizer, folder: str | Path, provenance: dict | None = None) -> Path:
-    """Writes weights (safetensors), config with per-layer shapes, and the tokenizer."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+def _remote_code_config(folder: Path, base_type: str) -> None:
+    """Points config.json at the shipped modeling file (auto_map). model_type stays the family's, so
+    AutoConfig and AutoTokenizer read the folder without remote code (a custom model_type would make
+    every AutoTokenizer call ask whether to run it)."""
+    config_cls, model_cls = modeling_structprune.CLASSES[base_type]
+    path = folder / "config.json"
+    d = json.loads(path.read_text())
+    d["architectures"] = [model_cls]
+    module = Path(MODELING_FILE).stem
+    d["auto_map"] = {"AutoConfig": f"{module}.{config_cls}", "AutoModelForCausalLM": f"{module}.{model_cls}"}
+    path.write_text(json.dumps(d, indent=2, sort_keys=True, allow_nan=False))
+    shutil.copyfile(modeling_structprune.__file__, folder / MODELING_FILE)
+
+
+def save_pruned(model, tokenizer, folder: str | Path, provenance: dict | None = None, record: dict | None = None,
+                overwrite: bool = False, write_weights=None) -> Path:
+    """Writes weights (safetensors), config with per-layer shapes, the tokenizer, a model card
+    (README.md, from `record` when given) and, when layers differ, the modeling file; atomically.
+    An existing non-empty `folder` is refused unless `overwrite`. `write_weights(folder)` writes
+    the weights and config.json instead of `model.save_pretrained` (a model whose weights stayed
+    on disk: weights.streamed_weights)."""
     shapes = layer_shapes(model)
     config = model.config
+    base_type = config.model_type
     plain = _plain_config(config, shapes)
+    if plain is None and base_type not in modeling_structprune.CLASSES:
+        raise UnsupportedArchitectureError(
+            f"model type {base_type!r} with per-layer shapes cannot be exported for plain transformers; "
+            f"supported: {', '.join(modeling_structprune.CLASSES)}")
     if plain is not None:
         model.config = config = plain
     config.structprune = {"format": FORMAT_VERSION, "layer_shapes": shapes, "provenance": provenance or {},
-                          "plain_hf_loadable": plain is not None}
-    model.save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-    return folder
+                          "plain_hf_loadable": plain is not None, "base_model_type": base_type}
+    if plain is None:
+        config.structprune["modeling_version"] = modeling_structprune.MODELING_VERSION
+    with atomic_folder(folder, overwrite=overwrite) as tmp:
+        (write_weights or model.save_pretrained)(tmp)
+        if plain is None:
+            _remote_code_config(tmp, base_type)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(model_card(record, shapes, plain is None, base_type))
+    return Path(folder).expanduser()
 
 
 def is_structprune_checkpoint(folder: str | Path) -> bool:
@@ -104,13 +145,29 @@ def _shrink_layer(adapter, layer, shape: dict) -> None:
             set_output_bias(lin, torch.zeros(lin.out_features))
 
 
+def _base_config(folder: Path):
+    """The family's own config class from config.json (remote-code fields dropped)."""
+    try:
+        d = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {folder / 'config.json'}: {exc}") from exc
+    section = d.get("structprune")
+    if not isinstance(section, dict) or "layer_shapes" not in section:
+        raise ModelLoadError(f"{folder} is not a structprune model folder (config.json has no structprune section)")
+    if section.get("format", 1) > FORMAT_VERSION:
+        raise ModelLoadError(f"{folder} was written by a newer structprune (format {section['format']}); upgrade")
+    base = section.get("base_model_type", d.get("model_type"))
+    d.pop("auto_map", None)
+    d["model_type"] = base
+    return CONFIG_MAPPING[base].from_dict(d), section["layer_shapes"]
+
+
 def load_pruned(folder: str | Path, dtype: torch.dtype = torch.float32):
-    """Loads a folder written by `save_pruned`: (model, tokenizer or None)."""
+    """Loads a folder written by `save_pruned` (no remote code needed): (model, tokenizer or None)."""
     from safetensors.torch import load_file
 
-    folder = Path(folder)
-    config = AutoConfig.from_pretrained(folder)
-    shapes = config.structprune["layer_shapes"]
+    folder = check_complete(Path(folder).expanduser())
+    config, shapes = _base_config(folder)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     adapter = adapter_for(model)
     for layer, shape in zip(adapter.layers(model), shapes):
@@ -121,7 +178,7 @@ def load_pruned(folder: str | Path, dtype: torch.dtype = torch.float32):
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not m.endswith("lm_head.weight")]  # tied embeddings
     if missing or unexpected:
-        raise RuntimeError(f"checkpoint mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ModelLoadError(f"{folder}: checkpoint mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     tok = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None

@@ -1,4 +1,4 @@
-"""`structprune` command line: prepare, models, eval, prune, estimate.
+"""`structprune` command line: prepare, models, eval, prune, export, estimate.
 
 Options of `prune`, and the shared options of `eval`, `estimate` and `prepare`, come from
 `PruneConfig`'s fields: defaults, types, choices, bounds and help in one place. Every refusal (a bad
@@ -192,7 +192,7 @@ def _prune_and_write(cfg: PruneConfig, args, out: Path, store) -> int:
     from .checkpoint import save_pruned
     from .jsonio import write_json
     from .run import NonFiniteResultError, run_prune
-    from .weights import complete_folder
+    from .weights import streamed_weights
 
     run_id = store.start(cfg.to_dict()) if store is not None else None
     folder = None
@@ -205,11 +205,9 @@ def _prune_and_write(cfg: PruneConfig, args, out: Path, store) -> int:
         if args.save_model:
             folder = out / f"model-{rec['run_id']}"
             provenance = {"run_id": rec["run_id"], "config": rec["config"]}
-            if res.layer_dir is not None:  # the weights stayed on disk: complete the run's shards into a folder
-                complete_folder(res.layer_dir, res.model, res.weights, res.tokenizer, provenance)
-                shutil.move(str(res.layer_dir), str(folder))
-            else:
-                save_pruned(res.model, res.tokenizer, folder, provenance=provenance)
+            # weights that stayed on disk: the run's layer shards move into the folder
+            write = streamed_weights(res.layer_dir, res.model, res.weights) if res.layer_dir is not None else None
+            save_pruned(res.model, res.tokenizer, folder, provenance=provenance, record=rec, write_weights=write)
             rec["saved_model"] = str(folder)
         path = write_json(out / f"{rec['run_id']}.json", rec)
         if store is not None:
@@ -232,6 +230,16 @@ def _prune_and_write(cfg: PruneConfig, args, out: Path, store) -> int:
     if folder is not None:
         print(f"pruned model: {folder}")
     print(f"record: {path}" + (f" (and in the run store {store.path})" if store is not None else ""))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_run
+
+    folder = export_run(args.run, args.out, overwrite=args.overwrite, store_folder=args.store, on_event=_progress)
+    trust = "" if json.loads((folder / "config.json").read_text())["structprune"]["plain_hf_loadable"] else \
+        ", trust_remote_code=True"
+    print(f"pruned model: {folder}  (load: AutoModelForCausalLM.from_pretrained({str(folder)!r}{trust}))")
     return 0
 
 
@@ -289,10 +297,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(p)
     p.add_argument("--out", default="runs", help="folder for the record (and the model); checked writable "
                                                   "before the run, left as it was if the run fails")
-    p.add_argument("--save-model", action="store_true", help="also save the pruned model")
+    p.add_argument("--save-model", action="store_true", help="also save the pruned model: a folder plain transformers "
+                   "loads, model-<run_id> (docs/EXPORT.md)")
     p.add_argument("--no-store", action="store_true",
                    help="do not record the run in the run store the app shows (STRUCTPRUNE_DATA; default: recorded)")
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("export", help="write the loadable model folder of a finished run (docs/EXPORT.md)")
+    p.add_argument("run", metavar="RUN_OR_RECORD", help="a run id in the run store, or a run's record JSON file")
+    p.add_argument("--out", required=True, help="the model folder to write (must not exist or be empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
+    p.add_argument("--store", default=None, help="run store folder (default: STRUCTPRUNE_DATA or the cache's runs/)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("estimate", help="predicted peak device memory for a model config")
     _config_option(p, "model", help=_help("model", "; or a config.json"))

@@ -266,7 +266,8 @@ class JobRunner:
 
 def export_checkpoint_zip(result, folder: str | Path) -> Path:
     """The pruned model of a finished run (PruneResult) as `<folder>/<run_id>.zip`, written with
-    `checkpoint.save_pruned` (loadable with `load_model(<unzipped folder>)`)."""
+    `checkpoint.save_pruned`: the unzipped folder loads with plain transformers (docs/EXPORT.md) or
+    `load_model(<unzipped folder>)`."""
     import shutil
     import tempfile
 
@@ -281,7 +282,7 @@ def export_checkpoint_zip(result, folder: str | Path) -> Path:
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         model_dir = Path(tmp) / f"structprune-{rec['run_id']}"
         provenance = {k: rec.get(k) for k in ("run_id", "method", "config", "sparsity", "created")}
-        save_pruned(result.model, result.tokenizer, model_dir, provenance=provenance)
+        save_pruned(result.model, result.tokenizer, model_dir, provenance=provenance, record=rec)
         archive = shutil.make_archive(str(Path(tmp) / rec["run_id"]), "zip", root_dir=tmp, base_dir=model_dir.name)
         Path(archive).replace(target)
     return target

@@ -194,29 +194,26 @@ class LayerWriter:
         self.written[index] = list(state)
 
 
-def complete_folder(layer_dir: str | Path, model: nn.Module, source: SafetensorsSource, tokenizer,
-                    provenance: dict | None = None) -> Path:
-    """Turns the shards a disk-streamed run wrote (`LayerWriter`) into a pruned-model folder that
-    `checkpoint.load_pruned` reads: the tensors outside the layers (embeddings, norms, head) copied
-    into `base.safetensors`, an index of every tensor, the config with every layer's shape, and the
-    tokenizer. Reads one tensor at a time."""
-    from .checkpoint import FORMAT_VERSION, layer_shapes
+def streamed_weights(layer_dir: str | Path, model: nn.Module, source: SafetensorsSource):
+    """For `checkpoint.save_pruned(write_weights=...)`: writes a disk-streamed run's pruned model
+    into a folder without loading it: the layer shards `LayerWriter` wrote are moved in, the
+    tensors outside the layers (embeddings, norms, head) copied into `base.safetensors` one at a
+    time, and an index of every tensor and the config (with its per-layer shapes) written."""
+    layer_dir = Path(layer_dir)
 
-    folder = Path(layer_dir)
-    layers_prefix = adapter_for(model).spec.layers + "."
-    tied = _tied_names(model)
-    names = [n for n, _ in model.named_parameters(remove_duplicate=False) if n not in tied or n in source]
-    base = {n: source.get(n).contiguous() for n in names if not n.startswith(layers_prefix)}
-    save_file(base, folder / "base.safetensors")
-    weight_map = {n: "base.safetensors" if n in base else source.files[n].name for n in names}
-    (folder / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
-    config = copy.deepcopy(model.config)
-    config.structprune = {"format": FORMAT_VERSION, "layer_shapes": layer_shapes(model),
-                          "provenance": provenance or {}, "plain_hf_loadable": False}
-    config.save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-    return folder
+    def write(folder: Path) -> None:
+        layers_prefix = adapter_for(model).spec.layers + "."
+        tied = _tied_names(model)
+        names = [n for n, _ in model.named_parameters(remove_duplicate=False) if n not in tied or n in source]
+        base = {n: source.get(n).contiguous() for n in names if not n.startswith(layers_prefix)}
+        save_file(base, folder / "base.safetensors")
+        weight_map = {n: "base.safetensors" if n in base else source.files[n].name for n in names}
+        for shard in sorted(set(weight_map.values()) - {"base.safetensors"}):
+            (layer_dir / shard).replace(folder / shard)
+        (folder / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+        model.config.save_pretrained(folder)
+
+    return write
 
 
 def load_skeleton(folder: str | Path, dtype: torch.dtype = torch.float32):
@@ -237,4 +234,4 @@ def load_skeleton(folder: str | Path, dtype: torch.dtype = torch.float32):
     return model, source
 
 
-__all__ = ["SafetensorsSource", "HostResidency", "DiskResidency", "LayerWriter", "complete_folder", "load_skeleton"]
+__all__ = ["SafetensorsSource", "HostResidency", "DiskResidency", "LayerWriter", "streamed_weights", "load_skeleton"]

@@ -33,7 +33,7 @@ def _one_error_line(capsys) -> str:
 
 def test_every_subcommand_has_a_working_help(capsys):
     names = _subcommands()
-    assert set(names) == {"prepare", "models", "eval", "prune", "estimate"}
+    assert set(names) == {"prepare", "models", "eval", "prune", "export", "estimate"}
     for name in names:
         assert main([name, "--help"]) == 0, name
         out = capsys.readouterr().out

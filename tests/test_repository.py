@@ -30,8 +30,9 @@ MODEL_TYPES = frozenset({
     "llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "gemma", "gemma2", "gemma3",
     "gemma3_text", "opt", "gpt2", "gpt_neox", "phi", "phi3", "falcon",
 })
-# the only modules allowed to know families: the adapters, the published shapes, the model loader
-FAMILY_MODULES = frozenset({"adapters.py", "presets.py", "models.py"})
+# the only modules allowed to know families: the adapters, the published shapes, the model loader, and
+# the modeling file shipped in exported folders (it runs without structprune, so cannot ask the adapters)
+FAMILY_MODULES = frozenset({"adapters.py", "presets.py", "models.py", "modeling_structprune.py"})
 
 
 def python_files(*places: Path) -> list[Path]:
