@@ -70,7 +70,7 @@ def check_corpora(cfg: PruneConfig) -> None:
     ignored, so it is refused; other models' corpora must be installed and readable."""
     if cfg.model in TINY_MODELS:
         named = [flag for flag, name in (("--calib-data", "calib_data"), ("--eval-data", "eval_data"))
-                 if getattr(cfg, name) != default_for(name)]
+                 if getattr(cfg, name) not in (default_for(name), ())]  # () names none (compare.py)
         if named:
             raise InvalidConfigError(
                 f"{' and '.join(named)} cannot apply to {cfg.model}: it has no tokenizer, so it calibrates and "
