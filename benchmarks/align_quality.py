@@ -38,6 +38,21 @@ def write_json(path: Path, obj: dict) -> None:
     os.replace(f.name, path)
 
 
+def quality_table(out: Path = OUT) -> str:
+    """Markdown: perplexity per sparsity and alignment, both corpora, with the dense reference."""
+    recs = [json.loads(f.read_text()) for f in sorted(Path(out).glob("*.json"))]
+    lines = ["| sparsity | align_channels | achieved | sotu ppl | brown ppl | load |", "|---|---|---|---|---|---|"]
+    if recs:
+        d = recs[0]["ppl"]["dense"]
+        lines.append(f"| dense | | | {d['sotu']['value']:.2f} | {d['brown']['value']:.2f} | |")
+    for r in sorted(recs, key=lambda r: (r["config"]["sparsity"], -r["config"]["align_channels"])):
+        pp = r["ppl"]["pruned"]
+        lines.append(f"| {r['config']['sparsity']:.0%} | {r['config']['align_channels']} | "
+                     f"{r['sparsity']['achieved_prunable']:.4f} | {pp['sotu']['value']:.2f} | {pp['brown']['value']:.2f} | "
+                     f"{r['benchmark']['loadavg'][0]:.0f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -48,7 +63,11 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-models", default=None, help="folder to keep the pruned models in")
     p.add_argument("--out", default=str(OUT))
+    p.add_argument("--report", action="store_true", help="print the markdown table of the records in --out")
     args = p.parse_args(argv)
+    if args.report:
+        print(quality_table(Path(args.out)))
+        return
     loaded = load_model(args.model)
     cache: dict = {}
     dense = None

@@ -133,6 +133,26 @@ def bench_one(kind: str, dense, pruned: dict[str, torch.nn.Module], shapes: dict
     return rec
 
 
+def speed_table(out: Path = OUT) -> str:
+    """Markdown: one row per (kind, dtype, sparsity, pruned model), tokens/s and speed-up per shape."""
+    recs = [json.loads(f.read_text()) for f in sorted(Path(out).glob("*.json"))]
+    recs = [r for r in recs if r.get("schema") == "structprune.speed/1" and r["kind"] != "smoke"]
+    lines = []
+    for r in sorted(recs, key=lambda r: (r["kind"], r["dtype"], r["device"], r["sparsity"])):
+        labels = [t["label"] for t in r["timings"] if t["model"] == "dense"]
+        dense = {t["label"]: t["tokens_per_s"] for t in r["timings"] if t["model"] == "dense"}
+        for name in [m for m in r["params"] if m != "dense"]:
+            tps = {t["label"]: t["tokens_per_s"] for t in r["timings"] if t["model"] == name}
+            cells = [f"{tps[lb]:.0f} / {dense[lb]:.0f} = **{r['speedup'][f'{name} | {lb}']:.2f}x**" for lb in labels]
+            lines.append(f"| {r['kind']} | {r['device']} {r['dtype']} | {r['sparsity']:.0%} | {name} | "
+                         f"{r['params'][name] / r['params']['dense']:.2f} | " + " | ".join(cells) +
+                         f" | {r['load_before']['loadavg'][0]:.0f} |")
+        header = ("| model | device, dtype | sparsity | pruned | size | " + " | ".join(labels) +
+                  " | load |\n|" + "---|" * (6 + len(labels)))
+        lines.insert(len(lines) - (len(r["params"]) - 1), header)
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--kinds", nargs="+", default=["tinyllama", "smollm2"], choices=["tinyllama", "smollm2"])
@@ -148,8 +168,12 @@ def main(argv=None) -> None:
     p.add_argument("--smollm2-models", default=None, help="folder of benchmarks.align_quality --save-models")
     p.add_argument("--tag", default="", help="suffix of the record names (e.g. a rerun)")
     p.add_argument("--out", default=str(OUT))
-    p.add_argument("--cpu-smoke", action="store_true", help="tiny random model, tiny shapes, 2 repeats: seconds")
+    p.add_argument("--cpu-smoke", action="store_true", help="tiny random model, tiny shapes: seconds")
+    p.add_argument("--report", action="store_true", help="print the markdown table of the records in --out")
     args = p.parse_args(argv)
+    if args.report:
+        print(speed_table(Path(args.out)))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
