@@ -26,7 +26,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 MAX_SPARSITY = 0.9  # the one cap: on the target sparsity and on any one module's
 MAX_REFINE_EPOCHS = 100
 MAX_SEED = 2**31 - 1
-ALIGN_DEFAULT = 64  # chosen by measurement: docs/RESULTS.md, "Speed"
+ALIGN_DEFAULT = 64  # GEMM tile multiples: docs/RESULTS.md, "Speed" (its CPU measurement is still pending)
 MAX_ALIGN = 1024
 
 _BOUND_KEYS = ("min", "max", "gt", "step", "smallest")
