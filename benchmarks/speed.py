@@ -143,7 +143,7 @@ def speed_table(out: Path = OUT) -> str:
         dense = {t["label"]: t["tokens_per_s"] for t in r["timings"] if t["model"] == "dense"}
         for name in [m for m in r["params"] if m != "dense"]:
             tps = {t["label"]: t["tokens_per_s"] for t in r["timings"] if t["model"] == name}
-            cells = [f"{tps[lb]:.0f} / {dense[lb]:.0f} = **{r['speedup'][f'{name} | {lb}']:.2f}x**" for lb in labels]
+            cells = [f"{tps[lb]:.3g} / {dense[lb]:.3g} = **{r['speedup'][f'{name} | {lb}']:.2f}x**" for lb in labels]
             lines.append(f"| {r['kind']} | {r['device']} {r['dtype']} | {r['sparsity']:.0%} | {name} | "
                          f"{r['params'][name] / r['params']['dense']:.2f} | " + " | ".join(cells) +
                          f" | {r['load_before']['loadavg'][0]:.0f} |")
