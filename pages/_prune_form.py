@@ -31,13 +31,13 @@ LABELS = {
     "damp": "Damping", "s_max": "Largest module sparsity",
     "refine_epochs": "Block refit epochs (0 = off)", "refine_lr": "Block refit learning rate",
     "refine_schedule": "Block refit schedule", "sensitivity_windows": "Sensitivity windows", "seed": "Seed",
-    "dtype": "dtype", "batch_size": "Batch size", "weights": "Weights between uses",
+    "dtype": "dtype", "batch_size": "Batch size", "weights": "Weights between uses", "align_channels": "Align MLP widths to",
 }
 # the form's columns, top to bottom: every PruneConfig field appears once (tests/test_app.py checks)
 MAIN = (("model", "device", "weights"), ("sparsity", "method", "allocation", "temperature", "energy"),
         ("nsamples", "seqlen", "calib_data", "eval_data", "eval_windows"))
 ADVANCED = (("selector", "saliency", "target", "owl_lambda", "owl_m"),
-            ("relative_error", "refit", "bias", "damp", "s_max"),
+            ("relative_error", "refit", "bias", "damp", "s_max", "align_channels"),
             ("refine_epochs", "refine_lr", "refine_schedule", "sensitivity_windows", "seed", "dtype", "batch_size"))
 FORMATS = {"temperature": "%.3g", "damp": "%.4g", "refine_lr": "%.2g", "owl_lambda": "%.3g", "owl_m": "%.3g"}
 

@@ -65,7 +65,8 @@ class ModuleSpec:
     )
     step: int = field(
         default=1,
-        metadata={"help": "Units removed together: n_kv_heads for GQA attention (one per KV group), 1 for mlp."},
+        metadata={"help": "Units removed together: n_kv_heads for GQA attention (one per KV group); the channel "
+                "alignment (align_channels) for mlp, so that it keeps a multiple of it."},
     )
     min_keep: int = field(
         default=0,

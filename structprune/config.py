@@ -28,6 +28,8 @@ WEIGHTS = ("auto", "memory", "disk")
 MAX_SPARSITY = 0.9  # the one cap: on the target sparsity and on any one module's
 MAX_REFINE_EPOCHS = 100
 MAX_SEED = 2**31 - 1
+ALIGN_DEFAULT = 1  # no alignment until the speed and quality runs of docs/RESULTS.md "Speed" choose (64 argued)
+MAX_ALIGN = 1024
 
 _BOUND_KEYS = ("min", "max", "gt", "step", "smallest")
 
@@ -80,6 +82,10 @@ class PruneConfig:
                           step=1e-5)
     refine_schedule: str = _f("cosine", "block refit: learning rate decayed to 0 over all steps by a half cosine, "
                                         "or constant", choices=REFINE_SCHEDULES)
+    align_channels: int = _f(
+        ALIGN_DEFAULT, "every MLP keeps a multiple of this many channels (matrix widths that fast GEMM kernels "
+                       "tile; attention keeps whole heads, multiples of head_dim already); 1 = no alignment",
+        min=1, max=MAX_ALIGN, step=1)
     s_max: float = _f(0.9, "largest sparsity any one module may receive", gt=0.0, max=MAX_SPARSITY, smallest=0.05,
                       step=0.05)
     owl_lambda: float = _f(0.08, "OWL: half-width of the sparsity range around the target", min=0.0, max=0.3,

@@ -88,7 +88,11 @@ class PruneEngine:
         self.stream = LayerStream(model, self.adapter, self.device, ledger=self.ledger, batch_size=batch_size,
                                   host_grams=host_grams, residency=residency, spill=spill)
         self.emit = Emitter(self.stream, on_event, cancel, time.perf_counter() if t0 is None else t0)
-        self.specs = module_specs(layouts_of(model, self.adapter))  # of the model as given (dense)
+        # of the model as given (dense); the MLPs step by the run's channel alignment
+        align = method.cfg.align_channels if method is not None else 1
+        self.specs = module_specs(layouts_of(model, self.adapter), align)
+        if method is not None:  # a budget the aligned modules cannot hold fails here, before any pass
+            allocate_uniform(self.specs, method.cfg.sparsity, s_max=method.cfg.s_max)
 
     @property
     def n_layers(self) -> int:
@@ -235,7 +239,7 @@ def pass1_key(method: Method, model_identity, sensitivity: bool) -> tuple:
     """What pass-1 statistics depend on (the model, its calibration data and the scoring rule):
     the key of a stats cache shared by runs and the explorer's profiles."""
     cfg = method.cfg
-    sens = (cfg.sparsity, cfg.selector, cfg.refit, cfg.sensitivity_windows) if sensitivity else None
+    sens = (cfg.sparsity, cfg.selector, cfg.refit, cfg.sensitivity_windows, cfg.align_channels) if sensitivity else None
     weigh = method.token_weights()
     return (model_identity, cfg.method, cfg.saliency, cfg.bias, cfg.calib_data, cfg.nsamples, cfg.seqlen,
             cfg.seed, cfg.owl_m, cfg.dtype, cfg.batch_size, weigh is not None, cfg.damp, sens)

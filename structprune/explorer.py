@@ -127,7 +127,8 @@ def profile_key(model: str, cfg: PruneConfig, sensitivity: bool = True) -> str:
     sensitivities were measured (a profile without them has residual / module energies only)."""
     sens = f"sens {cfg.sensitivity_windows}" if sensitivity else "no sens"
     return (f"profile|{model}|{cfg.calib_data}|{cfg.nsamples}x{cfg.seqlen}|seed {cfg.seed}|s {cfg.sparsity:g}"
-            f"|{sens}|{cfg.saliency}|bias {cfg.bias}|owl {cfg.owl_m:g}|relative {cfg.relative_error}|damp {cfg.damp:g}")
+            f"|{sens}|{cfg.saliency}|bias {cfg.bias}|owl {cfg.owl_m:g}|relative {cfg.relative_error}|damp {cfg.damp:g}"
+            f"|align {cfg.align_channels}")  # the profile's module steps and its sensitivity pass depend on it
 
 
 def profile_from_stats(stats: list[LayerStats], specs: list[ModuleSpec], model: str, cfg: PruneConfig,

@@ -207,7 +207,7 @@ class JobRunner:
         for key in set(self.stats_cache) - before:
             stats = self.stats_cache[key].stats
             if stats:
-                specs = module_specs(layouts_of(loaded.model, adapter_for(loaded.model)))
+                specs = module_specs(layouts_of(loaded.model, adapter_for(loaded.model)), cfg.align_channels)
                 prof = profile_from_stats(stats, specs, loaded.name, cfg)
                 store.cache_put(profile_key(loaded.name, cfg, prof.sensitivity is not None), prof.to_dict())
 

@@ -44,7 +44,7 @@ def admm_stepthrough(loaded, layer: int = 3, kind: str = "attn", sparsity: float
     cfg = PruneConfig(calib_data=calib_data, nsamples=nsamples, seqlen=seqlen, seed=seed)
     W, b, G, lay = module_gram(loaded, layer, kind, calibration_ids(cfg, loaded.tokenizer, loaded.model.config.vocab_size),
                                on_event=on_event, cancel=cancel)
-    specs = module_specs(layouts_of(loaded.model, adapter_for(loaded.model)))
+    specs = module_specs(layouts_of(loaded.model, adapter_for(loaded.model)), cfg.align_channels)
     m = next(j for j, sp in enumerate(specs) if sp.layer == layer and sp.kind == kind)
     k_keep = int(allocate_uniform(specs, sparsity).units_kept[m])
     groups, blocks = unit_groups(lay, kind)
