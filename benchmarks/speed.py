@@ -39,7 +39,6 @@ import torch
 from structprune.adapters import adapter_for
 from structprune.allocation import allocate_softmax
 from structprune.checkpoint import load_pruned
-
 from structprune.models import build_tiny
 from structprune.speed import Shape, compare_speed, load_note, shrink_to_counts, speedups
 from structprune.units import layouts_of, module_specs

@@ -21,7 +21,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from .adapters import adapter_for
-from .errors import ModelLoadError, UnknownModelError
+from .errors import ModelLoadError, StructPruneError, UnknownModelError
 from .footprint import model_params
 from .paths import models_dir
 from .weights import SafetensorsSource, load_skeleton
@@ -222,6 +222,8 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, se
         if is_structprune_checkpoint(path):
             try:
                 model, tok = load_pruned(path, dtype=dtype)
+            except StructPruneError:  # already one line that says what to do (e.g. an incomplete folder)
+                raise
             except Exception as exc:  # noqa: BLE001 - a damaged checkpoint: one line that says so
                 raise ModelLoadError(f"cannot load the pruned model in {path}: {_one_line(exc)}") from exc
         else:

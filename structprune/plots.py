@@ -251,7 +251,7 @@ def params_figure(df: pd.DataFrame, title: str = "Parameters before and after") 
         fig.add_bar(x=d["count"], y=d["params"] / 1e6, name=which, marker_color=color(7 if i == 0 else 3),
                     text=[f"{p / 1e6:.1f} M" for p in d["params"]], textposition="outside",
                     hovertemplate="%{x}<br>%{y:.2f} M parameters<extra>" + which + "</extra>")
-    fig.update_layout(barmode="group", yaxis_title_text="parameters (millions)")
+    fig.update_layout(barmode="group", xaxis_title_text="parameters counted", yaxis_title_text="parameters (millions)")
     return _base(fig, title)
 
 

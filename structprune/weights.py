@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -220,6 +219,8 @@ def load_skeleton(folder: str | Path, dtype: torch.dtype = torch.float32):
     """(model without weights, the folder's source): the model built from its config.json with
     every parameter on the `meta` device (buffers such as rotary tables are real), checked
     against the safetensors headers."""
+    from accelerate import init_empty_weights  # here: the GPU image, which never streams from disk, lacks it
+
     folder = Path(folder)
     try:
         config = AutoConfig.from_pretrained(folder)

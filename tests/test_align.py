@@ -103,4 +103,4 @@ def test_bad_alignments_are_refused_by_the_config(value):
 def test_cli_refuses_a_bad_alignment_in_one_line(capsys):
     assert main(["prune", "--model", "tiny-llama", "--align-channels", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: align_channels must be between 1 and 1024 (got 0)"]
+    assert err == ["error: --align-channels must be between 1 and 1024 (got 0)"]

@@ -211,7 +211,7 @@ def test_a_failed_model_save_leaves_neither_model_nor_record(tmp_path, store_dir
     model, so no "finished" record stands next to a partial model."""
     import structprune.checkpoint as checkpoint
 
-    def partial(model, tokenizer, folder, provenance=None):
+    def partial(model, tokenizer, folder, provenance=None, **_kw):
         Path(folder).mkdir(parents=True)
         model.config.to_json_file(Path(folder) / "config.json")
         raise OSError(errno.EIO, "Input/output error")

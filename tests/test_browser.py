@@ -13,6 +13,7 @@ diagonal saliency (no 1537 x 1537 inverses): about half a minute of pruning on 2
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -166,47 +167,49 @@ def assert_charts_readable(page, where: str) -> int:
     return len(charts)
 
 
-def test_every_page_on_first_open(server):
-    """A fresh store and the repository's own records: every page renders without an exception, every
-    chart has its axis titles in the DOM, and Compare and the Method page show charts before any run."""
-    url, _, _ = server
+@contextlib.contextmanager
+def browser_app():
+    """A headless Chromium page at the tests' window size and its `App` driver (screenshots go to
+    ARTIFACTS, and to $STRUCTPRUNE_SCREENSHOTS under the repository when set); closed afterwards."""
     shots = [ARTIFACTS] + ([ROOT / os.environ["STRUCTPRUNE_SCREENSHOTS"]] if os.environ.get("STRUCTPRUNE_SCREENSHOTS")
                            else [])
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1440, "height": 1100})
-        app = App(page, shots)
         try:
-            page.goto(url)
-            page.wait_for_selector("text=Where to begin", timeout=180_000)
-            app.idle()
-            assert_charts_readable(page, "Prune")
-            app.shot("first-prune")
-            counts = {}
-            for title, marker, shot in (("Compare runs", "Perplexity vs sparsity", "first-compare"),
-                                        ("Memory", "Peak device memory vs model size", "first-memory"),
-                                        ("Method", "Which units ADMM keeps", "first-method"),
-                                        ("Allocation explorer", "Allocation explorer", "first-explorer")):
-                app.goto(title)
-                page.wait_for_selector(f"text={marker}", timeout=60_000)
-                app.idle()
-                counts[title] = assert_charts_readable(page, title)
-                app.shot(shot)
-            assert counts["Compare runs"] >= 3 and counts["Memory"] == 2 and counts["Method"] == 3, counts
+            page = browser.new_page(viewport={"width": 1440, "height": 1100})
+            yield page, App(page, shots)
         finally:
             browser.close()
 
 
+def test_every_page_on_first_open(server):
+    """A fresh store and the repository's own records: every page renders without an exception, every
+    chart has its axis titles in the DOM, and Compare and the Method page show charts before any run."""
+    url, _, _ = server
+    with browser_app() as (page, app):
+        page.goto(url)
+        page.wait_for_selector("text=Where to begin", timeout=180_000)
+        app.idle()
+        assert_charts_readable(page, "Prune")
+        app.shot("first-prune")
+        counts = {}
+        for title, marker, shot in (("Compare runs", "Perplexity vs sparsity", "first-compare"),
+                                    ("Memory", "Peak device memory vs model size", "first-memory"),
+                                    ("Method", "Which units ADMM keeps", "first-method"),
+                                    ("Allocation explorer", "Allocation explorer", "first-explorer")):
+            app.goto(title)
+            page.wait_for_selector(f"text={marker}", timeout=60_000)
+            app.idle()
+            counts[title] = assert_charts_readable(page, title)
+            app.shot(shot)
+        assert counts["Compare runs"] >= 3 and counts["Memory"] == 2 and counts["Method"] == 3, counts
+
+
 def test_new_user_flow(server):
     url, t_start, tmp = server
-    shots = [ARTIFACTS] + ([ROOT / os.environ["STRUCTPRUNE_SCREENSHOTS"]] if os.environ.get("STRUCTPRUNE_SCREENSHOTS")
-                           else [])
     timings: dict[str, float] = {}
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1440, "height": 1100})
-        app = App(page, shots)
-        try:
+    with browser_app() as (page, app):
+        try:  # the flow a new user takes, page by page
             # --- first screen: the default model, the estimate
             page.goto(url)
             page.wait_for_selector("text=Predicted peak device memory", timeout=180_000)
@@ -299,4 +302,3 @@ def test_new_user_flow(server):
             timings["total_s"] = time.monotonic() - t_start
             ARTIFACTS.mkdir(exist_ok=True)
             (ARTIFACTS / "browser-timings.json").write_text(json.dumps(timings, indent=1))
-            browser.close()
