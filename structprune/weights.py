@@ -180,7 +180,6 @@ class LayerWriter:
         self.residency, self.layers_path = residency, layers_path
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.written: dict[int, list[str]] = {}
 
     def __call__(self, index: int, layer: nn.Module) -> None:
         prefix = f"{self.layers_path}.{index}"
@@ -190,7 +189,6 @@ class LayerWriter:
         save_file(state, tmp)
         tmp.replace(path)  # a shard is there whole or not at all
         self.residency.source.redirect(list(state), path)
-        self.written[index] = list(state)
 
 
 def streamed_weights(layer_dir: str | Path, model: nn.Module, source: SafetensorsSource):
