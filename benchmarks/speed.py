@@ -40,7 +40,7 @@ from structprune.adapters import adapter_for
 from structprune.allocation import allocate_softmax
 from structprune.checkpoint import load_pruned
 from structprune.models import build_tiny
-from structprune.speed import Shape, compare_speed, load_note, shrink_to_counts, speedups
+from structprune.speed import Shape, compare_speed, load_note, n_params, shrink_to_counts, speedups
 from structprune.units import layouts_of, module_specs
 
 OUT = Path(__file__).parent / "results" / "speed"
@@ -86,10 +86,6 @@ def allocation_counts(model, sparsity: float, align: int) -> tuple[list[dict], d
     info = {"scheme": "softmax T=1 over SmolLM2 energies mapped by depth", "align_channels": align,
             "achieved_sparsity": round(alloc.achieved_sparsity, 5), "kept": keep}
     return keep, info
-
-
-def n_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def write_json(path: Path, obj: dict) -> None:
@@ -152,6 +148,34 @@ def speed_table(out: Path = OUT) -> str:
     return "\n".join(lines)
 
 
+def attach_to_quality(out: Path = OUT, quality: Path = OUT / "quality") -> list[Path]:
+    """Copies each SmolLM2 model's measured fp32 CPU speed (the records of this benchmark) into the
+    run record `benchmarks.align_quality` wrote for it, as the record's "speed" (the shape the app's
+    runs have, `speed.speed_section`), so that Compare can plot perplexity against speed-up."""
+    written = []
+    for f in sorted(Path(out).glob("smollm2__cpu__float32__s*.json")):
+        r = json.loads(f.read_text())
+        for name, alloc in r["allocations"].items():
+            target = Path(quality) / f"{alloc['run']}.json"
+            if not target.is_file():
+                continue
+            rows = [{"shape": t["label"], "model": "dense" if t["model"] == "dense" else "pruned",
+                     "tokens_per_s": round(t["tokens_per_s"], 1),
+                     "speedup": 1.0 if t["model"] == "dense" else r["speedup"][f"{name} | {t['label']}"]}
+                    for t in r["timings"] if t["model"] in ("dense", name)]
+            rec = json.loads(target.read_text())
+            rec["speed"] = {"device": r["device"], "dtype": r["dtype"], "repeats": r["repeats"], "rows": rows,
+                            "speedup": {k.split(" | ", 1)[1]: v for k, v in r["speedup"].items()
+                                        if k.startswith(f"{name} | ")},
+                            "size": {"ratio": round(r["params"][name] / r["params"]["dense"], 4)},
+                            "protocol": f"benchmarks/speed.py ({f.name}): dense and pruned interleaved, median of "
+                                        f"{r['repeats']} after {r['warmup']} warm-up; random token ids",
+                            "loadavg": r["load_before"]["loadavg"], "cpu_count": r["load_before"]["cpu_count"]}
+            write_json(target, rec)
+            written.append(target)
+    return written
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--kinds", nargs="+", default=["tinyllama", "smollm2"], choices=["tinyllama", "smollm2"])
@@ -169,9 +193,15 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--cpu-smoke", action="store_true", help="tiny random model, tiny shapes: seconds")
     p.add_argument("--report", action="store_true", help="print the markdown table of the records in --out")
+    p.add_argument("--attach-to-quality", action="store_true",
+                   help="copy the SmolLM2 speed records into benchmarks.align_quality's run records and stop")
     args = p.parse_args(argv)
     if args.report:
         print(speed_table(Path(args.out)))
+        return
+    if args.attach_to_quality:
+        for path in attach_to_quality(Path(args.out)):
+            print(path)
         return
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -56,6 +56,23 @@ def headline(rec: dict) -> None:
                f"device {rec['device']} · {rec['dtype']} · run {rec['run_id']}")
 
 
+def speed_and_size(rec: dict) -> None:
+    """The pruned model's size and its speed against dense, measured on the run's device after the run."""
+    speed = rec.get("speed") or {}
+    if "speedup" not in speed:
+        st.caption("Speed against dense: " + (speed.get("skipped") or "not measured for this run (runs started in "
+                   "the app measure it; on the command line, `structprune prune --speed`)."))
+        return
+    s1, s2, s3 = st.columns(3)
+    s1.metric(f"Size ({speed['dtype']})", ui.fmt_bytes(speed["size"]["bytes"]),
+              delta=f"{speed['size']['ratio']:.2f}x of dense", delta_color="off")
+    for col, (shape, x) in zip((s2, s3), speed["speedup"].items()):
+        col.metric(f"Speed vs dense, {shape}", f"{x:.2f}x", delta="faster" if x > 1 else "slower",
+                   delta_color="normal" if x > 1 else "inverse")
+    st.caption(f"Measured on {speed['device']} after the run: {speed['protocol']}. Load average at the time "
+               f"{speed['loadavg'][0]:.1f} on {speed['cpu_count']} cores.")
+
+
 def charts(rec: dict) -> None:
     alloc, ppl = reports.allocation_frame(rec), reports.ppl_frame(rec)
     st.plotly_chart(plots.allocation_figure(alloc, rec["sparsity"]["target"]), key="allocation_chart")

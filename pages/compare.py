@@ -32,14 +32,14 @@ st.caption(f"{reports.plural(runs['run_id'].nunique(), 'finished run')}: {len(st
 f1, f2, f3, f4 = st.columns(4)
 
 
-def pick(col, label: str, column: str, key: str) -> list:
+def pick(col, label: str, column: str, key: str, **kw) -> list:
     values = sorted(runs[column].dropna().astype(str).unique())
-    return col.multiselect(label, values, default=values, key=key)
+    return col.multiselect(label, values, default=values, key=key, **kw)
 
 
 models = pick(f1, "Models", "model", "cmp_models")
 methods = pick(f2, "Methods", "method", "cmp_methods")
-allocs = pick(f3, "Allocations", "allocation", "cmp_allocs")
+allocs = pick(f3, "Allocations", "allocation", "cmp_allocs", format_func=reports.scheme_label)
 sources = pick(f4, "Source", "source", "cmp_sources")
 view = runs[runs["model"].astype(str).isin(models) & runs["method"].astype(str).isin(methods)
             & runs["allocation"].astype(str).isin(allocs) & runs["source"].isin(sources)]
@@ -47,8 +47,10 @@ protocols = view["eval_protocol"].dropna().value_counts()
 if protocols.empty:
     st.info("No run matches the filters.")
     st.stop()
-newest = view.sort_values("created", ascending=False)["eval_protocol"].dropna()
-order = list(dict.fromkeys([newest.iloc[0]] + list(protocols.index)))  # the latest run's protocol first
+# first: the protocol of the newest app run (what the user just did), else the one with the most runs
+# (the benchmark grid), so that adding a few records elsewhere does not change what a newcomer sees
+mine = view[view["source"] == "app"].sort_values("created", ascending=False)["eval_protocol"].dropna()
+order = list(dict.fromkeys(list(mine.iloc[:1]) + list(protocols.index)))
 protocol = st.selectbox("Evaluation protocol (perplexities are comparable only under one)", order,
                         format_func=lambda p: f"{p} ({reports.plural(int(protocols[p]), 'run')})", key="cmp_protocol")
 same = view[view["eval_protocol"] == protocol]
@@ -60,6 +62,12 @@ if soft.loc[np.isfinite(soft["temperature"]), "temperature"].nunique() >= 2:
 else:
     st.caption("Fewer than two softmax temperatures under this protocol: the temperature sweep (ppl vs T) appears "
                "once there are runs at two or more temperatures.")
+
+if np.isfinite(same["speedup_prefill"]).any():
+    st.plotly_chart(plots.ppl_vs_speedup_figure(same, protocol), key="cmp_ppl_speed")
+else:
+    st.caption("No run under this protocol has a measured speed yet: runs started in the app measure it "
+               "(`structprune prune --speed` on the command line); then perplexity vs speed-up appears here.")
 
 st.subheader("Allocations side by side")
 st.caption("Pick runs by what they are (method, allocation scheme and temperature, sparsity); the colour is the "
@@ -76,15 +84,19 @@ if chosen:
     st.plotly_chart(plots.allocation_overlay_figure(reports.allocation_overlay_frame(labels)), key="cmp_overlay_chart")
 
 st.subheader("Table")
-cols = ["run_id", "source", "created", "model", "method", "allocation", "energy", "temperature", "selector", "seed",
+cols = ["run_id", "source", "created", "model", "method_allocation", "energy", "temperature", "selector", "seed",
         "sparsity_target", "sparsity_achieved", "corpus_label", "ppl_dense", "ppl_pruned", "calib_loss_heldout",
-        "calib_loss_pruned", "peak_mib", "memory_kind", "total_s", "protocol"]
-st.dataframe(view[cols], hide_index=True, key="cmp_table",
+        "calib_loss_pruned", "speedup_prefill", "speedup_decode", "size_ratio", "peak_mib", "memory_kind", "total_s",
+        "protocol"]
+st.caption(f"The runs under the protocol chosen above, one row each; the CSV holds every protocol's rows "
+           f"({len(view)}).")
+st.dataframe(same[cols], hide_index=True, key="cmp_table",
              column_config={"calib_loss_heldout": st.column_config.NumberColumn(
                                 "held-out calib loss", help="nats/token on calibration-split windows the run did "
                                                            "not calibrate on: what allocations are chosen by"),
                             "calib_loss_pruned": st.column_config.NumberColumn(
                                 "in-sample calib loss", help="nats/token on the first calibration windows"),
+                            "method_allocation": st.column_config.TextColumn("method · allocation"),
                             "sparsity_target": st.column_config.NumberColumn(format="percent"),
                             "sparsity_achieved": st.column_config.NumberColumn(format="percent")})
 st.download_button("Export the table (CSV)", view[cols].to_csv(index=False), "structprune-runs.csv", "text/csv",

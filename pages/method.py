@@ -10,7 +10,7 @@ from pages._progress import job_progress
 from structprune import plots
 from structprune.demo import demo_entries
 from structprune.planning import available_models
-from structprune.stepthrough import admm_stepthrough, support_rows
+from structprune.stepthrough import admm_stepthrough, stepthrough_key, support_rows
 
 st.title("The method")
 st.caption("The project's own formulation (the paper's formulas are not public in full): per-module "
@@ -86,7 +86,7 @@ layer = c2.number_input(f"Layer (0 to {n_layers - 1})", 0, n_layers - 1, key="m_
 kind = c3.radio("Module", ["attn", "mlp"], key="m_kind", horizontal=True,
                 format_func={"attn": "attention (o_proj)", "mlp": "MLP (down_proj, slow)"}.get)
 sparsity = ui.number(c4, "Sparsity (uniform)", "sparsity", "m_s", positive=True)
-key = f"stepthrough|{model_name}|{layer}|{kind}|{sparsity:g}|8x256"
+key = stepthrough_key(model_name, int(layer), kind, sparsity)
 store, runner = ui.store(), ui.runner()
 data = store.cache_get(key) or demo_entries("stepthrough").get(key)
 if data is None:

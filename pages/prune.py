@@ -61,6 +61,7 @@ sel, rec = chosen
 live = runner.get(sel)
 result = live.result if live is not None and live.status == "finished" else None
 _prune_results.headline(rec)
+_prune_results.speed_and_size(rec)
 _prune_results.charts(rec)
 _prune_results.dense_vs_pruned_text(sel, rec, result)
 _prune_results.downloads(sel, rec, result)

@@ -199,7 +199,7 @@ def _prune_and_write(cfg: PruneConfig, args, out: Path, store) -> int:
     folder = None
     try:
         with store.heartbeat(run_id) if store is not None else contextlib.nullcontext():
-            res = run_prune(cfg, on_event=_progress)
+            res = run_prune(cfg, on_event=_progress, measure_speed=args.speed)
         rec = res.record
         if run_id is not None:
             rec["run_id"] = run_id
@@ -228,6 +228,10 @@ def _prune_and_write(cfg: PruneConfig, args, out: Path, store) -> int:
     print(f"sparsity target {sp['target']:.3f}, achieved {sp['achieved_prunable']:.4f} of prunable, "
           f"{sp['achieved_total']:.4f} of all parameters; peak device memory "
           f"{rec['memory']['peak_bytes'] / 2**20:.1f} MiB ({rec['memory']['kind']})")
+    if "speedup" in rec.get("speed", {}):
+        sp = rec["speed"]
+        print(f"size {sp['size']['ratio']:.2f}x of dense; speed vs dense on {sp['device']}: " +
+              ", ".join(f"{shape} {x:.2f}x" for shape, x in sp["speedup"].items()))
     if folder is not None:
         print(f"pruned model: {folder}")
     print(f"record: {path}" + (f" (and in the run store {store.path})" if store is not None else ""))
@@ -302,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "loads, model-<run_id> (docs/EXPORT.md)")
     p.add_argument("--no-store", action="store_true",
                    help="do not record the run in the run store the app shows (STRUCTPRUNE_DATA; default: recorded)")
+    p.add_argument("--speed", action="store_true", help="afterwards, time the pruned model against dense on the "
+                   "run's device (prefill 1 x 128, decode batch 1; a few seconds): the record's \"speed\"")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("export", help="write the loadable model folder of a finished run (docs/EXPORT.md)")

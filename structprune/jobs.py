@@ -162,7 +162,7 @@ class JobRunner:
         def work():
             before = set(self.stats_cache)
             res = run_prune(cfg, loaded, on_event=job.events.append, cancel=job.cancel_event,
-                            stats_cache=self.stats_cache)
+                            stats_cache=self.stats_cache, measure_speed=True)
             res.record["run_id"] = job.job_id
             if store is not None:
                 store.finish(job.job_id, res.record)

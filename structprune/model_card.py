@@ -7,8 +7,6 @@ carries a measured speed; nothing is invented), and how to load it.
 
 from __future__ import annotations
 
-import json
-
 
 def _fmt(x, spec: str = ".4g") -> str:
     return "n/a" if x is None else format(x, spec)
@@ -53,11 +51,20 @@ def model_card(record: dict | None, shapes: list[dict], remote_code: bool, base_
                   "docs/PROTOCOL.md: non-overlapping windows of the test split).", ""]
     speed = rec.get("speed")
     lines += ["## Speed", ""]
-    if speed:
-        lines += ["Measured by structprune on the machine that ran the pruning:", "", "```json",
-                  json.dumps(speed, indent=1, allow_nan=False), "```", ""]
+    if speed and speed.get("rows"):
+        lines += [f"Measured by structprune on the machine that ran the pruning ({speed['device']}, "
+                  f"{speed.get('dtype', '')}, load average {speed['loadavg'][0]:.1f} on {speed['cpu_count']} cores); "
+                  f"{speed.get('protocol', '')}. Size: {_fmt(speed['size']['ratio'], '.2f')}x of the dense model.", "",
+                  "| shape | dense tokens/s | pruned tokens/s | speed-up |", "|---|---|---|---|"]
+        by = {(r["shape"], r["model"]): r for r in speed["rows"]}
+        for shape in dict.fromkeys(r["shape"] for r in speed["rows"]):
+            d, q = by.get((shape, "dense"), {}), by.get((shape, "pruned"), {})
+            lines.append(f"| {shape} | {_fmt(d.get('tokens_per_s'))} | {_fmt(q.get('tokens_per_s'))} | "
+                         f"{_fmt(q.get('speedup'), '.2f')}x |")
+        lines.append("")
     else:
-        lines += ["Not measured for this run.", ""]
+        lines += [(speed or {}).get("skipped") or "Not measured for this run (`structprune prune --speed` measures "
+                  "it).", ""]
     lines += ["## Per-layer shapes", "", "| layer | query heads | KV heads | MLP channels | output biases |",
               "|---|---|---|---|---|"]
     for i, s in enumerate(shapes):

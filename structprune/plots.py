@@ -423,6 +423,32 @@ def ppl_vs_sparsity_figure(df: pd.DataFrame, protocol: str, group: str = "method
     return _base(fig, title, height=460, legend=RIGHT_LEGEND)
 
 
+def ppl_vs_speedup_figure(df: pd.DataFrame, protocol: str, title: str = "Perplexity vs measured speed-up") -> go.Figure:
+    """The trade-off users choose on: each run with a measured speed (runs_frame rows of one evaluation
+    protocol with `speedup_prefill`) as a point, pruned perplexity against its prefill speed-up over
+    dense, coloured like everywhere else; dense is the point (1, its perplexity)."""
+    fig = _figure()
+    df = df.assign(speedup_prefill=_numeric(df["speedup_prefill"]), ppl_pruned=_numeric(df["ppl_pruned"]))
+    df = df[np.isfinite(df["speedup_prefill"]) & np.isfinite(df["ppl_pruned"])]
+    groups = list(df.groupby("method_allocation", sort=True))
+    keys = [(str(d["method"].iloc[0]), str(d["allocation"].iloc[0])) for _, d in groups]
+    for (name, d), (c, _) in zip(groups, _styles(keys)):
+        fig.add_scatter(x=d["speedup_prefill"], y=d["ppl_pruned"], mode="markers", name=str(name), marker=dict(color=c, size=9),
+                        customdata=d[["run_id", "sparsity_target", "speed_shapes", "speed_device"]],
+                        hovertemplate=f"{name}<br>speed-up %{{x:.2f}}x (%{{customdata[2]}}, %{{customdata[3]}})"
+                                      "<br>ppl %{y:.4g}<br>sparsity %{customdata[1]:.0%}<br>run %{customdata[0]}"
+                                      "<extra></extra>")
+    dense = _numeric(df["ppl_dense"]).dropna().unique()
+    if len(dense) == 1:
+        fig.add_scatter(x=[1.0], y=[float(dense[0])], mode="markers", name="dense",
+                        marker=dict(color="#444", symbol="diamond", size=11),
+                        hovertemplate="dense<br>ppl %{y:.4g}<extra></extra>")
+    fig.update_layout(yaxis_type="log", yaxis_title_text="perplexity (log)",
+                      xaxis_title_text="prefill speed-up over dense at batch 1 (measured, x)")
+    caption(fig, f"protocol: {protocol}; speed measured on each run's own device after the run")
+    return _base(fig, title, height=460, legend=RIGHT_LEGEND)
+
+
 def allocation_overlay_figure(df: pd.DataFrame, title: str = "Allocations of the chosen runs") -> go.Figure:
     """Sparsity per layer, one line per run, attention and MLP panels, coloured by the run's method
     and scheme. df: run, layer, module, sparsity [, method, scheme]."""

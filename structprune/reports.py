@@ -109,10 +109,19 @@ def allocation_overlay_frame(records: dict[str, dict]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=OVERLAY_COLUMNS)
 
 
+# what a recorded allocation scheme is called on screen (the record keeps the short name)
+SCHEME_LABELS = {"al-am": "FLAP's own (AL-AM: across layers and modules)",
+                 "global-taylor": "global Taylor ranking"}
+
+
+def scheme_label(scheme: str | None) -> str:
+    return SCHEME_LABELS.get(scheme or "", scheme or "?")
+
+
 def run_choice_label(row: dict) -> str:
     """How a run is named when runs are picked by what they are, not by hash:
     'structprune · softmax T=1 (relative) · s=30% · seed 0 · 2024-05-01 12:00'."""
-    scheme = row.get("allocation") or "?"
+    scheme = scheme_label(row.get("allocation"))
     t = row.get("temperature")
     if scheme == "softmax" and t is not None and not (isinstance(t, float) and math.isnan(t)):
         scheme = f"softmax T={'inf' if math.isinf(float(t)) else f'{float(t):g}'} ({row.get('energy')})"
@@ -142,7 +151,26 @@ def _temperature(cfg: dict, scheme: str) -> float:
 RUN_COLUMNS = ["run_id", "source", "created", "model", "method", "allocation", "method_allocation", "energy",
                "temperature", "selector", "seed", "sparsity_target", "sparsity_achieved", "sparsity_total",
                "calib_loss_pruned", "calib_loss_heldout", "peak_mib", "memory_kind", "device", "total_s", "corpus", "corpus_label",
-               "ppl_pruned", "ppl_dense", "eval_protocol", "protocol"]
+               "ppl_pruned", "ppl_dense", "eval_protocol", "protocol", "speedup_prefill", "speedup_decode", "speed_shapes",
+               "size_ratio", "speed_device"]
+
+
+def speed_columns(rec: dict) -> dict:
+    """A record's measured speed (its "speed", `speed.speed_section`): the prefill and decode speed-ups
+    against dense at batch 1 (the first such shape measured), the shapes they come from, the size ratio."""
+    speed = rec.get("speed") or {}
+    ups = speed.get("speedup") or {}
+    prefill = next((k for k in ups if k.startswith("prefill 1x")), None)
+    decode = next((k for k in ups if k.startswith("decode b1 ")), None)
+    return {"speedup_prefill": ups.get(prefill, math.nan), "speedup_decode": ups.get(decode, math.nan),
+            "speed_shapes": " · ".join(k for k in (prefill, decode) if k) or None,
+            "size_ratio": (speed.get("size") or {}).get("ratio", math.nan),
+            "speed_device": f"{speed['device']} {speed.get('dtype', '')}".strip() if ups else None}
+
+
+def speed_frame(rec: dict) -> pd.DataFrame:
+    """One row per (shape, model) of a record's measured speed: shape, model, tokens_per_s, speedup."""
+    return pd.DataFrame((rec.get("speed") or {}).get("rows") or [], columns=["shape", "model", "tokens_per_s", "speedup"])
 
 
 def runs_frame(records: list[dict], source: str = "app") -> pd.DataFrame:
@@ -152,7 +180,7 @@ def runs_frame(records: list[dict], source: str = "app") -> pd.DataFrame:
     for rec in records:
         cfg = rec.get("config", {})
         scheme = rec.get("allocation_scheme") or cfg.get("allocation")
-        label = scheme if scheme != "softmax" else f"softmax ({cfg.get('energy', '')})"
+        label = scheme_label(scheme) if scheme != "softmax" else f"softmax ({cfg.get('energy', '')})"
         base = {
             "run_id": rec.get("run_id"), "source": source, "created": rec.get("created"),
             "model": (rec.get("model") or {}).get("name"), "method": rec.get("method"),
@@ -166,6 +194,7 @@ def runs_frame(records: list[dict], source: str = "app") -> pd.DataFrame:
             "peak_mib": (rec.get("memory") or {}).get("peak_bytes", 0) / MIB,
             "memory_kind": (rec.get("memory") or {}).get("kind"), "device": rec.get("device"),
             "total_s": (rec.get("timing") or {}).get("total_s"),
+            **speed_columns(rec),
         }
         pruned = (rec.get("ppl") or {}).get("pruned") or {}
         dense = (rec.get("ppl") or {}).get("dense") or {}
@@ -185,7 +214,8 @@ def runs_frame(records: list[dict], source: str = "app") -> pd.DataFrame:
 
 
 NUMERIC_RUN_COLUMNS = ["temperature", "sparsity_target", "sparsity_achieved", "sparsity_total", "calib_loss_pruned",
-                       "calib_loss_heldout", "peak_mib", "total_s", "ppl_pruned", "ppl_dense"]
+                       "calib_loss_heldout", "peak_mib", "total_s", "ppl_pruned", "ppl_dense", "speedup_prefill",
+                       "speedup_decode", "size_ratio"]
 
 
 def load_result_records(folder: str | Path) -> tuple[list[dict], list[dict]]:
@@ -227,4 +257,5 @@ def gpu_frame(records: list[dict]) -> pd.DataFrame:
 
 
 __all__ = ["allocation_frame", "allocation_overlay_frame", "ppl_frame", "params_frame", "timeline_frame", "refit_frame", "admm_frame",
-           "runs_frame", "load_result_records", "gpu_frame", "eval_protocol", "run_choice_label", "plural"]
+           "runs_frame", "speed_columns", "speed_frame", "load_result_records", "gpu_frame", "eval_protocol", "run_choice_label", "plural",
+           "scheme_label"]

@@ -35,6 +35,7 @@ from .models import LoadedModel, load_model, weights_on_disk
 from .paths import data_dir
 from .pipeline import ProgressEvent
 from .preflight import check_reachable, preflight
+from .speed import speed_section
 from .streaming import ActivationSpill
 from .units import count_params, layouts_of, module_specs
 from .weights import DiskResidency, LayerWriter, SafetensorsSource
@@ -117,6 +118,7 @@ def run_prune(
     method: Method | None = None,
     layer_dir: str | Path | None = None,
     activation_budget: int | None = None,
+    measure_speed: bool = False,
 ) -> PruneResult:
     """Prunes a copy of `loaded` (or of `cfg.model`, loaded here) and evaluates it.
 
@@ -127,6 +129,9 @@ def run_prune(
     they finish (default: a new folder under the run store's `streamed/`), and
     activation_budget: the host bytes of calibration activations per pass kept in memory before
     the rest go to memory-mapped files in layer_dir (default: a quarter of the free host memory).
+
+    measure_speed: time the pruned model against the dense one on the run's device afterwards (a few
+    seconds, `speed.speed_section`); the record's "speed" holds the result.
 
     on_event(ProgressEvent) is called per layer and stage; cancel (a threading.Event) is checked at
     every layer boundary and raises RunCancelledError. The loaded model is never modified.
@@ -196,6 +201,11 @@ def run_prune(
             calib_loss["heldout"], calib_loss["heldout_windows"] = heldout_nll(model, heldout, device, cfg.batch_size,
                                                                                residency)
         ppl_pruned = evaluate("pruned")
+        speed = None
+        if measure_speed:
+            engine.emit("speed", -1, "timing the pruned model against dense")
+            speed = ({"skipped": "the weights stay on disk: the dense model is not in memory"} if writer else
+                     speed_section(model, loaded.model, device, dtype))
     except torch.cuda.OutOfMemoryError as exc:  # pragma: no cover - needs a GPU
         raise DeviceOutOfMemoryError(
             "the GPU ran out of memory; lower --nsamples, --seqlen or --batch-size, or use --device cpu") from exc
@@ -250,6 +260,8 @@ def run_prune(
                      "activation_budget_bytes": spill.budget_bytes, "activations_spilled_bytes": spill.spilled_bytes}),
         "environment": environment(),
     }
+    if speed is not None:
+        record["speed"] = speed
     reason = nonfinite_reason(ppl_dense, ppl_pruned, calib_loss)
     if reason is not None:
         record.update(status="failed", error=reason)

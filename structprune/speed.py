@@ -16,6 +16,7 @@ Only torch and transformers are used here (the benchmark runs this on GPU machin
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 import statistics
@@ -182,5 +183,37 @@ def quick_speed(pruned: nn.Module, dense: nn.Module, device: torch.device | str 
     return {"device": str(device), "repeats": repeats, "rows": rows, **load_note()}
 
 
+QUICK_PROTOCOL = ("prefill 1 x 128 (last position's logits) and decode at batch 1 (16 tokens after a 32-token "
+                  "prompt, KV cache); dense and pruned interleaved, median of 3 after 1 warm-up; random token ids")
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def speed_section(pruned: nn.Module, dense: nn.Module, device: torch.device | str, dtype: torch.dtype,
+                  repeats: int = 3) -> dict:
+    """A run record's "speed": the pruned model's size and its `quick_speed` against `dense`, both in
+    `dtype` on `device`, or {"skipped": why} when both models would not fit there at once. `dense` is
+    never modified (a copy is converted when the dtype or the device differ); `pruned` ends where it began."""
+    device = torch.device(device)
+    per = torch.empty(0, dtype=dtype).element_size()
+    size = {"bytes": n_params(pruned) * per, "dense_bytes": n_params(dense) * per}
+    size["ratio"] = round(size["bytes"] / size["dense_bytes"], 4)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        if 1.2 * (size["bytes"] + size["dense_bytes"]) > free:
+            return {"skipped": "the dense and the pruned model do not fit on the device together", "size": size}
+    home = next(pruned.parameters()).device
+    same = next(dense.parameters()).dtype == dtype and next(dense.parameters()).device == device
+    ref = dense if same else copy.deepcopy(dense).to(device, dtype)
+    try:
+        out = quick_speed(pruned.to(device), ref, device, repeats)
+    finally:
+        pruned.to(home)
+    return {**out, "protocol": QUICK_PROTOCOL, "dtype": str(dtype).replace("torch.", ""), "size": size,
+            "speedup": {r["shape"]: r["speedup"] for r in out["rows"] if r["model"] == "pruned"}}
+
+
 __all__ = ["Shape", "Timing", "QUICK_SHAPES", "compare_speed", "speedups", "run_once", "shrink_to_counts",
-           "load_note", "quick_speed"]
+           "load_note", "quick_speed", "speed_section", "n_params", "QUICK_PROTOCOL"]

@@ -34,6 +34,11 @@ def module_gram(loaded, layer: int, kind: str, calib_ids: torch.Tensor, on_event
     return PruneEngine(model, "cpu", on_event=on_event, cancel=cancel).module_gram(calib_ids, layer, kind)
 
 
+def stepthrough_key(model: str, layer: int, kind: str, sparsity: float) -> str:
+    """The run store's (and the shipped demo's) key of a step-through at the Method page's 8 x 256."""
+    return f"stepthrough|{model}|{layer}|{kind}|{sparsity:g}|8x256"
+
+
 def admm_stepthrough(loaded, layer: int = 3, kind: str = "attn", sparsity: float = 0.3,
                      calib_data: str = "sotu", nsamples: int = 8, seqlen: int = 256, seed: int = 0,
                      max_steps: int = 40, rho0_rel: float = 0.1, growth: float = 1.3,
@@ -79,4 +84,4 @@ def support_rows(data: dict, upto: int | None = None) -> list[dict]:
             for i, kept in enumerate(map(set, supports)) for u in range(data["n_units"])]
 
 
-__all__ = ["admm_stepthrough", "module_gram", "support_rows"]
+__all__ = ["admm_stepthrough", "module_gram", "stepthrough_key", "support_rows"]

@@ -350,5 +350,6 @@ def test_protocol_string():
     assert protocol_string("sotu-test", 512, 340, CalibrationSpec("sotu-calib", 64, 512, 0)) == (
         "sotu-test · seqlen 512 · 340 windows · calib sotu-calib 64x512 seed 0")
     assert protocol_string("brown-test", 512, 64) == "brown-test · seqlen 512 · 64 windows"
+    assert protocol_string("brown-test", 512, 1) == "brown-test · seqlen 512 · 1 window"
     assert protocol_string("sotu-test", 8, 2, ("sotu-calib", 4, 8, 1)).endswith("4x8 seed 1")
 

@@ -42,7 +42,7 @@ class CalibrationSpec:
 def protocol_string(eval_set: str, seqlen: int, n_windows: int,
                     calib: CalibrationSpec | tuple[str, int, int, int] | None = None) -> str:
     """``'sotu-test · seqlen 512 · 340 windows · calib sotu-calib 64x512 seed 0'``."""
-    text = f"{eval_set} · seqlen {seqlen} · {n_windows} windows"
+    text = f"{eval_set} · seqlen {seqlen} · {n_windows} window{'' if n_windows == 1 else 's'}"
     if calib is not None:
         c = calib if isinstance(calib, CalibrationSpec) else CalibrationSpec(*calib)
         text += f" · calib {c.dataset} {c.nsamples}x{c.seqlen} seed {c.seed}"
