@@ -336,6 +336,10 @@ def test_compare_page_plots_stored_and_benchmark_runs(app, tmp_path):
     assert any(t.name == "wanda-sp · uniform" for t in fig.data)  # the benchmark record
     assert fig.layout.yaxis.type == "log" and "random-tokens" in fig.layout.meta["caption"]
     assert "Allocations of the chosen runs" in _figures(at)
+    # every app run measured its speed against dense: perplexity against it, one point per run
+    speed = _figures(at)["Perplexity vs measured speed-up"]
+    pts = [t for t in speed.data if t.name != "dense"]
+    assert sorted(pts[0].y) == pytest.approx(sorted(recs.values())) and all(x > 0 for x in pts[0].x)
     _set(at, cmp_methods=["structprune"])
     fig = _figures(at)["Perplexity vs sparsity"]
     assert {t.name for t in fig.data} == {"structprune · softmax (relative)"}
@@ -450,7 +454,8 @@ def test_every_page_opens_on_the_repository_records_and_an_empty_store(first_vis
             assert _untitled_axes(spec) == [], (page, title)
             seen[title] = page
     for title in ("Perplexity vs sparsity", "Perplexity vs temperature", "Allocations of the chosen runs",
-                  "Peak device memory vs model size"):
+                  "Peak device memory vs model size", "Module energies and the softmax allocation",
+                  "Softmax allocation over temperature", "Which units ADMM keeps, iteration by iteration"):
         assert title in seen, (title, sorted(seen))
     text = " ".join(c.value for c in at.caption)
     assert "1 runs" not in text and "1 windows" not in text

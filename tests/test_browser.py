@@ -184,7 +184,8 @@ def browser_app():
 
 def test_every_page_on_first_open(server):
     """A fresh store and the repository's own records: every page renders without an exception, every
-    chart has its axis titles in the DOM, and Compare and the Method page show charts before any run."""
+    chart has its axis titles in the DOM, and Compare, the explorer and the Method page show charts
+    before any run."""
     url, _, _ = server
     with browser_app() as (page, app):
         page.goto(url)
@@ -196,13 +197,14 @@ def test_every_page_on_first_open(server):
         for title, marker, shot in (("Compare runs", "Perplexity vs sparsity", "first-compare"),
                                     ("Memory", "Peak device memory vs model size", "first-memory"),
                                     ("Method", "Which units ADMM keeps", "first-method"),
-                                    ("Allocation explorer", "Allocation explorer", "first-explorer")):
+                                    ("Allocation explorer", "Softmax allocation over temperature", "first-explorer")):
             app.goto(title)
             page.wait_for_selector(f"text={marker}", timeout=60_000)
             app.idle()
             counts[title] = assert_charts_readable(page, title)
             app.shot(shot)
         assert counts["Compare runs"] >= 3 and counts["Memory"] == 2 and counts["Method"] == 3, counts
+        assert counts["Allocation explorer"] >= 3, counts  # the shipped SmolLM2 energy profile
 
 
 def test_new_user_flow(server):
@@ -242,6 +244,7 @@ def test_new_user_flow(server):
             for title in ("Perplexity, dense vs pruned", "Parameters before and after", "Device memory over the run",
                           "Module energies and the softmax allocation"):
                 assert page.get_by_text(title).count() >= 1, title
+            assert page.get_by_text(re.compile(r"Speed vs dense, prefill 1x128")).count() == 1  # measured after the run
             assert page.get_by_text("SOTU 2002-2026").count() >= 1  # the eval corpus, named honestly
             assert page.get_by_text("WikiText").count() == 0
             page.get_by_role("button", name="Generate 30 tokens (greedy)").click()  # dense vs pruned text
@@ -275,7 +278,8 @@ def test_new_user_flow(server):
             app.goto("Compare runs")
             page.wait_for_selector("text=Perplexity vs sparsity", timeout=60_000)
             assert page.get_by_text(re.compile(r"finished runs: 1 from the app's run store")).count() == 1
-            assert assert_charts_readable(page, "Compare") >= 2
+            assert assert_charts_readable(page, "Compare") >= 3
+            assert page.get_by_text("Perplexity vs measured speed-up").count() >= 1  # the run's own speed
             app.shot("compare")
             if os.environ.get("STRUCTPRUNE_SCREENSHOTS"):  # for the README: the benchmark grid, if there is one
                 page.get_by_role("combobox", name="Evaluation protocol (perplexities are comparable only under one)").click()

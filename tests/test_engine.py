@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from structprune.adapters import adapter_for, set_output_bias
 from structprune.checkpoint import load_pruned, save_pruned
-from structprune.config import PruneConfig
+from structprune.config import ALIGN_DEFAULT, PruneConfig
 from structprune.errors import InvalidConfigError, UnsupportedArchitectureError
 from structprune.estimate import estimate_memory
 from structprune.methods.structprune import StructPruneMethod
@@ -202,10 +202,17 @@ def test_device_memory_does_not_grow_with_depth(name):
 @pytest.mark.parametrize("allocation,energy", [("uniform", "residual"), ("softmax", "residual"),
                                                ("softmax", "sensitivity")])
 def test_estimator_equals_accounted_peak(name, allocation, energy):
-    peak, cfg, pc = _accounted_peak(name, 2, allocation=allocation, energy=energy)
-    est = estimate_memory(cfg, "structprune", pc.nsamples, pc.seqlen, "float32", batch_size=pc.batch_size,
-                          sensitivity=energy == "sensitivity" and allocation == "softmax")
-    assert est["peak_bytes"] == peak
+    """The estimate is made before pass 1, so it cannot know which modules the allocation keeps whole
+    (no solve). Unaligned, these runs solve their largest module and the estimate equals the accounted
+    peak; with the default alignment (the tiny MLPs then have 3 steps of 32) a module kept whole is
+    common and the estimate is an upper bound."""
+    est = None
+    for align in (1, ALIGN_DEFAULT):
+        res, cfg, pc = _prune_tiny(name, 2, allocation=allocation, energy=energy, align_channels=align)
+        est = est or estimate_memory(cfg, "structprune", pc.nsamples, pc.seqlen, "float32", batch_size=pc.batch_size,
+                                     sensitivity=energy == "sensitivity" and allocation == "softmax")["peak_bytes"]
+        peak = res.record["memory"]["peak_bytes"]
+        assert est == peak if align == 1 else est >= peak, (align, est, peak)
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt"])
