@@ -49,7 +49,7 @@ def cancel_in(runner, submit, stage: str, after: float, timeout: float = 3600.0)
     clicked = time.time()
     runner.cancel()
     label = job.progress()[1]
-    while job.active:
+    while job.ended is None:  # set after the status, when the worker has really stopped
         time.sleep(0.02)
     return {"stage": stage, "where_at_cancel": where, "label_while_cancelling": label,
             "seconds_into_stage": round(clicked - t_stage, 2), "latency_s": round(job.ended - clicked, 3),

@@ -42,7 +42,7 @@ class JobBusyError(StructPruneError):
 
 # what each stage of a job is called on its progress bar, and what its steps count
 STAGE_LABELS = {
-    "prepare": ("copying the model, preparing the data", "step"),
+    "prepare": ("preparing the run", "step"),
     "eval-dense": ("evaluating the dense model", "window"),
     "heldout-dense": ("held-out loss of the dense model", "window"),
     "pass1": ("pass 1: statistics of the dense model", "window"),

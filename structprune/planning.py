@@ -8,8 +8,9 @@ evaluation tokens, the Gram accumulations, and the per-module solves, which scal
 a module with n input features) divided by this device's measured matrix-multiply speed (fp32 for
 forwards, fp64 for solves; measured once per process in a fraction of a second). The coefficients
 were fitted to measured SmolLM2-135M phase times on a 2-core CPU
-(benchmarks/results/app/estimate_check.json); the app's progress bars correct the rest of the
-estimate by the pace measured while a job runs (jobs.py).
+(benchmarks/results/app/estimate_calibration.json, checked on a fresh run in estimate_check.json);
+the app's progress bars correct the rest of the estimate by the pace measured while a job runs
+(jobs.py).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 from .config import PruneConfig
 
 # (n+1)^3 multiples per module solve, fitted on SmolLM2-135M (CPU, fp64 solves)
-SOLVE_CUBES = {"score-obs": 2.0, "score-diag": 0.1, "sensitivity": 4.0,
+SOLVE_CUBES = {"score-obs": 5.5, "score-diag": 0.1, "sensitivity": 4.0,
                "saliency": 4.0, "greedy": 8.5, "admm": 20.0, "eigh": 9.0}
 # FLOP/s of each kind of forward as a multiple of the 1024^2 fp32 matmul benchmark's (SmolLM2, CPU):
 # the passes' streamed layer forwards (with Gram hooks), whole-model forwards with the LM head and
@@ -35,7 +36,11 @@ SOLVE_CUBES = {"score-obs": 2.0, "score-diag": 0.1, "sensitivity": 4.0,
 FORWARD_EFFICIENCY = 2.0
 EVAL_EFFICIENCY = 1.05
 HEAD_EFFICIENCY = 0.8
-PERTURBED_EFFICIENCY = 1.25
+PERTURBED_EFFICIENCY = 1.4
+# a pruned layer's forward time per unit of sparsity: unaligned pruned widths run slower per flop on the
+# CPU (docs/RESULTS.md "Speed"); fitted between the two calibration runs (0.66 and 0.95 of dense at 30%)
+PRUNED_TIME_PER_SPARSITY = 0.6
+ADMM_SHARE = 0.6  # of the step-through's max_steps ADMM runs before its support is stable (typically)
 # the model copy and the data (token ids cached on disk), in fp32 matmul flops' worth of time
 PREPARE_FLOP_PER_BYTE = 210.0
 PREPARE_FLOP_PER_CORPUS = 4.2e10
@@ -119,7 +124,8 @@ def estimate_seconds(config, cfg: PruneConfig, device: str = "cpu", eval_tokens:
     the dense and pruned evaluations with the held-out and calibration losses around the pruning,
     and both passes. Each is its floating-point work over this device's measured matmul speed
     (fp32 for forwards, fp64 for solves), with the coefficients above fitted to measured SmolLM2-135M
-    phase times (benchmarks/results/app/estimate_check.json).
+    phase times (benchmarks/results/app/estimate_calibration.json; checked on a fresh run in
+    estimate_check.json).
 
     eval_tokens: test tokens per corpus when cfg.eval_windows is None (all windows); defaults to
     the built-in corpora's SmolLM2 token counts. Returns {total_s, phases: {...}, fp32_flops,
@@ -142,7 +148,7 @@ def estimate_seconds(config, cfg: PruneConfig, device: str = "cpu", eval_tokens:
     cubes = L * (n_attn**3 + n_mlp**3)  # sum over modules of (n+1)^3
     gram = 2 * (n_attn**2 + n_mlp**2)  # flops per token per layer of both Grams
     calib = cfg.nsamples * S
-    kept = 1 - cfg.sparsity  # a pruned layer's share of the dense layer's work
+    kept = 1 - PRUNED_TIME_PER_SPARSITY * cfg.sparsity  # a pruned layer's time, as a share of the dense one's
     phases: dict[str, float] = {}
     tokens = {}
     for name in cfg.eval_data:
@@ -213,14 +219,15 @@ def profile_stages(config, cfg: PruneConfig, device: str | None = None) -> dict[
 
 
 def stepthrough_stages(config, layer: int, kind: str, nsamples: int, seqlen: int, max_steps: int,
-                       device: str = "cpu") -> dict[str, float]:
+                       device: str = "cpu", fp32_flops: float | None = None,
+                       fp64_flops: float | None = None) -> dict[str, float]:
     """Estimated seconds per stage of the Method page's step-through (stepthrough.admm_stepthrough):
     the copy, the calibration windows streamed to `layer`, ADMM's iterations on its module, and the
     solve with each of the three selectors."""
     from .estimate import config_layout, model_params
     from .memory import layer_weight_bytes
 
-    fp32, fp64 = matmul_flops(device, "float32"), matmul_flops(device, "float64")
+    fp32, fp64 = fp32_flops or matmul_flops(device, "float32"), fp64_flops or matmul_flops(device, "float64")
     lay = config_layout(config)
     per_token = 2 * layer_weight_bytes(lay, 1) + 4 * seqlen * lay.n_heads * lay.head_dim
     m = (lay.n_heads * lay.head_dim if kind == "attn" else lay.intermediate) + 1
@@ -228,8 +235,9 @@ def stepthrough_stages(config, layer: int, kind: str, nsamples: int, seqlen: int
     return {
         "prepare": (PREPARE_FLOP_PER_BYTE * model_params(config) * 4 + PREPARE_FLOP_PER_CORPUS) / fp32,
         "gram": nsamples * seqlen * (layer + 1) * per_token / (FORWARD_EFFICIENCY * fp32),
-        # one eigendecomposition, then per iteration two (d_out x m) @ (m x m) products
-        "admm": (SOLVE_CUBES["eigh"] * m**3 + max_steps * 4 * d_out * m**2) / fp64,
+        # one eigendecomposition, then per iteration two (d_out x m) @ (m x m) products; ADMM stops once
+        # its support is stable, after ADMM_SHARE of max_steps on SmolLM2 (estimate_check.json)
+        "admm": (SOLVE_CUBES["eigh"] * m**3 + ADMM_SHARE * max_steps * 4 * d_out * m**2) / fp64,
         "solves": (SOLVE_CUBES["saliency"] + SOLVE_CUBES["greedy"] + SOLVE_CUBES["admm"]) * m**3 / fp64,
     }
 
