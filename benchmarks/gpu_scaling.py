@@ -368,7 +368,7 @@ def _extrapolate(res: dict, layers_run: int, n_layers: int, sensitivity: bool) -
     with the layer index (one more perturbed stream per module) and the head's evaluation of the
     perturbed streams with their number."""
     K, L = layers_run, n_layers
-    p1 = [(i, t) for st, i, t in res["events"] if st == "pass1"]
+    p1 = [(i, t) for st, i, t in res["events"] if st == "pass1" and i >= 0]  # layers done (not the begin event)
     t_embed = next((t for st, _, t in res["events"] if st == "embed"), 0.0)
     pass1_full = res["pass1_s"] * L / K
     if sensitivity and len(p1) >= 2:

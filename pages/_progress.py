@@ -15,12 +15,12 @@ from structprune import plots
 
 
 def job_progress(kind: str, seen_key: str, failed: str, *, cancel_key: str | None = None,
-                 live_memory: bool = False, steps: bool = True, on_finished: Callable | None = None) -> None:
-    """The current job of `kind`: while it runs, a progress bar with the layer it is at (a line with
-    the elapsed time for a job that reports no `steps`), the peak-memory chart so far (`live_memory`) and a
-    Cancel button (`cancel_key`); polled every 2 s. When it ends, the whole page reruns once (so it
-    draws the result; `on_finished(job)` runs first for a finished job), then a failure shows its
-    error as "`failed`: ...", a cancellation a warning."""
+                 live_memory: bool = False, on_finished: Callable | None = None) -> None:
+    """The current job of `kind`: while it runs, a progress bar saying which stage runs now, the
+    elapsed time and the time left (jobs.Job), the peak-memory chart so far (`live_memory`) and a
+    Cancel button (`cancel_key`), then "cancelling" until the worker stops; polled every 2 s. When
+    it ends, the whole page reruns once (so it draws the result; `on_finished(job)` runs first for a
+    finished job), then a failure shows its error as "`failed`: ...", a cancellation a warning."""
     runner = ui.runner()
     job = runner.current()
     polling = job is not None and job.active and job.kind == kind
@@ -31,17 +31,14 @@ def job_progress(kind: str, seen_key: str, failed: str, *, cancel_key: str | Non
         if job is None or job.kind != kind:
             return
         if job.active:
+            frac, where = job.progress()
             if job.cancelling:
-                st.warning(f"{job.label}: cancelling (stops at the next evaluation window or layer) · "
-                           f"{job.elapsed_s:.0f} s", icon=":material/hourglass_top:")
-            elif steps:
-                frac, where = job.progress()
-                left = (f" · about {ui.fmt_seconds(job.elapsed_s * (1 - frac) / frac)} left"
-                        if 0.05 < frac < 1 else "")  # extrapolated from the steps done so far
-                st.progress(frac, text=f"{job.label}: {where} · {job.elapsed_s:.0f} s{left}")
+                st.warning(f"{job.label}: {where} · {job.elapsed_s:.0f} s", icon=":material/hourglass_top:")
             else:
-                frac, where = job.progress()
-                st.info(f"{job.label}: {where} · {job.elapsed_s:.0f} s", icon=":material/hourglass_top:")
+                left = job.remaining_s()
+                tail = ("" if left is None else f" · about {ui.fmt_seconds(left)} left" if left >= 1
+                        else " · taking longer than estimated")
+                st.progress(frac, text=f"{job.label}: {where} · {job.elapsed_s:.0f} s{tail}")
             if cancel_key:
                 st.button("Cancelling..." if job.cancelling else "Cancel", key=cancel_key, on_click=runner.cancel,
                           disabled=job.cancelling)

@@ -9,8 +9,8 @@ from pages import _ui as ui
 from pages._progress import job_progress
 from structprune import plots
 from structprune.demo import demo_entries
-from structprune.planning import available_models
-from structprune.stepthrough import admm_stepthrough, stepthrough_key, support_rows
+from structprune.planning import available_models, stepthrough_stages
+from structprune.stepthrough import MAX_STEPS, admm_stepthrough, stepthrough_key, support_rows
 
 st.title("The method")
 st.caption("The project's own formulation (the paper's formulas are not public in full): per-module "
@@ -90,8 +90,13 @@ key = stepthrough_key(model_name, int(layer), kind, sparsity)
 store, runner = ui.store(), ui.runner()
 data = store.cache_get(key) or demo_entries("stepthrough").get(key)
 if data is None:
-    st.caption("Streams 8 calibration windows of 256 tokens to this layer and runs the engine's solver on its Gram "
-               "matrix (under a minute on a CPU for attention; several minutes for an MLP). Cached afterwards.")
+    try:  # shapes only: the estimate needs no weights
+        stages = stepthrough_stages(ui.model_config(model_name), int(layer), kind, 8, 256, MAX_STEPS)
+        est = f"about {ui.fmt_seconds(sum(stages.values()))} on this machine (estimate)"
+    except Exception:  # noqa: BLE001 - no estimate is not an error of the step-through
+        est = "time unknown for this model"
+    st.caption(f"Streams 8 calibration windows of 256 tokens to this layer and runs the engine's solver on its Gram "
+               f"matrix: {est}. Cached afterwards.")
     if st.button("Compute the step-through", key="m_compute"):
         try:
             loaded = ui.model(model_name)
@@ -103,10 +108,12 @@ if data is None:
                 store.cache_put(key, out)
                 return out
 
-            runner.submit_call("stepthrough", f"step-through {model_name} L{layer} {kind}", {"key": key}, work)
+            stages = stepthrough_stages(loaded.model.config, int(layer), kind, 8, seqlen, MAX_STEPS)
+            runner.submit_call("stepthrough", f"step-through {model_name} L{layer} {kind}", {"key": key}, work,
+                               stages=stages)
         except Exception as exc:  # noqa: BLE001
             ui.show_error(exc)
-    job_progress("stepthrough", "m_seen", "The step-through failed", steps=False, cancel_key="m_cancel")
+    job_progress("stepthrough", "m_seen", "The step-through failed", cancel_key="m_cancel")
     st.stop()
 
 tr = data["trace"]

@@ -23,6 +23,7 @@ from torch import nn
 
 from .adapters import adapter_for
 from .allocation import Allocation, allocate_uniform
+from .cancel import cancel_scope
 from .errors import SequenceLengthError
 from .gram import GramHook, TokenWeights
 from .memory import DeviceLedger
@@ -65,12 +66,24 @@ class PruneOutcome:
     peak_bytes: int = 0  # device peak while pruning (measured on CUDA, accounted on the CPU)
 
 
+def _cancellable(fn):
+    """Runs an engine method inside the engine's cancel scope: its `cancel` reaches every loop below
+    (per batch, per solver iteration: cancel.py), not only the layer boundaries."""
+
+    @functools.wraps(fn)
+    def inner(self, *args, **kwargs):
+        with cancel_scope(self.emit.cancel):
+            return fn(self, *args, **kwargs)
+
+    return inner
+
+
 class PruneEngine:
     """Streams `model` (kept in host memory) through `device` one decoder layer at a time.
 
     `method` is needed for pass1 / allocate / pass2 / run, not for `module_gram` and `nll`.
     `on_event(ProgressEvent)` is called per layer and stage; `cancel` (a threading.Event) is
-    checked at every layer boundary and raises RunCancelledError. `residency`: where the weights
+    checked at every layer boundary and inside every long loop (cancel.py) and raises RunCancelledError. `residency`: where the weights
     are between uses (default: host memory; `weights.DiskResidency` reads them from safetensors);
     `spill`: where activations go past a host-memory budget (`streaming.ActivationSpill`).
     """
@@ -104,6 +117,7 @@ class PruneEngine:
         return self.method
 
     # --- the passes ------------------------------------------------------------------------
+    @_cancellable
     def pass1(self, calib_ids: torch.Tensor, sensitivity: bool | None = None,
               cache: dict | None = None, cache_key: tuple | None = None) -> Pass1:
         """Per-layer statistics of the dense model, with the module sensitivities when
@@ -120,6 +134,7 @@ class PruneEngine:
         if sensitivity is None:
             check_sensitivity_windows(method, calib_ids.shape[0])
             sensitivity = method.wants_sensitivity()
+        self.emit("pass1", -1)  # begins (the label changes before the embeddings)
         sens_rule = None
         if sensitivity:
             u = allocate_uniform(self.specs, cfg.sparsity, s_max=cfg.s_max)
@@ -152,6 +167,7 @@ class PruneEngine:
             energy_info["residual_energy_hm"] = [st.residual_energy_hm for st in pass1.stats]
         return Plan(alloc, energy_info, keep)
 
+    @_cancellable
     def pass2(self, calib_ids: torch.Tensor, keep: list[dict[str, int]], pass1: Pass1,
               refine: Callable[..., dict] | None = None,
               commit_layer: Callable[[int, nn.Module], None] | None = None) -> list[dict]:
@@ -163,6 +179,7 @@ class PruneEngine:
         cfg = method.cfg
         if not method.needs_calibration:
             return method.prune_weights_only(self.model, self.adapter, keep)
+        self.emit("pass2", -1)  # begins: the allocation is known
         if refine is None and cfg.refine_epochs:
             refine = functools.partial(fit_layer, epochs=cfg.refine_epochs, lr=cfg.refine_lr, seed=cfg.seed,
                                        schedule=cfg.refine_schedule)
@@ -170,6 +187,7 @@ class PruneEngine:
                                 solves=method.solves, refine=refine, weigh=pass1.weigh, damp=cfg.damp,
                                 commit_layer=commit_layer)
 
+    @_cancellable
     def run(self, calib_ids: torch.Tensor, cache: dict | None = None, cache_key: tuple | None = None,
             commit_layer: Callable[[int, nn.Module], None] | None = None) -> PruneOutcome:
         """The method end to end: pass 1, allocation, pass 2 (or the method's own whole-model
@@ -192,6 +210,7 @@ class PruneEngine:
                             peak_bytes=self.ledger.peak)
 
     # --- single streams ----------------------------------------------------------------------
+    @_cancellable
     @torch.no_grad()
     def module_gram(self, calib_ids: torch.Tensor, layer: int, kind: str):
         """(W (d_out, n), b or None, G ((n+1)^2), layout) of one module of the model as it is,
@@ -203,7 +222,7 @@ class PruneEngine:
         for i in range(layer):
             with stream.layer_on_device(i) as lyr:
                 x = stream.run_layer(i, lyr, x)
-            self.emit("gram", i)
+            self.emit("gram", i, step=i + 1, steps=layer + 1)
         with stream.layer_on_device(layer) as lyr:
             lin = self.adapter.out_proj(lyr, kind)
             with GramHook(lin, stop=True) as hook:
@@ -214,6 +233,7 @@ class PruneEngine:
             G = hook.gram.cpu()
         return W, b, G, lay
 
+    @_cancellable
     @torch.no_grad()
     def nll(self, windows: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Summed next-token NLL per window (fp64) and the tokens predicted, streamed."""

@@ -33,7 +33,8 @@ class SequenceLengthError(StructPruneError, ValueError):
 
 
 class RunCancelledError(StructPruneError):
-    """A run was cancelled by its caller (raised at the next layer boundary)."""
+    """A run was cancelled by its caller (raised at the next check of cancel.py: within one batch or
+    solver step)."""
 
 
 class DeviceOutOfMemoryError(StructPruneError):

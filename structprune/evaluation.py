@@ -7,15 +7,14 @@ floating-point noise; `tests/test_evaluation.py` checks it.
 from __future__ import annotations
 
 import math
-import threading
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
+from .cancel import current_flag, window_done
 from .engine import PruneEngine
-from .errors import InvalidConfigError, RunCancelledError, SequenceLengthError
+from .errors import InvalidConfigError, SequenceLengthError
 from .memory import DeviceLedger
 from .streaming import window_nll
 from .weights import DiskResidency
@@ -75,30 +74,6 @@ def _nll_to_result(nll: torch.Tensor, tokens: int, windows: torch.Tensor, protoc
     return PerplexityResult(value, total, tokens, windows.shape[0], windows.shape[1], protocol)
 
 
-_scope = threading.local()  # the calling thread's cancel event / window callback (jobs.py sets them)
-
-
-@contextmanager
-def cancel_scope(cancel=None, on_window=None):
-    """Within this block, on this thread, evaluation checks `cancel` (a threading.Event) after every
-    window batch and calls `on_window(done, total)`: a run's perplexity passes stop within one
-    window of a Cancel click instead of at the next layer boundary."""
-    old = getattr(_scope, "v", (None, None))
-    _scope.v = (cancel, on_window)
-    try:
-        yield
-    finally:
-        _scope.v = old
-
-
-def _window_done(done: int, total: int) -> None:
-    cancel, on_window = getattr(_scope, "v", (None, None))
-    if cancel is not None and cancel.is_set():
-        raise RunCancelledError("run cancelled")
-    if on_window is not None:
-        on_window(done, total)
-
-
 @torch.no_grad()
 def perplexity_whole(
     model: nn.Module, windows: torch.Tensor, device: torch.device, batch_size: int = 1, protocol: str = ""
@@ -112,7 +87,7 @@ def perplexity_whole(
             ids = windows[start : start + batch_size].to(device)
             logits = model(input_ids=ids, use_cache=False).logits
             nll.append(window_nll(logits, ids))
-            _window_done(start + ids.shape[0], windows.shape[0])
+            window_done(start + ids.shape[0], windows.shape[0])  # checks Cancel, moves the bar
     finally:
         model.to(home)
     return _nll_to_result(torch.cat(nll), windows.shape[0] * (windows.shape[1] - 1), windows, protocol)
@@ -130,8 +105,8 @@ def perplexity_streamed(
 ) -> PerplexityResult:
     """One decoder layer on `device` at a time (the engine's stream); activations of all windows
     stay on the host. `residency`: the weights' source when they are on disk (weights.py)."""
-    cancel = getattr(_scope, "v", (None, None))[0]  # the engine checks it at every layer
-    engine = PruneEngine(model, device, batch_size=batch_size, ledger=ledger, residency=residency, cancel=cancel)
+    engine = PruneEngine(model, device, batch_size=batch_size, ledger=ledger, residency=residency,
+                         cancel=current_flag())  # checked per layer and per batch
     nll, tokens = engine.nll(windows)
     return _nll_to_result(nll, tokens, windows, protocol)
 

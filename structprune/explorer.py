@@ -24,13 +24,15 @@ import torch
 
 from .allocation import (ModuleSpec, allocate_owl, allocate_softmax, allocate_threshold, allocate_uniform,
                          allocation_entropy, softmax_sparsities, softmax_sweep)
+from .cancel import cancel_scope
+from .cancel import check as check_cancel
 from .config import MAX_SPARSITY, PruneConfig
 from .data.calibration import calibration_ids
 from .energies import module_energies, unit_costs
 from .engine import PruneEngine, pass1_key
 from .evaluation import check_seqlen, resolve_device
 from .methods import get_method
-from .pipeline import LayerStats
+from .pipeline import LayerStats, ProgressEvent
 
 SCHEMA = "structprune.energy-profile/1"
 SCHEMES = ("uniform", "threshold", "owl", "softmax")
@@ -157,14 +159,19 @@ def compute_energy_profile(cfg: PruneConfig, loaded, on_event=None, cancel=None,
                            stats_cache: dict | None = None) -> EnergyProfile:
     """Pass 1 alone (`PruneEngine.pass1`, with the module sensitivities that run_prune measures
     for softmax/threshold allocation), on a copy of `loaded.model`. With `stats_cache` (the dict
-    run_prune accepts), the statistics are shared both ways with prune runs."""
+    run_prune accepts), the statistics are shared both ways with prune runs. Stages as
+    planning.profile_stages; `cancel` is checked inside every loop (cancel.py)."""
     t0 = time.perf_counter()
     cfg = PruneConfig.from_dict({**cfg.to_dict(), "method": "structprune"})
     device = resolve_device(cfg.device)
     method = get_method("structprune")(cfg)
-    model = copy.deepcopy(loaded.model).float().eval()  # the sensitivity pass edits weights transiently
-    check_seqlen(model, cfg.seqlen)
-    calib_ids = calibration_ids(cfg, loaded.tokenizer, model.config.vocab_size)
+    if on_event is not None:
+        on_event(ProgressEvent("prepare", -1, loaded.model.config.num_hidden_layers, 0.0, 0, 0, "copying the model"))
+    with cancel_scope(cancel):
+        model = copy.deepcopy(loaded.model).float().eval()  # the sensitivity pass edits weights transiently
+        check_cancel()
+        check_seqlen(model, cfg.seqlen)
+        calib_ids = calibration_ids(cfg, loaded.tokenizer, model.config.vocab_size)
     engine = PruneEngine(model, device, method, batch_size=cfg.batch_size, on_event=on_event, cancel=cancel, t0=t0)
     # always with sensitivities, so every energy can be shown
     p1 = engine.pass1(calib_ids, sensitivity=True, cache=stats_cache, cache_key=pass1_key(method, id(loaded.model), True))

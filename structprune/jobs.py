@@ -1,9 +1,12 @@
 """Long work off the page: one background thread per job, one job at a time per process.
 
-The app submits a prune run (or an energy-profile pass) and returns at once; the worker thread
-calls the library, appends every `ProgressEvent` to the job, and checks the job's cancel flag at
-each layer boundary (through run_prune's `cancel`). The page polls `JobRunner.current()` from a
-timer fragment. The worker makes no Streamlit calls.
+The app submits a prune run (or an energy-profile pass, a step-through) and returns at once; the
+worker thread calls the library inside a `cancel.cancel_scope` of the job's cancel flag, so every
+long loop of the library stops within one batch or solver step of a Cancel click, and appends
+every `ProgressEvent` to the job. The job turns them into the progress bar's value, a line saying
+which stage runs now, and the time left (from planning.py's estimate per stage, at the pace
+measured so far). The page polls `JobRunner.current()` from a timer fragment. The worker makes no
+Streamlit calls.
 
 A second submission while a job runs is refused with `JobBusyError` (never interleaved: two runs
 would share the CPU and the device and both would be slow). Prune runs are written to the run
@@ -21,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import planning
+from .cancel import cancel_scope
 from .config import PruneConfig
 from .errors import RunCancelledError, StructPruneError
 from .pipeline import ProgressEvent
@@ -35,11 +40,33 @@ class JobBusyError(StructPruneError):
     """A job is already running in this app process."""
 
 
+# what each stage of a job is called on its progress bar, and what its steps count
+STAGE_LABELS = {
+    "prepare": ("preparing the run", "step"),
+    "eval-dense": ("evaluating the dense model", "window"),
+    "heldout-dense": ("held-out loss of the dense model", "window"),
+    "pass1": ("pass 1: statistics of the dense model", "window"),
+    "sensitivity": ("pass 1: loss sensitivity of each module", "module"),
+    "pass2": ("pass 2: pruning", "step"),
+    "losses-pruned": ("calibration and held-out loss of the pruned model", "window"),
+    "eval-pruned": ("evaluating the pruned model", "window"),
+    "gram": ("streaming the calibration windows to the layer", "layer"),
+    "admm": ("ADMM, iteration by iteration", "iteration"),
+    "solves": ("solving with each selector", "selector"),
+}
+STAGE_ALIASES = {"embed": "pass1"}  # sub-steps reported under their stage's name
+TRUST_AFTER = 0.25  # share of the estimated work after which the measured pace replaces the estimate's
+
+
 @dataclass
 class Job:
-    """One unit of background work and everything the page shows about it."""
+    """One unit of background work and everything the page shows about it.
 
-    kind: str  # "prune" | "profile"
+    `stages`: the estimated seconds of each stage the job goes through, in order (planning.py's
+    phase model); the progress bar's value is the estimated work done, and the time left is the
+    estimate's rest at the pace measured so far."""
+
+    kind: str  # "prune" | "profile" | "stepthrough" | ...
     label: str
     config: dict
     job_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # = the run id in the store
@@ -50,6 +77,10 @@ class Job:
     started: float = field(default_factory=time.time)
     ended: float | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event)
+    stages: dict[str, float] = field(default_factory=dict)
+    cancel_asked: float | None = None  # when Cancel was clicked
+    event_times: list[float] = field(default_factory=list)  # wall time each event arrived
+    _shown: float = 0.0  # the bar never moves back
 
     @property
     def active(self) -> bool:
@@ -68,19 +99,25 @@ class Job:
         """Cancel was asked and the worker has not stopped yet."""
         return self.active and self.cancel_event.is_set()
 
+    def add(self, event: ProgressEvent) -> None:
+        """The library's on_event: keeps the event and when it came."""
+        self.event_times.append(time.time())
+        self.events.append(event)
+
     def on_window(self, done: int, total: int) -> None:
-        """An evaluation window finished (evaluation.cancel_scope): a progress line of its own."""
+        """An evaluation window batch finished (cancel.window_done): a step of the current stage."""
         last = self.events[-1] if self.events else None
-        stage = "evaluating" if last is None else last.stage.split(" ")[0]
-        self.events.append(ProgressEvent(f"{stage} windows", -1, last.n_layers if last else 1,
-                                         time.time() - self.started, last.device_bytes if last else 0,
-                                         last.peak_bytes if last else 0, f"{done}/{total}"))
+        self.add(ProgressEvent(last.stage if last else "evaluating", -1, last.n_layers if last else 1,
+                               time.time() - self.started, last.device_bytes if last else 0,
+                               last.peak_bytes if last else 0, "", done, total))
 
     def progress(self) -> tuple[float, str]:
-        """(fraction done in [0, 1], a line saying where the run is)."""
+        """(fraction done in [0, 1], a line saying what runs now)."""
+        frac, where = self._progress()
         if self.cancelling:
-            return (self.progress_value(), "cancelling: stops at the next window or layer")
-        return self.progress_value(), self.where()
+            since = time.time() - (self.cancel_asked or time.time())
+            return frac, f"cancelling ({since:.0f} s): stops within one batch or solver step"
+        return frac, where
 
     def progress_value(self) -> float:
         return self._progress()[0]
@@ -88,26 +125,55 @@ class Job:
     def where(self) -> str:
         return self._progress()[1]
 
-    def _progress(self) -> tuple[float, str]:
+    def remaining_s(self) -> float | None:
+        """Seconds left: the estimated work left at the pace measured so far (the estimate's own pace
+        until TRUST_AFTER of the work is done, blended in between); None without an estimate."""
+        total = sum(self.stages.values())
+        if not self.active or total <= 0:
+            return None
+        done = self._work_done()
+        at = (self.event_times[-1] if self.event_times else self.started) - self.started
+        trust = min(done / (TRUST_AFTER * total), 1.0)
+        pace = (1 - trust) + trust * (at / done if done > 0 else 1.0)
+        return max((total - done) * pace - (time.time() - self.started - at), 0.0)
+
+    def _stage(self) -> tuple[str, float, str]:
+        """(stage, share of it done, where it is in words) from the last event."""
         if not self.events:
-            return 0.0, "starting (loading the model, preparing the data, evaluating the dense model)"
+            return "prepare", 0.0, "starting"
         ev = self.events[-1]
-        n = max(ev.n_layers, 1)
-        done_layers = {s: 0 for s in ("pass1", "pass2")}
-        stages = set()
-        for e in self.events:
-            stages.add(e.stage)
-            if e.stage in done_layers and e.layer >= 0:
-                done_layers[e.stage] = max(done_layers[e.stage], e.layer + 1)
-        total = (2 * n + 3) if self.kind == "prune" else (n + 1)
-        steps = done_layers["pass1"] + done_layers["pass2"] + sum(
-            s in stages for s in ("eval-dense", "sensitivity", "eval-pruned"))
-        if ev.stage == "done":
-            return 1.0, "done"
-        where = f"{ev.stage}, layer {ev.layer + 1}/{n}" if ev.layer >= 0 else ev.stage
+        stage = STAGE_ALIASES.get(ev.stage, ev.stage)
+        label, unit = STAGE_LABELS.get(stage, (stage, "step"))
+        if ev.steps > 0:
+            done, n = ev.step, ev.steps
+        elif ev.layer >= 0:
+            done, n, unit = ev.layer + 1, max(ev.n_layers, 1), "layer"
+        else:
+            done, n = 0, 0
+        where = label
+        if n:
+            where += f", {unit} {done + 1}/{n}" if done < n else f", {n}/{n} {unit}s done"
         if ev.message:
             where += f" ({ev.message})"
-        return min(steps / total, 1.0), where
+        return stage, (done / n if n else 0.0), where
+
+    def _work_done(self) -> float:
+        """Estimated seconds of work done: the stages before the current one and its share."""
+        stage, share, _ = self._stage()
+        keys = list(self.stages)
+        if stage not in self.stages:
+            return self._shown * sum(self.stages.values())
+        i = keys.index(stage)
+        return sum(self.stages[k] for k in keys[:i]) + self.stages[stage] * share
+
+    def _progress(self) -> tuple[float, str]:
+        if self.events and self.events[-1].stage == "done":
+            return 1.0, "done"
+        _, share, where = self._stage()
+        total = sum(self.stages.values())
+        frac = self._work_done() / total if total > 0 else share
+        self._shown = max(self._shown, min(frac, 0.99))
+        return self._shown, where
 
     def memory_points(self) -> list[dict]:
         """[{t (s), mib, peak_mib, label}] from the events so far: the live memory timeline."""
@@ -144,10 +210,12 @@ class JobRunner:
         return job is not None and job.active
 
     def cancel(self) -> bool:
-        """Asks the running job to stop at its next layer boundary; False when none runs."""
+        """Asks the running job to stop (within one batch or solver step: cancel.py); False when none runs."""
         job = self.current()
         if job is None or not job.active:
             return False
+        if job.cancel_asked is None:
+            job.cancel_asked = time.time()
         job.cancel_event.set()
         return True
 
@@ -157,11 +225,12 @@ class JobRunner:
         """Starts `run_prune(cfg, loaded)` in the background; the run is stored in `store`."""
         from .run import run_prune
 
-        job = Job("prune", f"{cfg.method} · {cfg.allocation} · s={cfg.sparsity:g} · {loaded.name}", cfg.to_dict())
+        job = Job("prune", f"{cfg.method} · {cfg.allocation} · s={cfg.sparsity:g} · {loaded.name}", cfg.to_dict(),
+                  stages=_stages(lambda: planning.run_stages(loaded.model.config, cfg, measure_speed=True)))
 
         def work():
             before = set(self.stats_cache)
-            res = run_prune(cfg, loaded, on_event=job.events.append, cancel=job.cancel_event,
+            res = run_prune(cfg, loaded, on_event=job.add, cancel=job.cancel_event,
                             stats_cache=self.stats_cache, measure_speed=True)
             res.record["run_id"] = job.job_id
             if store is not None:
@@ -179,10 +248,11 @@ class JobRunner:
         """Computes an energy profile (pass 1 alone) in the background and caches it in `store`."""
         from .explorer import compute_energy_profile, profile_key
 
-        job = Job("profile", f"energies · {loaded.name} · {cfg.nsamples}x{cfg.seqlen}", cfg.to_dict())
+        job = Job("profile", f"energies · {loaded.name} · {cfg.nsamples}x{cfg.seqlen}", cfg.to_dict(),
+                  stages=_stages(lambda: planning.profile_stages(loaded.model.config, cfg)))
 
         def work():
-            prof = compute_energy_profile(cfg, loaded, on_event=job.events.append, cancel=job.cancel_event,
+            prof = compute_energy_profile(cfg, loaded, on_event=job.add, cancel=job.cancel_event,
                                           stats_cache=self.stats_cache)
             if store is not None:
                 store.cache_put(profile_key(loaded.name, cfg), prof.to_dict())
@@ -191,10 +261,11 @@ class JobRunner:
         return self._start(job, work, None, on_done)
 
     def submit_call(self, kind: str, label: str, config: dict, fn: Callable[..., Any],
-                    on_done: Callable[[Job], None] | None = None) -> Job:
-        """Runs `fn(on_event, cancel)` in the background (any other library call with progress)."""
-        job = Job(kind, label, config)
-        return self._start(job, lambda: fn(job.events.append, job.cancel_event), None, on_done)
+                    on_done: Callable[[Job], None] | None = None, stages: dict[str, float] | None = None) -> Job:
+        """Runs `fn(on_event, cancel)` in the background (any other library call with progress);
+        `stages`: its estimated seconds per stage, in order (planning.py), for the bar and the time left."""
+        job = Job(kind, label, config, stages=dict(stages or {}))
+        return self._start(job, lambda: fn(job.add, job.cancel_event), None, on_done)
 
     def _store_new_profiles(self, store: RunStore, cfg: PruneConfig, loaded, before: set) -> None:
         """A structprune run's pass-1 statistics also make an energy profile for the explorer."""
@@ -238,9 +309,7 @@ class JobRunner:
 
             threading.Thread(target=beat, name="structprune-heartbeat", daemon=True).start()
         try:
-            from .evaluation import cancel_scope
-
-            with cancel_scope(job.cancel_event, job.on_window):  # evaluation checks Cancel per window
+            with cancel_scope(job.cancel_event, job.on_window):  # every long loop checks Cancel (cancel.py)
                 job.result = work()
             job.status = "finished"
         except RunCancelledError:
@@ -262,6 +331,15 @@ class JobRunner:
                     log.exception("could not record the end of run %s", job.job_id)
             if on_done is not None:
                 on_done(job)
+
+
+def _stages(estimate: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """A job's stage estimates, or none (a bar without a time left) when the model cannot be estimated."""
+    try:
+        return estimate()
+    except Exception:  # noqa: BLE001 - an estimate is a convenience; the job runs without one
+        log.warning("no time estimate for this job", exc_info=True)
+        return {}
 
 
 def export_checkpoint_zip(result, folder: str | Path) -> Path:
@@ -288,4 +366,4 @@ def export_checkpoint_zip(result, folder: str | Path) -> Path:
     return target
 
 
-__all__ = ["Job", "JobRunner", "JobBusyError", "HEARTBEAT_S", "export_checkpoint_zip"]
+__all__ = ["Job", "JobRunner", "JobBusyError", "HEARTBEAT_S", "STAGE_LABELS", "export_checkpoint_zip"]

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .adapters import LayerLayout, set_output_bias
+from .cancel import check as check_cancel
 from .errors import RunCancelledError
 from .gram import GramHook, InputCapture, TokenWeights
 from .memory import column_rule_bytes, gram_bytes, gram_check_bytes, layer_weight_bytes, saliency_bytes, solver_bytes
@@ -36,15 +37,18 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ProgressEvent:
-    """One per layer and stage; the CLI's progress bar and the app's live charts read these."""
+    """One per layer and stage, and one when a stage begins (layer -1, step 0); the CLI's progress
+    bar and the app's live charts read these. Stages in a run's order: planning.RUN_STAGES."""
 
-    stage: str  # "embed" | "pass1" | "sensitivity" | "pass2" | "eval-dense" | "eval-pruned" | "done"
+    stage: str  # "prepare" | "eval-dense" | "heldout-dense" | "pass1" | "sensitivity" | "pass2" | ... | "done"
     layer: int  # 0-based layer just finished (-1 when not per layer)
     n_layers: int
     elapsed_s: float
     device_bytes: int
     peak_bytes: int
     message: str = ""
+    step: int = 0  # steps of the stage done (windows, iterations), when it counts them (steps > 0)
+    steps: int = 0
 
 
 @dataclass
@@ -79,13 +83,17 @@ class Emitter:
     def __init__(self, stream: LayerStream, on_event, cancel, t0: float) -> None:
         self.stream, self.on_event, self.cancel, self.t0 = stream, on_event, cancel, t0
 
-    def __call__(self, stage: str, layer: int, message: str = "") -> None:
+    """Reports progress (`on_event`) and checks for cancellation (`cancel`, and the thread's
+    cancel.cancel_scope) at every event."""
+
+    def __call__(self, stage: str, layer: int, message: str = "", step: int = 0, steps: int = 0) -> None:
         if self.cancel is not None and self.cancel.is_set():
             raise RunCancelledError("run cancelled")
+        check_cancel()
         if self.on_event is not None:
             led = self.stream.ledger
             self.on_event(ProgressEvent(stage, layer, self.stream.n_layers, time.perf_counter() - self.t0,
-                                        led.current, led.peak, message))
+                                        led.current, led.peak, message, step, steps))
 
 
 def _gram_hook(stream: LayerStream, module: nn.Linear, weigh: TokenWeights | None, stop: bool = False) -> GramHook:
@@ -229,14 +237,15 @@ def collect_stats(
         stats.append(st)
         emit("pass1", i)
     calib_loss = {}
-    if sensitivity_rule is not None:
+    if sensitivity_rule is not None:  # the head on every perturbed stream: one step per module
+        emit("sensitivity", -1, step=0, steps=len(perturbed))
         nll, tokens = stream.logits_nll(dense_sub, sens_ids)
         base = float(nll.sum()) / tokens
         calib_loss["dense"] = base
-        for (i, kind), h in perturbed.items():
+        for j, ((i, kind), h) in enumerate(perturbed.items()):
             nll, _ = stream.logits_nll(h, sens_ids)
             stats[i].sensitivity[kind] = float(nll.sum()) / tokens - base
-        emit("sensitivity", -1)
+            emit("sensitivity", -1, step=j + 1, steps=len(perturbed))
     ledger.release("grams-prev")
     return stats, calib_loss
 

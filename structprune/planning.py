@@ -1,12 +1,16 @@
 """What can run here and roughly how long it takes: devices, installed models, a time estimate,
 the app's settings as a PruneConfig, and the headline numbers of a finished run.
 
-The time estimate is a rough model, labelled as such wherever it is shown: the floating-point work
-of a run (layer forwards over the calibration and evaluation tokens, the Gram accumulations, and
-the per-module solves, which scale with (n+1)^3 for a module with n input features) divided by this
-device's measured matrix-multiply speed (fp32 for forwards, fp64 for solves; measured once per
-process in a fraction of a second). The solver coefficients were fitted to SmolLM2-135M runs on
-a 2-core CPU; expect the estimate to be within a factor of two, not better.
+The time estimate is a model, labelled as such wherever it is shown: per stage of a run
+(RUN_STAGES: the model copy and data, the evaluations and losses before and after pruning, both
+passes), its floating-point work (layer forwards and the LM head over the calibration and
+evaluation tokens, the Gram accumulations, and the per-module solves, which scale with (n+1)^3 for
+a module with n input features) divided by this device's measured matrix-multiply speed (fp32 for
+forwards, fp64 for solves; measured once per process in a fraction of a second). The coefficients
+were fitted to measured SmolLM2-135M phase times on a 2-core CPU
+(benchmarks/results/app/estimate_calibration.json, checked on a fresh run in estimate_check.json);
+the app's progress bars correct the rest of the estimate by the pace measured while a job runs
+(jobs.py).
 """
 
 from __future__ import annotations
@@ -21,11 +25,26 @@ from functools import lru_cache
 import torch
 
 from .config import PruneConfig
+from .speed import QUICK_SHAPES
 
 # (n+1)^3 multiples per module solve, fitted on SmolLM2-135M (CPU, fp64 solves)
-SOLVE_CUBES = {"score-obs": 2.0, "score-diag": 0.1, "sensitivity": 4.0,
-               "saliency": 4.0, "greedy": 8.5, "admm": 20.0}
-FORWARD_EFFICIENCY = 2.0  # layer forwards ran ~2x the 1024^2 benchmark's FLOP/s (SmolLM2, CPU)
+SOLVE_CUBES = {"score-obs": 5.5, "score-diag": 0.1, "sensitivity": 4.0,
+               "saliency": 4.0, "greedy": 8.5, "admm": 20.0, "eigh": 9.0}
+# FLOP/s of each kind of forward as a multiple of the 1024^2 fp32 matmul benchmark's (SmolLM2, CPU):
+# the passes' streamed layer forwards (with Gram hooks), whole-model forwards with the LM head and
+# its log-softmax (evaluation, losses), the streamed head alone (sensitivities) and the perturbed
+# streams of the sensitivity pass. Fitted to benchmarks/results/app/estimate_calibration.json
+FORWARD_EFFICIENCY = 2.0
+EVAL_EFFICIENCY = 1.05
+HEAD_EFFICIENCY = 0.8
+PERTURBED_EFFICIENCY = 1.4
+# a pruned layer's forward time per unit of sparsity: unaligned pruned widths run slower per flop on the
+# CPU (docs/RESULTS.md "Speed"); fitted between the two calibration runs (0.66 and 0.95 of dense at 30%)
+PRUNED_TIME_PER_SPARSITY = 0.6
+ADMM_SHARE = 0.6  # of the step-through's max_steps ADMM runs before its support is stable (typically)
+# the model copy and the data (token ids cached on disk), in fp32 matmul flops' worth of time
+PREPARE_FLOP_PER_BYTE = 210.0
+PREPARE_FLOP_PER_CORPUS = 4.2e10
 # tokens of each built-in corpus's test split with the SmolLM2 tokenizer (README), for "all windows"
 CORPUS_TEST_TOKENS = {"sotu": 174_563, "brown": 677_527}
 
@@ -89,49 +108,77 @@ def matmul_flops(device: str, dtype: str = "float32", n: int = 1024, seconds: fl
     return 2 * n**3 * k / (time.perf_counter() - t)
 
 
+# the stages of a run, in order: the keys of estimate_seconds' phases, of the progress events
+# (pipeline.ProgressEvent.stage) and, with "_s" and "-" as "_", of the record's timing
+RUN_STAGES = ("prepare", "eval-dense", "heldout-dense", "pass1", "sensitivity", "pass2", "losses-pruned",
+              "eval-pruned", "speed")
+PHASE_STAGE = {"refine": "pass2", "gradients": "pass1"}  # estimated phases that run inside a stage
+
+
 def estimate_seconds(config, cfg: PruneConfig, device: str = "cpu", eval_tokens: dict[str, int] | None = None,
-                     fp32_flops: float | None = None, fp64_flops: float | None = None) -> dict:
-    """Rough wall time of `run_prune(cfg)` for a model `config` (transformers config) on `device`.
+                     fp32_flops: float | None = None, fp64_flops: float | None = None,
+                     evaluate_dense: bool = True, measure_speed: bool = False) -> dict:
+    """Wall time of `run_prune(cfg)` for a model `config` (transformers config) on `device`, per phase.
+
+    Every stage of RUN_STAGES that the run goes through has a phase (the block refit and
+    global-taylor's gradients have their own, inside pass 2 and pass 1): the model copy and the data,
+    the dense and pruned evaluations with the held-out and calibration losses around the pruning,
+    and both passes. Each is its floating-point work over this device's measured matmul speed
+    (fp32 for forwards, fp64 for solves), with the coefficients above fitted to measured SmolLM2-135M
+    phase times (benchmarks/results/app/estimate_calibration.json; checked on a fresh run in
+    estimate_check.json).
 
     eval_tokens: test tokens per corpus when cfg.eval_windows is None (all windows); defaults to
     the built-in corpora's SmolLM2 token counts. Returns {total_s, phases: {...}, fp32_flops,
     fp64_flops, note}.
     """
-    from .estimate import config_layout
-    from .memory import layer_weight_bytes
+    from .data.calibration import HELDOUT_LOSS_WINDOWS
+    from .estimate import config_layout, model_params
+    from .memory import DTYPE_BYTES, layer_weight_bytes
+    from .methods import get_method
+    from .run import CALIB_LOSS_WINDOWS
 
     fp32 = fp32_flops or matmul_flops(device, "float32")
     fp64 = fp64_flops or matmul_flops(device, "float64")
     lay = config_layout(config)
     L, d, V, S = config.num_hidden_layers, config.hidden_size, config.vocab_size, cfg.seqlen
     per_token = 2 * layer_weight_bytes(lay, 1) + 4 * S * lay.n_heads * lay.head_dim  # one layer forward
-    fwd = FORWARD_EFFICIENCY * fp32
+    head = 2 * d * V  # the LM head per token (the loss and the perplexities)
+    fwd, whole = FORWARD_EFFICIENCY * fp32, EVAL_EFFICIENCY * fp32
     n_attn, n_mlp = lay.n_heads * lay.head_dim + 1, lay.intermediate + 1
     cubes = L * (n_attn**3 + n_mlp**3)  # sum over modules of (n+1)^3
     gram = 2 * (n_attn**2 + n_mlp**2)  # flops per token per layer of both Grams
     calib = cfg.nsamples * S
+    kept = 1 - PRUNED_TIME_PER_SPARSITY * cfg.sparsity  # a pruned layer's time, as a share of the dense one's
     phases: dict[str, float] = {}
     tokens = {}
     for name in cfg.eval_data:
         tokens[name] = (cfg.eval_windows * S if cfg.eval_windows is not None
                         else (eval_tokens or CORPUS_TEST_TOKENS).get(name, 100_000) // S * S)
-    evals = sum(tokens.values()) * (L * per_token + 2 * d * V)
-    phases["eval"] = 2 * evals / fwd
+    model_bytes = model_params(config) * DTYPE_BYTES.get(cfg.dtype, 4)
+    phases["prepare"] = (PREPARE_FLOP_PER_BYTE * model_bytes + PREPARE_FLOP_PER_CORPUS * (len(tokens) + 1)) / fp32
+    eval_tokens_all = sum(tokens.values())
+    heldout = HELDOUT_LOSS_WINDOWS * S
+    if evaluate_dense:
+        phases["eval-dense"] = eval_tokens_all * (L * per_token + head) / whole
+        phases["heldout-dense"] = heldout * (L * per_token + head) / whole
     if cfg.method == "global-taylor":
-        phases["gradients"] = 3 * calib * (L * per_token + 2 * d * V) / fwd
+        phases["gradients"] = 3 * calib * (L * per_token + head) / whole
     elif cfg.method == "magnitude":
         phases["pass2"] = 0.5
     else:
         structprune = cfg.method == "structprune"
-        sens = structprune and cfg.allocation in ("softmax", "threshold") and cfg.energy == "sensitivity" \
-            and not math.isinf(cfg.temperature)
+        sens = get_method(cfg.method)(cfg).wants_sensitivity()
         p1 = calib * L * (per_token + gram) / fwd
         if structprune:
             p1 += SOLVE_CUBES[f"score-{cfg.saliency}"] * cubes / fp64
         if sens:
             sw = min(cfg.sensitivity_windows, cfg.nsamples) * S
-            p1 += SOLVE_CUBES["sensitivity"] * cubes / fp64 + sw * L * L * per_token / fwd  # 2L modules x L/2 layers
+            # 2L perturbed streams, each through L/2 layers on average
+            p1 += SOLVE_CUBES["sensitivity"] * cubes / fp64 + sw * L * L * per_token / (PERTURBED_EFFICIENCY * fp32)
         phases["pass1"] = p1
+        if sens:
+            phases["sensitivity"] = (2 * L + 1) * sw * head / (HEAD_EFFICIENCY * fp32)  # the head on every stream
         p2 = calib * L * (2.5 * per_token + gram) / fwd
         if structprune:
             p2 += SOLVE_CUBES[cfg.selector] * cubes / fp64
@@ -141,8 +188,62 @@ def estimate_seconds(config, cfg: PruneConfig, device: str = "cpu", eval_tokens:
             # 7/8 of the windows and a forward of the held-out 1/8; one held-out forward before the first epoch
             passes = 1 + 1 / 8 + cfg.refine_epochs * (3 * 7 / 8 + 1 / 8)
             phases["refine"] = calib * L * per_token * passes / fwd
+    loss_tokens = min(CALIB_LOSS_WINDOWS, cfg.nsamples) * S + heldout
+    phases["losses-pruned"] = loss_tokens * (kept * L * per_token + head) / whole
+    phases["eval-pruned"] = eval_tokens_all * (kept * L * per_token + head) / whole
+    if measure_speed:  # speed.speed_section: dense and pruned, 1 warm-up + 3 timed runs of each quick shape
+        quick = sum(sh.batch * (sh.length + sh.new_tokens) for sh in QUICK_SHAPES)
+        phases["speed"] = 4 * quick * ((1 + kept) * L * per_token + 2 * head) / whole
     return {"total_s": sum(phases.values()), "phases": phases, "fp32_flops": fp32, "fp64_flops": fp64,
-            "note": "rough estimate (within about 2x): the run's FLOPs over this device's measured matmul speed"}
+            "note": "estimate: each phase's work over this device's measured matmul speed, fitted to measured "
+                    "SmolLM2-135M runs (within about 1.5x there; a busy machine is slower)"}
+
+
+def run_stages(config, cfg: PruneConfig, device: str | None = None, measure_speed: bool = False) -> dict[str, float]:
+    """Estimated seconds per progress stage of `run_prune(cfg)`, in the order they run: the job's
+    progress bar and time left (jobs.py). Phases that run inside a stage are added to it."""
+    from .evaluation import resolve_device
+
+    secs = estimate_seconds(config, cfg, device or str(resolve_device(cfg.device)), measure_speed=measure_speed)["phases"]
+    out: dict[str, float] = {}
+    for stage in RUN_STAGES:
+        total = sum(v for k, v in secs.items() if PHASE_STAGE.get(k, k) == stage)
+        if any(PHASE_STAGE.get(k, k) == stage for k in secs):
+            out[stage] = total
+    return out
+
+
+def profile_stages(config, cfg: PruneConfig, device: str | None = None) -> dict[str, float]:
+    """Estimated seconds per stage of the explorer's energy pass (explorer.compute_energy_profile:
+    the copy and calibration windows, pass 1 with the module sensitivities)."""
+    sens = PruneConfig.from_dict({**cfg.to_dict(), "method": "structprune", "allocation": "softmax",
+                                  "energy": "sensitivity", "temperature": 1.0})
+    stages = run_stages(config, sens, device)
+    return {k: stages[k] for k in ("prepare", "pass1", "sensitivity") if k in stages}
+
+
+def stepthrough_stages(config, layer: int, kind: str, nsamples: int, seqlen: int, max_steps: int,
+                       device: str = "cpu", fp32_flops: float | None = None,
+                       fp64_flops: float | None = None) -> dict[str, float]:
+    """Estimated seconds per stage of the Method page's step-through (stepthrough.admm_stepthrough):
+    the copy, the calibration windows streamed to `layer`, ADMM's iterations on its module, and the
+    solve with each of the three selectors."""
+    from .estimate import config_layout, model_params
+    from .memory import layer_weight_bytes
+
+    fp32, fp64 = fp32_flops or matmul_flops(device, "float32"), fp64_flops or matmul_flops(device, "float64")
+    lay = config_layout(config)
+    per_token = 2 * layer_weight_bytes(lay, 1) + 4 * seqlen * lay.n_heads * lay.head_dim
+    m = (lay.n_heads * lay.head_dim if kind == "attn" else lay.intermediate) + 1
+    d_out = lay.hidden
+    return {
+        "prepare": (PREPARE_FLOP_PER_BYTE * model_params(config) * 4 + PREPARE_FLOP_PER_CORPUS) / fp32,
+        "gram": nsamples * seqlen * (layer + 1) * per_token / (FORWARD_EFFICIENCY * fp32),
+        # one eigendecomposition, then per iteration two (d_out x m) @ (m x m) products; ADMM stops once
+        # its support is stable, after ADMM_SHARE of max_steps on SmolLM2 (estimate_check.json)
+        "admm": (SOLVE_CUBES["eigh"] * m**3 + ADMM_SHARE * max_steps * 4 * d_out * m**2) / fp64,
+        "solves": (SOLVE_CUBES["saliency"] + SOLVE_CUBES["greedy"] + SOLVE_CUBES["admm"]) * m**3 / fp64,
+    }
 
 
 def form_config(values: dict, temperature_inf: bool = False) -> PruneConfig:
@@ -199,5 +300,6 @@ def run_headline(rec: dict) -> dict:
     return out
 
 
-__all__ = ["detect_devices", "device_choices", "available_models", "matmul_flops", "estimate_seconds",
+__all__ = ["detect_devices", "device_choices", "available_models", "matmul_flops", "estimate_seconds", "run_stages",
+           "profile_stages", "stepthrough_stages", "RUN_STAGES", "PHASE_STAGE",
            "form_config", "estimate_run", "run_headline"]

@@ -24,6 +24,7 @@ import time
 import torch
 from torch import nn
 
+from .cancel import check as check_cancel
 from .memory import refine_bytes
 from .streaming import Batches, LayerStream, to_device
 
@@ -77,6 +78,7 @@ def fit_layer(stream: LayerStream, index: int, layer: nn.Module, dense_layer: nn
             for epoch in range(1, epochs + 1):
                 rng.shuffle(train)
                 for b in train:
+                    check_cancel()
                     opt.zero_grad(set_to_none=True)
                     loss(b).backward()
                     opt.step()

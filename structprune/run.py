@@ -21,6 +21,8 @@ import psutil
 import torch
 
 from .adapters import adapter_for
+from .cancel import cancel_scope, window_span
+from .cancel import check as check_cancel
 from .config import PruneConfig
 from .data.calibration import HELDOUT_LOSS_WINDOWS, calibration_ids, heldout_ids, random_token_data
 from .data.corpora import corpus_id, corpus_label
@@ -99,6 +101,7 @@ def prepare_data(cfg: PruneConfig, tokenizer, model) -> tuple[torch.Tensor, dict
     calib = CalibrationSpec(corpus_id(cfg.calib_data, "calib"), cfg.nsamples, cfg.seqlen, cfg.seed)
     evals, protocols = {}, {}
     for name in cfg.eval_data:
+        check_cancel()  # a corpus not tokenized yet takes a while
         try:
             win = eval_windows(corpus_token_ids(tokenizer, name, "test"), cfg.seqlen, cfg.eval_windows)
         except SequenceLengthError as exc:
@@ -133,9 +136,18 @@ def run_prune(
     measure_speed: time the pruned model against the dense one on the run's device afterwards (a few
     seconds, `speed.speed_section`); the record's "speed" holds the result.
 
-    on_event(ProgressEvent) is called per layer and stage; cancel (a threading.Event) is checked at
-    every layer boundary and raises RunCancelledError. The loaded model is never modified.
+    on_event(ProgressEvent) is called per layer and stage, and when a stage begins (in the order of
+    planning.RUN_STAGES); cancel (a threading.Event) is checked at every layer boundary and inside
+    every long loop (cancel.py) and raises RunCancelledError. The loaded model is never modified.
     """
+    with cancel_scope(cancel):
+        return _run_prune(cfg, loaded, on_event, cancel, evaluate_dense, stats_cache, method, layer_dir,
+                          activation_budget, measure_speed)
+
+
+def _run_prune(cfg: PruneConfig, loaded: LoadedModel | None, on_event, cancel, evaluate_dense: bool,
+               stats_cache: dict | None, method: Method | None, layer_dir: str | Path | None,
+               activation_budget: int | None, measure_speed: bool) -> PruneResult:
     t_start = time.perf_counter()
     preflight(cfg, model=loaded is None)  # every refusal the settings allow, before any weights load
     device = resolve_device(cfg.device)
@@ -147,9 +159,12 @@ def run_prune(
     check_sensitivity_windows(method, cfg.nsamples)
     if loaded is None:
         loaded = load_model(cfg.model, on_disk=weights_on_disk(cfg.weights, cfg.model, DTYPE_BYTES[dtype]))
+    note = _preparing(on_event, loaded.model.config.num_hidden_layers, t_start)
+    note("copying the model")
     model = copy.deepcopy(loaded.model).to(dtype).eval()
     # the loaded model's own layers (a pruned checkpoint's differ)
     check_reachable(cfg, module_specs(layouts_of(model, adapter_for(model))))
+    note("drawing the calibration and evaluation windows")
     calib_ids, evals, protocols = prepare_data(cfg, loaded.tokenizer, model)
     residency = writer = spill = None
     if loaded.weights is not None:  # the weights stay in their files; pruned layers go to layer_dir
@@ -172,21 +187,29 @@ def run_prune(
     def evaluate(tag: str) -> dict:
         out = {}
         t = time.perf_counter()
+        total, done = sum(win.shape[0] for win in evals.values()), 0
+        engine.emit(f"eval-{tag}", -1, step=0, steps=total)
         for name, win in evals.items():
-            res = perplexity(model, win, device=device, batch_size=cfg.batch_size, protocol=protocols[name],
-                             residency=residency)
+            with window_span(done, total):  # one window count over all corpora
+                res = perplexity(model, win, device=device, batch_size=cfg.batch_size, protocol=protocols[name],
+                                 residency=residency)
+            done += win.shape[0]
             out[name] = {**res.to_dict(), "label": corpus_label(name, "test") if name != "random" else "random tokens"}
-            engine.emit(f"eval-{tag}", -1, f"{name}: ppl {res.value:.4g}")
+            engine.emit(f"eval-{tag}", -1, f"{name}: ppl {res.value:.4g}", step=done, steps=total)
         timing[f"eval_{tag}_s"] = time.perf_counter() - t
         return out
 
     heldout = heldout_ids(cfg, loaded.tokenizer, model.config.vocab_size)
+    timing["prepare_s"] = time.perf_counter() - t_start
     try:
         ppl_dense = evaluate("dense") if evaluate_dense else {}
         if (reason := nonfinite_reason(ppl_dense, {}, {})) is not None:  # no pruning can mend the dense model
             raise NonFiniteResultError(reason)
         if evaluate_dense and heldout is not None:
+            t = time.perf_counter()
+            engine.emit("heldout-dense", -1, step=0, steps=heldout.shape[0])
             calib_loss_dense_heldout = heldout_nll(model, heldout, device, cfg.batch_size, residency)[0]
+            timing["heldout_dense_s"] = time.perf_counter() - t
         if engine.ledger.measured:  # the dense evaluation may hold the whole model: not pruning's peak
             torch.cuda.reset_peak_memory_stats(device)
         key = pass1_key(method, id(loaded.model), method.wants_sensitivity())
@@ -195,17 +218,25 @@ def run_prune(
         calib_loss = outcome.calib_loss
         if evaluate_dense and heldout is not None:
             calib_loss["heldout_dense"] = calib_loss_dense_heldout
-        calib_loss["pruned"], calib_loss["pruned_windows"] = calibration_nll(model, calib_ids, device, cfg.batch_size,
-                                                                             residency)
+        t = time.perf_counter()
+        n_loss = min(CALIB_LOSS_WINDOWS, calib_ids.shape[0]) + (heldout.shape[0] if heldout is not None else 0)
+        engine.emit("losses-pruned", -1, step=0, steps=n_loss)
+        with window_span(0, n_loss):
+            calib_loss["pruned"], calib_loss["pruned_windows"] = calibration_nll(model, calib_ids, device,
+                                                                                 cfg.batch_size, residency)
         if heldout is not None:
-            calib_loss["heldout"], calib_loss["heldout_windows"] = heldout_nll(model, heldout, device, cfg.batch_size,
-                                                                               residency)
+            with window_span(calib_loss["pruned_windows"], n_loss):
+                calib_loss["heldout"], calib_loss["heldout_windows"] = heldout_nll(model, heldout, device,
+                                                                                   cfg.batch_size, residency)
+        timing["losses_pruned_s"] = time.perf_counter() - t
         ppl_pruned = evaluate("pruned")
         speed = None
         if measure_speed:
+            t = time.perf_counter()
             engine.emit("speed", -1, "timing the pruned model against dense")
             speed = ({"skipped": "the weights stay on disk: the dense model is not in memory"} if writer else
                      speed_section(model, loaded.model, device, dtype))
+            timing["speed_s"] = time.perf_counter() - t
     except torch.cuda.OutOfMemoryError as exc:  # pragma: no cover - needs a GPU
         raise DeviceOutOfMemoryError(
             "the GPU ran out of memory; lower --nsamples, --seqlen or --batch-size, or use --device cpu") from exc
@@ -268,6 +299,18 @@ def run_prune(
         raise NonFiniteResultError(reason, strict_record(record))
     return PruneResult(strict_record(record), model, loaded.tokenizer, writer.folder if writer else None,
                        residency.source if residency else None)
+
+
+def _preparing(on_event, n_layers: int, t_start: float):
+    """note(message): checks for cancellation and reports the "prepare" stage (copying the model,
+    drawing the data) before the engine, which reports everything after it, exists."""
+
+    def note(message: str) -> None:
+        check_cancel()
+        if on_event is not None:
+            on_event(ProgressEvent("prepare", -1, n_layers, time.perf_counter() - t_start, 0, 0, message))
+
+    return note
 
 
 def nonfinite_reason(ppl_dense: dict, ppl_pruned: dict, calib_loss: dict) -> str | None:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .adapters import Adapter
+from .cancel import check as check_cancel
 from .weights import DiskResidency, HostResidency
 from .memory import (DTYPE_BYTES, DeviceLedger, activation_bytes, embed_workspace_bytes, forward_workspace_bytes,
                      layer_weight_bytes, logits_bytes)
@@ -128,6 +129,7 @@ class LayerStream:
             self.residency.bring(base, self.device)  # embeddings, rotary tables, final norm: not the layers
             self.ledger.hold("embedding", sum(p.numel() for p in base.parameters()) * self.dtype_bytes)
             for start in range(0, input_ids.shape[0], self.batch_size):
+                check_cancel()
                 ids = input_ids[start : start + self.batch_size].to(self.device)
                 # the embeddings and the final norm's transients (it runs on the recorded input)
                 self.ledger.hold("batch-out", embed_workspace_bytes(self.adapter.spec, *ids.shape, self.hidden,
@@ -202,6 +204,7 @@ class LayerStream:
         outs = []
         ledger = self.ledger
         for b, x_host in enumerate(inputs.tensors):
+            check_cancel()  # per batch: Cancel ends a Gram accumulation or a forward within one batch
             bsz, seqlen = x_host.shape[:2]
             act = activation_bytes(bsz, seqlen, self.hidden, self.dtype_bytes)
             with ledger.held("batch-in", act):
@@ -240,6 +243,7 @@ class LayerStream:
         try:
             start = 0
             for h in hidden.tensors:
+                check_cancel()
                 ids = input_ids[start : start + h.shape[0]].to(self.device)
                 start += h.shape[0]
                 with (self.ledger.held("batch-in", activation_bytes(h.shape[0], h.shape[1], self.hidden, self.dtype_bytes)),

@@ -506,25 +506,26 @@ def test_make_app_starts_without_the_file_watcher():
 
 
 def test_cancel_stops_a_run_inside_its_evaluation_and_shows_cancelling(app):
-    """Cancel is checked after every evaluation window (evaluation.cancel_scope), not only at layer
-    boundaries; the page says "cancelling" until the worker stops."""
+    """Cancel is checked after every evaluation window (cancel.py), not only at layer boundaries; the
+    page says "cancelling" until the worker stops."""
     from structprune.config import PruneConfig
     from structprune.models import load_model
 
     loaded, runner = load_model("tiny-llama"), ui.runner()
-    seen = []
     job = runner.submit_prune(PruneConfig(model="tiny-llama", nsamples=2, seqlen=32, eval_windows=400, device="cpu"),
                               loaded, ui.store())
-    _wait(lambda: any(e.stage.endswith("windows") for e in job.events) or not job.active)
+    _wait(lambda: any(e.stage == "eval-dense" and e.step > 0 for e in job.events) or not job.active)
     assert job.active, job.error
-    seen.append(job.events[-1].message)  # "k/400": inside the dense evaluation
+    seen = job.events[-1]  # window k of 400: inside the dense evaluation
     runner.cancel()
     assert job.cancelling and job.progress()[1].startswith("cancelling")
+    at = app
+    at.run()  # the Prune page's progress panel
+    assert any("cancelling" in w.value for w in at.warning), [w.value for w in at.warning]
     t = time.time()
     _wait(lambda: not job.active, timeout=30)
     assert job.status == "cancelled" and time.time() - t < 5
-    done, total = map(int, seen[0].split("/"))
-    assert total == 400 and done < total
+    assert seen.steps == 400 and seen.step < seen.steps
     statuses = {r["status"] for r in RunStore(ui.store().folder).runs()}
     assert statuses == {"cancelled"}
 

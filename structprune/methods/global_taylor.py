@@ -126,7 +126,7 @@ class GlobalTaylor(Method):
         try:
             loss = calibration_loss_gradients(
                 model, calib_ids, stream.device, cfg.batch_size,
-                on_batch=lambda done, n: emit("pass1", -1, f"gradients: {done}/{n} windows"))
+                on_batch=lambda done, n: emit("pass1", -1, f"gradients: {done}/{n} windows", step=done, steps=n))
             with torch.no_grad():
                 importance = [{kind: unit_parameter_sums(adapter, layer, lay, kind, _taylor).cpu()
                                for kind in ("attn", "mlp")} for layer, lay in zip(layers, layouts)]

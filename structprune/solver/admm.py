@@ -25,12 +25,14 @@ available (``selector="admm"``) with its trace, at several times the cost (one e
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from ..cancel import check as check_cancel
 from .greedy import greedy_obs_select
 from .problem import (
     DAMP_REL,
@@ -71,10 +73,13 @@ def admm_select(Wt: Tensor, G: Tensor, groups: Tensor, k_keep: int,
                 max_iter: int = 200, tol: float = 1e-4, patience: int = 5,
                 init_kept: Tensor | None = None, init: Literal["greedy", "saliency"] = "greedy",
                 keep_better: bool = True, allow_bias: bool = True, damp_rel: float = DAMP_REL,
-                per_step: int = 1) -> tuple[Tensor, AdmmTrace]:
+                per_step: int = 1,
+                on_iteration: Callable[[int, Tensor], None] | None = None) -> tuple[Tensor, AdmmTrace]:
     """Select ``k_keep`` units by ADMM. Wt: (d_out, n+1), G: (n+1, n+1) undamped, groups: (U, g),
     blocks: (U,) or None. rho0 and rho_max are relative to mean(diag G). ``init_kept`` (k,)
-    overrides ``init``; ``per_step`` is passed to the greedy initialization.
+    overrides ``init``; ``per_step`` is passed to the greedy initialization. ``on_iteration(t,
+    kept)`` sees the support after every iteration t (t = 0: the initial support): the support a
+    run capped at ``max_iter=t`` ends on, from one run (the Method page's step-through).
     Returns (kept unit ids sorted (k_keep,), AdmmTrace)."""
     p = prepare(Wt, G, groups, blocks, allow_bias, damp_rel)
     quota = block_quota(p, k_keep)
@@ -110,7 +115,10 @@ def admm_select(Wt: Tensor, G: Tensor, groups: Tensor, k_keep: int,
     Z = refit_on(p, kept)  # (d, m)
     U = torch.zeros_like(Z)
     stable = 0
+    if on_iteration is not None:
+        on_iteration(0, kept)
     for _ in range(max_iter):
+        check_cancel()
         Wp = ((AQ + rho * (Z - U) @ Q) / (lam + rho)) @ Q.T  # (d, m)
         V = Wp + U
         new_kept = topk_per_block(sal_of(V), p.block_of, p.n_blocks, quota)
@@ -124,6 +132,8 @@ def admm_select(Wt: Tensor, G: Tensor, groups: Tensor, k_keep: int,
         trace.support_changes.append(changes)
         trace.iterations += 1
         kept = new_kept
+        if on_iteration is not None:
+            on_iteration(trace.iterations, kept)
         stable = stable + 1 if changes == 0 else 0
         if stable >= patience and trace.primal_residual[-1] < tol:
             trace.converged = True

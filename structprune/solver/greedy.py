@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..cancel import check as check_cancel
 from .problem import (
     DAMP_REL,
     block_quota,
@@ -42,6 +43,7 @@ def greedy_obs_select(Wt: Tensor, G: Tensor, groups: Tensor, k_keep: int,
     block_of = p.block_of.tolist()
     n_alive, dead_cols = p.n_units, 0
     while n_alive > k_keep:
+        check_cancel()  # one check per removal step (a wide MLP takes hundreds)
         live = alive.nonzero().squeeze(1)
         sal = torch.full((p.n_units,), float("inf"), dtype=W.dtype, device=W.device)
         if single:

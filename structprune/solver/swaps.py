@@ -9,6 +9,7 @@ import logging
 import torch
 from torch import Tensor
 
+from ..cancel import check as check_cancel
 from .problem import DAMP_REL, block_quota, cholesky, inverse_from_factor, prepare
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ def local_search(Wt: Tensor, G: Tensor, groups: Tensor, kept: Tensor,
     del Dw
     swaps = 0
     while swaps < max_swaps and 0 < int(is_kept.sum()) < p.n_units:
+        check_cancel()
         rem = (~is_kept).nonzero().squeeze(1)  # removed units
         Rg = (p.W - Wp) @ p.Gd[:, p.groups[rem].reshape(-1)]  # (d, r*g) loss gradient on R
         Rg = Rg.reshape(Rg.shape[0], rem.numel(), -1)  # (d, r, g)
