@@ -10,14 +10,12 @@ import logging
 import math
 import platform
 import subprocess
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import psutil
 import torch
 
 from .adapters import adapter_for
@@ -26,33 +24,22 @@ from .data.calibration import HELDOUT_LOSS_WINDOWS, calibration_ids, heldout_ids
 from .data.corpora import corpus_id, corpus_label
 from .data.windows import CalibrationSpec, corpus_token_ids, eval_windows, protocol_string
 from .engine import PruneEngine, check_sensitivity_windows, pass1_key
-from .errors import DeviceOutOfMemoryError, InvalidConfigError, SequenceLengthError, StructPruneError
+from .errors import DeviceOutOfMemoryError, NonFiniteResultError, SequenceLengthError
 from .evaluation import check_seqlen, perplexity, resolve_device
 from .jsonio import strict_record
 from .memory import DTYPE_BYTES
 from .methods import Method, get_method
 from .models import LoadedModel, load_model, weights_on_disk
-from .paths import data_dir
 from .pipeline import ProgressEvent
 from .preflight import check_reachable, preflight
-from .streaming import ActivationSpill
+from .resume import RunJournal, fingerprint, model_dir_of, start_disk_run
 from .units import count_params, layouts_of, module_specs
-from .weights import DiskResidency, LayerWriter, SafetensorsSource
+from .weights import DiskResidency, SafetensorsSource
 
 log = logging.getLogger(__name__)
 
 RECORD_SCHEMA = "structprune.run/1"
 CALIB_LOSS_WINDOWS = 8  # calibration windows of the pruned model's calibration loss (calib_loss["pruned"])
-
-
-class NonFiniteResultError(StructPruneError):
-    """A run whose perplexity or loss is not finite: it ends as failed, never "finished". `record`
-    is its complete record with status "failed" and the reason (strict JSON: the non-finite numbers
-    are null and listed under "nonfinite")."""
-
-    def __init__(self, message: str, record: dict | None = None) -> None:
-        super().__init__(message)
-        self.record = record
 
 
 @dataclass
@@ -62,13 +49,7 @@ class PruneResult:
     tokenizer: object | None
     layer_dir: Path | None = None  # with the weights on disk: the pruned layers' shards
     weights: SafetensorsSource | None = None  # ... and where every tensor of the pruned model is
-
-
-def _streamed_dir() -> Path:
-    """Where runs with their weights on disk write pruned layers unless told otherwise."""
-    folder = data_dir() / "streamed"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    journal: RunJournal | None = None  # ... and the run's manifest (resume.py)
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -117,6 +98,9 @@ def run_prune(
     method: Method | None = None,
     layer_dir: str | Path | None = None,
     activation_budget: int | None = None,
+    resume: str | Path | None = None,
+    run_id: str | None = None,
+    finish: bool = True,
 ) -> PruneResult:
     """Prunes a copy of `loaded` (or of `cfg.model`, loaded here) and evaluates it.
 
@@ -127,6 +111,12 @@ def run_prune(
     they finish (default: a new folder under the run store's `streamed/`), and
     activation_budget: the host bytes of calibration activations per pass kept in memory before
     the rest go to memory-mapped files in layer_dir (default: a quarter of the free host memory).
+    layer_dir also holds the run's manifest (resume.py), so a killed run can be continued:
+    resume: the layer folder of an interrupted disk-streamed run to continue from its last
+    finished layer (refused before any work if `cfg` differs from its settings, see
+    resume.resume_config); run_id: the record's id (and the manifest's; default: a new one, or
+    the resumed run's); finish=False leaves the manifest open (resumable) for a caller that
+    still writes outputs and calls `PruneResult.journal.finish()` once they are written.
 
     on_event(ProgressEvent) is called per layer and stage; cancel (a threading.Event) is checked at
     every layer boundary and raises RunCancelledError. The loaded model is never modified.
@@ -140,26 +130,28 @@ def run_prune(
         dtype = torch.float32
     method = method or get_method(cfg.method)(cfg)
     check_sensitivity_windows(method, cfg.nsamples)
+    journal = None
+    if resume is not None:  # the folder, the settings and the model checked before any weights load
+        journal = RunJournal.resume(resume, cfg, fingerprint(cfg, method, device, dtype), model_dir_of(cfg, loaded))
+        run_id = run_id or journal.run_id
     if loaded is None:
-        loaded = load_model(cfg.model, on_disk=weights_on_disk(cfg.weights, cfg.model, DTYPE_BYTES[dtype]))
+        on_disk = journal is not None or weights_on_disk(cfg.weights, cfg.model, DTYPE_BYTES[dtype])
+        loaded = load_model(cfg.model, on_disk=on_disk)
     model = copy.deepcopy(loaded.model).to(dtype).eval()
     # the loaded model's own layers (a pruned checkpoint's differ)
     check_reachable(cfg, module_specs(layouts_of(model, adapter_for(model))))
     calib_ids, evals, protocols = prepare_data(cfg, loaded.tokenizer, model)
-    residency = writer = spill = None
+    residency = spill = None
     if loaded.weights is not None:  # the weights stay in their files; pruned layers go to layer_dir
-        if method.whole_model or not method.needs_calibration:
-            raise InvalidConfigError(f"{cfg.method} needs the whole model in memory; use weights memory")
-        layers_path = adapter_for(model).spec.layers
-        residency = DiskResidency(model, loaded.weights.fork(), dtype, layers_path)
-        layer_dir = Path(layer_dir) if layer_dir else Path(tempfile.mkdtemp(prefix="run-", dir=_streamed_dir()))
-        writer = LayerWriter(residency, layers_path, layer_dir)
-        if activation_budget is None:
-            activation_budget = psutil.virtual_memory().available // 4
-        spill = ActivationSpill(layer_dir / "activations", activation_budget)
+        residency, journal, spill = start_disk_run(cfg, loaded, model, method, device, dtype, journal, layer_dir,
+                                                   activation_budget, run_id)
+        run_id = journal.run_id
+        engine_event = f"pruned layers and the run's manifest: {journal.folder} (if interrupted: --resume {journal.folder})"
 
     engine = PruneEngine(model, device, method, batch_size=cfg.batch_size, on_event=on_event, cancel=cancel,
                          t0=t_start, residency=residency, spill=spill)
+    if journal is not None:
+        engine.emit("journal", -1, engine_event)
     params_before = count_params(model, engine.adapter)
     specs = engine.specs
     timing: dict[str, float] = {}
@@ -185,7 +177,7 @@ def run_prune(
         if engine.ledger.measured:  # the dense evaluation may hold the whole model: not pruning's peak
             torch.cuda.reset_peak_memory_stats(device)
         key = pass1_key(method, id(loaded.model), method.wants_sensitivity())
-        outcome = engine.run(calib_ids, cache=stats_cache, cache_key=key, commit_layer=writer)
+        outcome = engine.run(calib_ids, cache=stats_cache, cache_key=key, journal=journal)
         timing.update(outcome.timing)
         calib_loss = outcome.calib_loss
         if evaluate_dense and heldout is not None:
@@ -216,7 +208,7 @@ def run_prune(
     ledger = engine.ledger
     record = {
         "schema": RECORD_SCHEMA,
-        "run_id": uuid.uuid4().hex[:12],
+        "run_id": run_id or uuid.uuid4().hex[:12],
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "status": "finished",
         "model": {"name": loaded.name, "source": loaded.source, "description": loaded.description,
@@ -245,17 +237,20 @@ def run_prune(
                    "model_weight_bytes": params_before.total * DTYPE_BYTES[dtype],
                    "timeline": ledger.timeline_records()},
         "timing": timing,
-        "weights": ({"mode": "memory"} if writer is None else
-                    {"mode": "disk", "pruned_layers": str(writer.folder), **residency.counts(),
-                     "activation_budget_bytes": spill.budget_bytes, "activations_spilled_bytes": spill.spilled_bytes}),
+        "weights": ({"mode": "memory"} if journal is None else
+                    {"mode": "disk", "pruned_layers": str(journal.folder), **residency.counts(),
+                     "activation_budget_bytes": spill.budget_bytes, "activations_spilled_bytes": spill.spilled_bytes,
+                     "resumed_at_layer": journal.resumed_at}),
         "environment": environment(),
     }
     reason = nonfinite_reason(ppl_dense, ppl_pruned, calib_loss)
     if reason is not None:
         record.update(status="failed", error=reason)
         raise NonFiniteResultError(reason, strict_record(record))
-    return PruneResult(strict_record(record), model, loaded.tokenizer, writer.folder if writer else None,
-                       residency.source if residency else None)
+    if journal is not None and finish:
+        journal.finish(record["run_id"])
+    return PruneResult(strict_record(record), model, loaded.tokenizer, journal.folder if journal else None,
+                       residency.source if residency else None, journal)
 
 
 def nonfinite_reason(ppl_dense: dict, ppl_pruned: dict, calib_loss: dict) -> str | None:
