@@ -4,9 +4,9 @@ A run whose weights stream from disk (weights.py) keeps, in its layer folder nex
 layers' shards, a manifest (`structprune-run.json`, rewritten atomically after every step):
 
 - the run's fingerprint: every setting that changes the pruned model (not the evaluation's
-  corpora or windows, nor where the weights stay), the resolved device and dtype, the method's
-  class, the structprune version, and the model's identity (its config.json and its safetensors
-  files' sizes and headers, so a moved folder is the same model, a re-written one is not);
+  corpora or windows, nor where the weights stay), the resolved device, the method's class, the
+  structprune version, and the model's identity (its config.json, its safetensors files' sizes,
+  headers and 1 MiB of each one's data: a moved folder is the same model, other weights are not);
 - pass 1's statistics, in `pass1.safetensors` (numbers bit for bit; a resume does not redo pass 1);
 - the plan (units kept per module);
 - every finished layer: its shard, size, SHA-256, pruned shape and its modules' infos.
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fcntl
 import hashlib
 import json
 import logging
@@ -42,9 +43,11 @@ from .adapters import LayerLayout, adapter_for
 from .checkpoint import layer_shape, shrink_layer
 from .config import PruneConfig
 from .engine import Pass1
-from .errors import InvalidConfigError, OutputWriteError, StructPruneError
+from .errors import InvalidConfigError, ModelLoadError, OutputWriteError, StructPruneError
+from .evaluation import resolve_device
 from .jsonio import write_json
 from .memory import layer_weight_bytes
+from .methods import get_method
 from .models import model_folder
 from .paths import data_dir
 from .pipeline import LayerStats
@@ -57,7 +60,7 @@ MANIFEST = "structprune-run.json"
 PASS1_FILE = "pass1.safetensors"
 SCHEMA = "structprune.resume/1"
 # settings that do not change the pruned model: a resume may change them (model: compared by identity)
-NOT_RESULT = ("model", "eval_data", "eval_windows", "weights", "device", "dtype")
+NOT_RESULT = ("model", "eval_data", "eval_windows", "weights", "device")
 
 
 class ResumeError(StructPruneError, ValueError):
@@ -66,18 +69,24 @@ class ResumeError(StructPruneError, ValueError):
 
 # --- what a run is --------------------------------------------------------------------------------
 
-def fingerprint(cfg: PruneConfig, method, device: torch.device, dtype: torch.dtype) -> dict:
-    """Everything the pruned model depends on besides the model itself, as JSON values."""
-    d = cfg.to_dict()
+def fingerprint(cfg: PruneConfig, method=None) -> dict:
+    """Everything the pruned model depends on besides the model itself, as JSON values: the
+    settings (the device resolved), the method's class (`method`: a variant instance, default
+    cfg.method's) and the structprune version."""
+    method = method or get_method(cfg.method)(cfg)
     fp = {"structprune": __version__, "method_class": f"{type(method).__module__}.{type(method).__qualname__}"}
-    fp.update({k: v for k, v in d.items() if k not in NOT_RESULT})
-    fp.update(device=str(device), dtype=str(dtype).replace("torch.", ""))
+    fp.update({k: v for k, v in cfg.to_dict().items() if k not in NOT_RESULT})
+    fp.update(device=str(resolve_device(cfg.device)), dtype=cfg.dtype)
     return fp
 
 
+SAMPLES, SAMPLE_BYTES = 16, 1 << 16  # blocks of each weights file an identity hashes (1 MiB, spread over it)
+
+
 def model_identity(folder: str | Path) -> dict:
-    """The model a folder holds, without reading its weights: config.json's SHA-256 and each
-    safetensors file's size and header SHA-256 (tensor names, dtypes, shapes, offsets)."""
+    """The model a folder holds, without reading all of its weights: config.json's SHA-256 and, per
+    safetensors file, its size and the SHA-256 of its header (tensor names, dtypes, shapes, offsets)
+    and of SAMPLES blocks spread over its data (other weights of the same shapes differ there)."""
     folder = Path(folder)
     index = folder / INDEX
     if index.exists():
@@ -86,9 +95,17 @@ def model_identity(folder: str | Path) -> dict:
         names = sorted(p.name for p in folder.glob("*.safetensors"))
     files = {}
     for name in names:
-        with open(folder / name, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            files[name] = {"bytes": (folder / name).stat().st_size, "header_sha256": hashlib.sha256(fh.read(n)).hexdigest()}
+        try:
+            size = (folder / name).stat().st_size
+            with open(folder / name, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                digest = hashlib.sha256(fh.read(n))
+                for j in range(SAMPLES):
+                    fh.seek(8 + n + (size - 8 - n) * j // SAMPLES)
+                    digest.update(fh.read(SAMPLE_BYTES))
+        except OSError as exc:
+            raise ModelLoadError(f"{folder}: cannot read {name} ({exc.strerror}); the model folder is incomplete") from exc
+        files[name] = {"bytes": size, "sha256_sampled": digest.hexdigest()}
     config = folder / "config.json"
     return {"config_sha256": hashlib.sha256(config.read_bytes()).hexdigest() if config.exists() else None,
             "weights": files}
@@ -114,6 +131,9 @@ def check_fingerprint(folder: Path, was: dict, now: dict) -> None:
         if was.get(key) != now.get(key):
             old = _as_option(key, was[key]) if key in was else f"no {key} setting"
             new = _as_option(key, now[key]) if key in now else f"no {key} setting"
+            flag = old.split(" ", 1)[0]
+            if new.startswith(flag + " "):  # "--sparsity 0.3, not 0.4"
+                new = new[len(flag) + 1:]
             raise ResumeError(f"--resume {folder} was run with {old}, not {new}; rerun with the same settings "
                               "or start a new run")
 
@@ -157,6 +177,30 @@ def read_manifest(folder: str | Path) -> dict:
     return manifest
 
 
+def check_resume(folder: str | Path, cfg: PruneConfig, method=None, loaded=None) -> dict:
+    """The manifest of the run `folder` holds, if `cfg` (and `method`) may continue it: every
+    refusal in one line before any work (not resumable, finished, other settings, another model)."""
+    folder = Path(folder).expanduser()
+    manifest = read_manifest(folder)
+    if cfg.weights == "memory":
+        raise ResumeError(f"--resume {folder} continues a run whose weights stream from disk; drop --weights memory")
+    check_fingerprint(folder, manifest["fingerprint"], fingerprint(cfg, method))
+    check_identity(folder, manifest, model_identity(model_dir_of(cfg, loaded)))
+    return manifest
+
+
+def _lock(folder: Path):
+    """An exclusive lock on the run's folder (released when the file closes or the process ends)."""
+    fh = open(folder / ".lock", "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise ResumeError(f"--resume {folder}: another process is running this run right now; wait for it or stop "
+                          "it first") from None
+    return fh
+
+
 def inspect(folder: str | Path) -> dict | None:
     """What the app shows of a resumable folder ({run_id, config, finished_layers, n_layers}), or None."""
     try:
@@ -165,6 +209,18 @@ def inspect(folder: str | Path) -> dict | None:
         return None
     return {"folder": str(folder), "run_id": m["run_id"], "config": m["config"], "n_layers": m["n_layers"],
             "finished_layers": len(m["layers"]), "updated": m.get("updated")}
+
+
+def resumable_runs(store) -> list[dict]:
+    """The failed or cancelled runs of a run store (store.py) that can be resumed: their store
+    summaries with `inspect`'s fields (their layer folders are `run_folder`s of the store)."""
+    out = []
+    for row in store.runs():
+        if row["status"] in ("failed", "cancelled"):
+            info = inspect(run_folder(store.folder, row["run_id"]))
+            if info is not None:
+                out.append({**row, **info})
+    return out
 
 
 def resume_config(folder: str | Path, **changes) -> PruneConfig:
@@ -249,7 +305,7 @@ class RunJournal:
         self.folder, self.manifest = folder, manifest
         self._done = done or []  # verified entries of the layers an interrupted run finished
         self.resumed_at: int | None = None  # the first layer this process solved, when resumed
-        self._stream = self._writer = self._dense = None
+        self._stream = self._writer = self._dense = self._lock = None
 
     # --- opening ----------------------------------------------------------------------------
     @classmethod
@@ -268,32 +324,38 @@ class RunJournal:
                     "model": {"name": model_name, "folder": str(model_dir), "identity": model_identity(model_dir)},
                     "n_layers": n_layers, "pass1": None, "plan": None, "layers": []}
         journal = cls(folder, manifest)
+        journal._lock = _lock(folder)
         journal._write()
         return journal
 
     @classmethod
-    def resume(cls, folder: str | Path, cfg: PruneConfig, fp: dict, model_dir: str | Path) -> RunJournal:
-        """The journal of an interrupted run, after every refusal: not resumable, finished, other
-        settings, another model. Finished layers whose shard is missing or differs from its
-        checksum are solved again (with the layers after them)."""
+    def resume(cls, folder: str | Path, cfg: PruneConfig, method=None, loaded=None) -> RunJournal:
+        """The journal of an interrupted run, after every refusal of `check_resume` and while no
+        other process continues it (a lock held until `close`). Finished layers whose shard is
+        missing or differs from its checksum are solved again (with the layers after them)."""
         folder = Path(folder).expanduser()
-        manifest = read_manifest(folder)
-        if cfg.weights == "memory":
-            raise ResumeError(f"--resume {folder} continues a run whose weights stream from disk; drop --weights "
-                              "memory")
-        check_fingerprint(folder, manifest["fingerprint"], fp)
-        check_identity(folder, manifest, model_identity(model_dir))
+        manifest = check_resume(folder, cfg, method, loaded)
+        lock = _lock(folder)
         done = []
         for entry in manifest["layers"]:
             shard = folder / entry["file"]
             if entry["index"] != len(done) or not shard.is_file() or shard.stat().st_size != entry["bytes"] \
                     or _sha256(shard) != entry["sha256"]:
-                log.warning("the shard of layer %d in %s is missing or damaged: solving it again", entry["index"], folder)
+                log.warning("the shard of layer %d in %s is missing or damaged: solving it again", entry["index"],
+                            folder)
                 break
             done.append(entry)
         for stale in folder.glob("*.tmp"):  # a write the kill interrupted
             stale.unlink(missing_ok=True)
-        return cls(folder, manifest, done)
+        journal = cls(folder, manifest, done)
+        journal._lock = lock
+        return journal
+
+    def close(self) -> None:
+        """Lets another process continue the run (the lock also ends with this process)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     @property
     def run_id(self) -> str:
@@ -355,7 +417,8 @@ class RunJournal:
             residency = stream.residency
             if self.manifest["config"]["target"] == "dense":  # a copy of the dense skeleton, before any layer shrinks
                 dense = copy.deepcopy(stream.model)
-                self._dense = (dense, DiskResidency(dense, residency.source.fork(), residency.dtype, adapter.spec.layers))
+                source = residency.source.fork()
+                self._dense = (dense, DiskResidency(dense, source, residency.dtype, adapter.spec.layers))
             layers = adapter.layers(stream.model)
             for entry in self._done:
                 shrink_layer(adapter, layers[entry["index"]], entry["shape"])
@@ -382,7 +445,8 @@ class RunJournal:
         layer = stream.adapter.layers(model)[index]
         residency.bring(layer, stream.device)
         try:
-            with stream.ledger.held("dense-layer", layer_weight_bytes(stream.adapter.layout(layer), stream.dtype_bytes)):
+            nbytes = layer_weight_bytes(stream.adapter.layout(layer), stream.dtype_bytes)
+            with stream.ledger.held("dense-layer", nbytes):
                 yield layer
         finally:
             residency.release(layer)
@@ -393,7 +457,7 @@ class RunJournal:
         self._write()
 
 
-def start_disk_run(cfg: PruneConfig, loaded, model, method, device, dtype, journal: RunJournal | None,
+def start_disk_run(cfg: PruneConfig, loaded, model, method, dtype, journal: RunJournal | None,
                    layer_dir: str | Path | None, activation_budget: int | None, run_id: str | None):
     """(residency, journal, spill) of a run whose weights stay in their files: the pruned layers,
     the manifest and the spilled activations go to `layer_dir` (a new folder under the data
@@ -405,13 +469,14 @@ def start_disk_run(cfg: PruneConfig, loaded, model, method, device, dtype, journ
     layers_path = adapter_for(model).spec.layers
     residency = DiskResidency(model, loaded.weights.fork(), dtype, layers_path)
     if journal is None:
-        journal = RunJournal.create(layer_dir or default_layer_dir(), cfg, fingerprint(cfg, method, device, dtype),
-                                    loaded.name, loaded.weights.folder, len(adapter_for(model).layers(model)), run_id)
+        journal = RunJournal.create(layer_dir or default_layer_dir(), cfg, fingerprint(cfg, method), loaded.name,
+                                    loaded.weights.folder, len(adapter_for(model).layers(model)), run_id)
     if activation_budget is None:
         activation_budget = psutil.virtual_memory().available // 4
     return residency, journal, ActivationSpill(journal.folder / "activations", activation_budget)
 
 
 __all__ = ["MANIFEST", "PASS1_FILE", "ResumeError", "RunJournal", "fingerprint", "model_identity", "read_manifest",
-           "inspect", "resume_config", "model_dir_of", "run_folder", "default_layer_dir", "start_disk_run", "check_fingerprint",
+           "inspect", "resumable_runs", "resume_config", "model_dir_of", "run_folder", "default_layer_dir", "start_disk_run",
+           "check_fingerprint", "check_resume",
            "stats_to_tensors", "stats_from_tensors"]

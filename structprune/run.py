@@ -32,7 +32,7 @@ from .methods import Method, get_method
 from .models import LoadedModel, load_model, weights_on_disk
 from .pipeline import ProgressEvent
 from .preflight import check_reachable, preflight
-from .resume import RunJournal, fingerprint, model_dir_of, start_disk_run
+from .resume import RunJournal, start_disk_run
 from .units import count_params, layouts_of, module_specs
 from .weights import DiskResidency, SafetensorsSource
 
@@ -54,6 +54,17 @@ class PruneResult:
 
 def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def run_dtype(cfg: PruneConfig) -> torch.dtype:
+    """The dtype a run computes in: cfg.dtype, but float32 on the CPU."""
+    return torch.float32 if resolve_device(cfg.device).type == "cpu" else _dtype(cfg.dtype)
+
+
+def streams_from_disk(cfg: PruneConfig) -> bool:
+    """Whether a run of `cfg` keeps the weights in their files (`cfg.weights`, auto decided by the
+    model's size against the free host memory); the app then loads no model for it."""
+    return weights_on_disk(cfg.weights, cfg.model, DTYPE_BYTES[run_dtype(cfg)])
 
 
 def environment() -> dict:
@@ -124,133 +135,135 @@ def run_prune(
     t_start = time.perf_counter()
     preflight(cfg, model=loaded is None)  # every refusal the settings allow, before any weights load
     device = resolve_device(cfg.device)
-    dtype = _dtype(cfg.dtype)
-    if device.type == "cpu" and dtype != torch.float32:
+    dtype = run_dtype(cfg)
+    if dtype != _dtype(cfg.dtype):
         log.warning("half precision on the CPU is slow and inexact; using float32")
-        dtype = torch.float32
     method = method or get_method(cfg.method)(cfg)
     check_sensitivity_windows(method, cfg.nsamples)
     journal = None
-    if resume is not None:  # the folder, the settings and the model checked before any weights load
-        journal = RunJournal.resume(resume, cfg, fingerprint(cfg, method, device, dtype), model_dir_of(cfg, loaded))
-        run_id = run_id or journal.run_id
-    if loaded is None:
-        on_disk = journal is not None or weights_on_disk(cfg.weights, cfg.model, DTYPE_BYTES[dtype])
-        loaded = load_model(cfg.model, on_disk=on_disk)
-    model = copy.deepcopy(loaded.model).to(dtype).eval()
-    # the loaded model's own layers (a pruned checkpoint's differ)
-    check_reachable(cfg, module_specs(layouts_of(model, adapter_for(model))))
-    calib_ids, evals, protocols = prepare_data(cfg, loaded.tokenizer, model)
-    residency = spill = None
-    if loaded.weights is not None:  # the weights stay in their files; pruned layers go to layer_dir
-        residency, journal, spill = start_disk_run(cfg, loaded, model, method, device, dtype, journal, layer_dir,
-                                                   activation_budget, run_id)
-        run_id = journal.run_id
-        engine_event = f"pruned layers and the run's manifest: {journal.folder} (if interrupted: --resume {journal.folder})"
+    try:  # the journal's lock is released however the run ends
+        if resume is not None:  # the folder, the settings and the model checked before any weights load
+            journal = RunJournal.resume(resume, cfg, method, loaded)
+            run_id = run_id or journal.run_id
+        if loaded is None:
+            loaded = load_model(cfg.model, on_disk=journal is not None or streams_from_disk(cfg))
+        model = copy.deepcopy(loaded.model).to(dtype).eval()
+        # the loaded model's own layers (a pruned checkpoint's differ)
+        check_reachable(cfg, module_specs(layouts_of(model, adapter_for(model))))
+        calib_ids, evals, protocols = prepare_data(cfg, loaded.tokenizer, model)
+        residency = spill = None
+        if loaded.weights is not None:  # the weights stay in their files; pruned layers go to layer_dir
+            residency, journal, spill = start_disk_run(cfg, loaded, model, method, dtype, journal, layer_dir,
+                                                       activation_budget, run_id)
+            run_id = journal.run_id
+            where = f"pruned layers and the run's manifest: {journal.folder} (if interrupted: --resume {journal.folder})"
 
-    engine = PruneEngine(model, device, method, batch_size=cfg.batch_size, on_event=on_event, cancel=cancel,
-                         t0=t_start, residency=residency, spill=spill)
-    if journal is not None:
-        engine.emit("journal", -1, engine_event)
-    params_before = count_params(model, engine.adapter)
-    specs = engine.specs
-    timing: dict[str, float] = {}
+        engine = PruneEngine(model, device, method, batch_size=cfg.batch_size, on_event=on_event, cancel=cancel,
+                             t0=t_start, residency=residency, spill=spill)
+        if journal is not None:
+            engine.emit("journal", -1, where)
+        params_before = count_params(model, engine.adapter)
+        specs = engine.specs
+        timing: dict[str, float] = {}
 
-    def evaluate(tag: str) -> dict:
-        out = {}
-        t = time.perf_counter()
-        for name, win in evals.items():
-            res = perplexity(model, win, device=device, batch_size=cfg.batch_size, protocol=protocols[name],
-                             residency=residency)
-            out[name] = {**res.to_dict(), "label": corpus_label(name, "test") if name != "random" else "random tokens"}
-            engine.emit(f"eval-{tag}", -1, f"{name}: ppl {res.value:.4g}")
-        timing[f"eval_{tag}_s"] = time.perf_counter() - t
-        return out
+        def evaluate(tag: str) -> dict:
+            out = {}
+            t = time.perf_counter()
+            for name, win in evals.items():
+                res = perplexity(model, win, device=device, batch_size=cfg.batch_size, protocol=protocols[name],
+                                 residency=residency)
+                out[name] = {**res.to_dict(), "label": corpus_label(name, "test") if name != "random" else "random tokens"}
+                engine.emit(f"eval-{tag}", -1, f"{name}: ppl {res.value:.4g}")
+            timing[f"eval_{tag}_s"] = time.perf_counter() - t
+            return out
 
-    heldout = heldout_ids(cfg, loaded.tokenizer, model.config.vocab_size)
-    try:
-        ppl_dense = evaluate("dense") if evaluate_dense else {}
-        if (reason := nonfinite_reason(ppl_dense, {}, {})) is not None:  # no pruning can mend the dense model
-            raise NonFiniteResultError(reason)
-        if evaluate_dense and heldout is not None:
-            calib_loss_dense_heldout = heldout_nll(model, heldout, device, cfg.batch_size, residency)[0]
-        if engine.ledger.measured:  # the dense evaluation may hold the whole model: not pruning's peak
-            torch.cuda.reset_peak_memory_stats(device)
-        key = pass1_key(method, id(loaded.model), method.wants_sensitivity())
-        outcome = engine.run(calib_ids, cache=stats_cache, cache_key=key, journal=journal)
-        timing.update(outcome.timing)
-        calib_loss = outcome.calib_loss
-        if evaluate_dense and heldout is not None:
-            calib_loss["heldout_dense"] = calib_loss_dense_heldout
-        calib_loss["pruned"], calib_loss["pruned_windows"] = calibration_nll(model, calib_ids, device, cfg.batch_size,
-                                                                             residency)
-        if heldout is not None:
-            calib_loss["heldout"], calib_loss["heldout_windows"] = heldout_nll(model, heldout, device, cfg.batch_size,
-                                                                               residency)
-        ppl_pruned = evaluate("pruned")
-    except torch.cuda.OutOfMemoryError as exc:  # pragma: no cover - needs a GPU
-        raise DeviceOutOfMemoryError(
-            "the GPU ran out of memory; lower --nsamples, --seqlen or --batch-size, or use --device cpu") from exc
-    except FloatingPointError as exc:  # weights are finite (checked at load): activations overflowed
-        hint = " at half precision: use --dtype float32" if dtype != torch.float32 else ""
-        raise NonFiniteResultError(f"the run failed: {exc}{hint}") from exc
+        heldout = heldout_ids(cfg, loaded.tokenizer, model.config.vocab_size)
+        try:
+            ppl_dense = evaluate("dense") if evaluate_dense else {}
+            if (reason := nonfinite_reason(ppl_dense, {}, {})) is not None:  # no pruning can mend the dense model
+                raise NonFiniteResultError(reason)
+            if evaluate_dense and heldout is not None:
+                calib_loss_dense_heldout = heldout_nll(model, heldout, device, cfg.batch_size, residency)[0]
+            if engine.ledger.measured:  # the dense evaluation may hold the whole model: not pruning's peak
+                torch.cuda.reset_peak_memory_stats(device)
+            key = pass1_key(method, id(loaded.model), method.wants_sensitivity())
+            outcome = engine.run(calib_ids, cache=stats_cache, cache_key=key, journal=journal)
+            timing.update(outcome.timing)
+            calib_loss = outcome.calib_loss
+            if evaluate_dense and heldout is not None:
+                calib_loss["heldout_dense"] = calib_loss_dense_heldout
+            calib_loss["pruned"], calib_loss["pruned_windows"] = calibration_nll(model, calib_ids, device, cfg.batch_size,
+                                                                                 residency)
+            if heldout is not None:
+                calib_loss["heldout"], calib_loss["heldout_windows"] = heldout_nll(model, heldout, device, cfg.batch_size,
+                                                                                   residency)
+            ppl_pruned = evaluate("pruned")
+        except torch.cuda.OutOfMemoryError as exc:  # pragma: no cover - needs a GPU
+            raise DeviceOutOfMemoryError(
+                "the GPU ran out of memory; lower --nsamples, --seqlen or --batch-size, or use --device cpu") from exc
+        except FloatingPointError as exc:  # weights are finite (checked at load): activations overflowed
+            hint = " at half precision: use --dtype float32" if dtype != torch.float32 else ""
+            raise NonFiniteResultError(f"the run failed: {exc}{hint}") from exc
 
-    alloc, energy_info, infos = outcome.allocation, outcome.energy_info, outcome.modules
-    params_after = count_params(model, engine.adapter)
-    # prunable parameters left, counted with the dense model's unit costs (after pruning, a GQA
-    # layer with one head per group would look like multi-head attention to the layout)
-    kept_units = {(sp.layer, sp.kind): sp.n_units for sp in specs}
-    for info in infos:
-        kept_units[(info["layer"], info["module"])] = info["kept"]
-    prunable_after = sum(kept_units[(sp.layer, sp.kind)] * sp.unit_params for sp in specs)
-    timing["total_s"] = time.perf_counter() - t_start
-    engine.emit("done", -1)
-    ledger = engine.ledger
-    record = {
-        "schema": RECORD_SCHEMA,
-        "run_id": run_id or uuid.uuid4().hex[:12],
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "status": "finished",
-        "model": {"name": loaded.name, "source": loaded.source, "description": loaded.description,
-                  "architecture": model.config.model_type, "n_layers": engine.n_layers,
-                  "weights_note": "4-bit GGUF dequantized to fp32" if loaded.source == "builtin" else None},
-        "method": cfg.method,
-        "allocation_scheme": alloc.scheme,  # what ran (baselines fix their own; cfg.allocation may not apply)
-        "config": cfg.to_dict(),
-        "device": str(device),
-        "dtype": str(dtype).replace("torch.", ""),
-        "sparsity": {
-            "target": cfg.sparsity,
-            "achieved_prunable": 1 - prunable_after / params_before.prunable,
-            "achieved_total": 1 - params_after.total / params_before.total,
-            "allocation_target_params": alloc.params_target,
-            "allocation_pruned_params": alloc.params_pruned,
-        },
-        "params": {"before": params_before.to_dict(), "after": {"total": params_after.total, "prunable": prunable_after}},
-        "allocation": [{**r, "energy": (energy_info.get("values") or [None] * len(specs))[j]}
-                       for j, r in enumerate(alloc.to_records())],
-        "energies": {k: v for k, v in energy_info.items() if k != "values"},
-        "ppl": {"dense": ppl_dense, "pruned": ppl_pruned},
-        "calib_loss": calib_loss,
-        "modules": infos,
-        "memory": {"kind": ledger.kind, "peak_bytes": outcome.peak_bytes,
-                   "model_weight_bytes": params_before.total * DTYPE_BYTES[dtype],
-                   "timeline": ledger.timeline_records()},
-        "timing": timing,
-        "weights": ({"mode": "memory"} if journal is None else
-                    {"mode": "disk", "pruned_layers": str(journal.folder), **residency.counts(),
-                     "activation_budget_bytes": spill.budget_bytes, "activations_spilled_bytes": spill.spilled_bytes,
-                     "resumed_at_layer": journal.resumed_at}),
-        "environment": environment(),
-    }
-    reason = nonfinite_reason(ppl_dense, ppl_pruned, calib_loss)
-    if reason is not None:
-        record.update(status="failed", error=reason)
-        raise NonFiniteResultError(reason, strict_record(record))
-    if journal is not None and finish:
-        journal.finish(record["run_id"])
-    return PruneResult(strict_record(record), model, loaded.tokenizer, journal.folder if journal else None,
-                       residency.source if residency else None, journal)
+        alloc, energy_info, infos = outcome.allocation, outcome.energy_info, outcome.modules
+        params_after = count_params(model, engine.adapter)
+        # prunable parameters left, counted with the dense model's unit costs (after pruning, a GQA
+        # layer with one head per group would look like multi-head attention to the layout)
+        kept_units = {(sp.layer, sp.kind): sp.n_units for sp in specs}
+        for info in infos:
+            kept_units[(info["layer"], info["module"])] = info["kept"]
+        prunable_after = sum(kept_units[(sp.layer, sp.kind)] * sp.unit_params for sp in specs)
+        timing["total_s"] = time.perf_counter() - t_start
+        engine.emit("done", -1)
+        ledger = engine.ledger
+        record = {
+            "schema": RECORD_SCHEMA,
+            "run_id": run_id or uuid.uuid4().hex[:12],
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "status": "finished",
+            "model": {"name": loaded.name, "source": loaded.source, "description": loaded.description,
+                      "architecture": model.config.model_type, "n_layers": engine.n_layers,
+                      "weights_note": "4-bit GGUF dequantized to fp32" if loaded.source == "builtin" else None},
+            "method": cfg.method,
+            "allocation_scheme": alloc.scheme,  # what ran (baselines fix their own; cfg.allocation may not apply)
+            "config": cfg.to_dict(),
+            "device": str(device),
+            "dtype": str(dtype).replace("torch.", ""),
+            "sparsity": {
+                "target": cfg.sparsity,
+                "achieved_prunable": 1 - prunable_after / params_before.prunable,
+                "achieved_total": 1 - params_after.total / params_before.total,
+                "allocation_target_params": alloc.params_target,
+                "allocation_pruned_params": alloc.params_pruned,
+            },
+            "params": {"before": params_before.to_dict(), "after": {"total": params_after.total, "prunable": prunable_after}},
+            "allocation": [{**r, "energy": (energy_info.get("values") or [None] * len(specs))[j]}
+                           for j, r in enumerate(alloc.to_records())],
+            "energies": {k: v for k, v in energy_info.items() if k != "values"},
+            "ppl": {"dense": ppl_dense, "pruned": ppl_pruned},
+            "calib_loss": calib_loss,
+            "modules": infos,
+            "memory": {"kind": ledger.kind, "peak_bytes": outcome.peak_bytes,
+                       "model_weight_bytes": params_before.total * DTYPE_BYTES[dtype],
+                       "timeline": ledger.timeline_records()},
+            "timing": timing,
+            "weights": ({"mode": "memory"} if journal is None else
+                        {"mode": "disk", "pruned_layers": str(journal.folder), **residency.counts(),
+                         "activation_budget_bytes": spill.budget_bytes, "activations_spilled_bytes": spill.spilled_bytes,
+                         "resumed_at_layer": journal.resumed_at}),
+            "environment": environment(),
+        }
+        reason = nonfinite_reason(ppl_dense, ppl_pruned, calib_loss)
+        if reason is not None:
+            record.update(status="failed", error=reason)
+            raise NonFiniteResultError(reason, strict_record(record))
+        if journal is not None and finish:
+            journal.finish(record["run_id"])
+        return PruneResult(strict_record(record), model, loaded.tokenizer, journal.folder if journal else None,
+                           residency.source if residency else None, journal)
+    finally:
+        if journal is not None:
+            journal.close()
 
 
 def nonfinite_reason(ppl_dense: dict, ppl_pruned: dict, calib_loss: dict) -> str | None:
@@ -293,5 +306,5 @@ def is_finite(x: float | None) -> bool:
     return x is not None and math.isfinite(x)
 
 
-__all__ = ["PruneResult", "run_prune", "NonFiniteResultError", "nonfinite_reason", "ProgressEvent", "RECORD_SCHEMA", "calibration_ids", "heldout_ids",
+__all__ = ["PruneResult", "run_prune", "run_dtype", "streams_from_disk", "NonFiniteResultError", "nonfinite_reason", "ProgressEvent", "RECORD_SCHEMA", "calibration_ids", "heldout_ids",
            "random_token_data", "HELDOUT_LOSS_WINDOWS", "prepare_data"]
