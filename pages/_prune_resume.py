@@ -20,8 +20,10 @@ def offer(runner) -> None:
         st.caption("A run whose weights stream from disk keeps every layer it finished. Resuming continues after the "
                    "last one with the run's own settings (pass 1 is not repeated) and gives the same pruned model as "
                    "an uninterrupted run.")
-        pick = st.selectbox("Interrupted run", runs, key="resume_run", format_func=lambda r: (
-            f"{ui.run_label(r)} · {r['finished_layers']}/{r['n_layers']} layers pruned"))
+        by_id = {r["run_id"]: r for r in runs}
+        chosen = st.selectbox("Interrupted run", list(by_id), key="resume_run", format_func=lambda i: (
+            f"{ui.run_label(by_id[i])} · {by_id[i]['finished_layers']}/{by_id[i]['n_layers']} layers pruned"))
+        pick = by_id[chosen]
         if pick.get("error"):
             st.caption(f"It stopped because: {pick['error']}")
         if st.button("Resume", key="resume", disabled=runner.busy):
