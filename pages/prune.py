@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages import _prune_estimate, _prune_form, _prune_results
+from pages import _prune_estimate, _prune_form, _prune_results, _prune_resume
 from pages import _ui as ui
 from pages._progress import job_progress
 from structprune.errors import StructPruneError
+from structprune.run import streams_from_disk
 
 st.title("Prune a model")
 st.markdown("StructPrune removes whole attention heads and MLP channels from a language model, one decoder layer "
@@ -40,11 +41,15 @@ dev = _prune_estimate.before_running(cfg, config_error)
 runner = ui.runner()
 if st.button("Run", type="primary", key="run", disabled=cfg is None):
     try:
-        job = runner.submit_prune(cfg, ui.model(cfg.model), ui.store())
+        # a run whose weights stay on disk loads its model itself, a layer at a time
+        loaded = None if streams_from_disk(cfg) else ui.model(cfg.model)
+        job = runner.submit_prune(cfg, loaded, ui.store())
         job.config["memory_kind"] = "measured-cuda" if dev.startswith("cuda") else "accounted-cpu"
         st.session_state["job_id"] = job.job_id
     except Exception as exc:  # noqa: BLE001 - unknown model, busy worker, ...: the message, not a traceback
         ui.show_error(exc)
+
+_prune_resume.offer(runner)
 
 
 def show_finished(job) -> None:

@@ -38,16 +38,18 @@ MODELING_FILE = "modeling_structprune.py"
 
 def layer_shapes(model) -> list[dict]:
     ad = adapter_for(model)
-    shapes = []
-    for layer in ad.layers(model):
-        lay = ad.layout(layer)
-        shapes.append({
-            "n_heads": lay.n_heads, "n_kv_heads": lay.n_kv_heads, "head_dim": lay.head_dim,
-            "intermediate": lay.intermediate,
-            "o_bias": ad.out_proj(layer, "attn").bias is not None,
-            "mlp_out_bias": ad.out_proj(layer, "mlp").bias is not None,
-        })
-    return shapes
+    return [layer_shape(ad, layer) for layer in ad.layers(model)]
+
+
+def layer_shape(adapter, layer) -> dict:
+    """One decoder layer's shape as saved folders record it (`shrink_layer` gives a dense layer it)."""
+    lay = adapter.layout(layer)
+    return {
+        "n_heads": lay.n_heads, "n_kv_heads": lay.n_kv_heads, "head_dim": lay.head_dim,
+        "intermediate": lay.intermediate,
+        "o_bias": adapter.out_proj(layer, "attn").bias is not None,
+        "mlp_out_bias": adapter.out_proj(layer, "mlp").bias is not None,
+    }
 
 
 def _plain_loadable(config, shapes: list[dict]) -> bool:
@@ -127,7 +129,8 @@ def is_structprune_checkpoint(folder: str | Path) -> bool:
     return "structprune" in json.loads(cfg.read_text())
 
 
-def _shrink_layer(adapter, layer, shape: dict) -> None:
+def shrink_layer(adapter, layer, shape: dict) -> None:
+    """Gives a dense layer (real or a skeleton on `meta`) the recorded shape; its weights are loaded after."""
     lay = adapter.layout(layer)
     if shape["n_heads"] != lay.n_heads:
         if lay.mha:
@@ -171,7 +174,7 @@ def load_pruned(folder: str | Path, dtype: torch.dtype = torch.float32):
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     adapter = adapter_for(model)
     for layer, shape in zip(adapter.layers(model), shapes):
-        _shrink_layer(adapter, layer, shape)
+        shrink_layer(adapter, layer, shape)
     state = {}
     for f in sorted(folder.glob("*.safetensors")):
         state.update(load_file(f))

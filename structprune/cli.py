@@ -5,7 +5,9 @@ Options of `prune`, and the shared options of `eval`, `estimate` and `prepare`, 
 option or an error of the library) prints one line, `error: ...`, and exits with status 2, before
 any model is loaded where the options allow (preflight.py). `prune` checks `--out` writable first,
 writes the model before the record and both atomically, leaves nothing behind when it fails, and
-records the run in the run store the app shows (unless `--no-store`).
+records the run in the run store the app shows (unless `--no-store`). A run whose weights stream
+from disk writes its layers into `<data>/streamed/<run_id>` and can be continued after a kill, a
+full disk or Ctrl-C with `prune --resume DIR` (resume.py).
 """
 
 from __future__ import annotations
@@ -39,9 +41,19 @@ def _progress(event) -> None:
         msg = f"\r{event.stage:<12} [{bar:<30}] layer {done}/{event.n_layers}"
     mem = event.peak_bytes / 2**20
     sys.stderr.write(f"{msg}  {event.elapsed_s:7.1f}s  peak {mem:8.1f} MiB")
-    if event.layer < 0 or event.layer + 1 == event.n_layers:
+    _open_line[0] = not (event.layer < 0 or event.layer + 1 == event.n_layers)
+    if not _open_line[0]:
         sys.stderr.write("\n")
     sys.stderr.flush()
+
+
+_open_line = [False]  # the progress bar's line is not ended yet: a message after it starts a new one
+
+
+def _end_progress_line() -> None:
+    if _open_line[0]:
+        sys.stderr.write("\n")
+        _open_line[0] = False
 
 
 def _help(name: str, extra: str = "", default=MISSING) -> str:
@@ -160,18 +172,31 @@ def _remove_empty(folders: list[Path]) -> None:
 
 
 def cmd_prune(args) -> int:
+    from .paths import data_dir
     from .preflight import preflight
 
     values = {f.name: getattr(args, f.name) for f in fields(PruneConfig)}
     values["eval_data"] = tuple(values["eval_data"])
+    run_id = manifest = None
+    if args.resume is not None:  # the run's own settings, but for those given here (compared below)
+        from .resume import read_manifest
+
+        manifest = read_manifest(args.resume)
+        own = PruneConfig.from_dict(manifest["config"])
+        given = _given_settings(args.argv)
+        values = {name: values[name] if name in given else getattr(own, name) for name in values}
+        run_id = manifest["run_id"]
     check_settings(values, _flag)  # messages name the flags
     cfg = PruneConfig(**values)
     preflight(cfg)  # the model config, reachability, corpora: before any weights load
+    if manifest is not None:
+        from .resume import check_resume
+
+        check_resume(args.resume, cfg)  # other settings or another model: refused before any work
     out = Path(args.out).expanduser()
     created = _prepare_out(out)
     store = None
     if not args.no_store:
-        from .paths import data_dir
         from .store import RunStore
 
         try:
@@ -181,28 +206,60 @@ def cmd_prune(args) -> int:
             raise StructPruneError(f"cannot open the run store in {data_dir()} ({exc}); set STRUCTPRUNE_DATA "
                                    "to a writable folder or pass --no-store") from None
     try:
-        return _prune_and_write(cfg, args, out, store)
+        return _prune_and_write(cfg, args, out, store, run_id)
     except BaseException:
         _remove_empty(created)
         raise
 
 
-def _prune_and_write(cfg: PruneConfig, args, out: Path, store) -> int:
+def _given_settings(argv: list[str]) -> set[str]:
+    """The PruneConfig settings given on the command line of `prune` (the rest of a resumed run's
+    settings are its own): parsed again with every setting's default unset."""
+    unset = object()
+    p = _Parser(add_help=False)
+    _add_prune_options(p)
+    p.set_defaults(**{f.name: unset for f in fields(PruneConfig)})
+    ns, _ = p.parse_known_args(argv[argv.index("prune") + 1:])
+    return {f.name for f in fields(PruneConfig) if getattr(ns, f.name) is not unset}
+
+
+def _start_row(store, cfg: PruneConfig, run_id: str | None) -> str:
+    """The run's row in the store: a new one, or the interrupted run's again (resumed)."""
+    if run_id is None:
+        return store.start(cfg.to_dict())
+    row = store.get(run_id)
+    if row is None:  # run without the store, or with another one
+        return store.start(cfg.to_dict(), run_id=run_id)
+    if not store.reopen(run_id):
+        raise StructPruneError(f"run {run_id} is {row['status']} in the run store ({store.path}); wait for it to end "
+                               "before resuming it")
+    return run_id
+
+
+def _prune_and_write(cfg: PruneConfig, args, out: Path, store, run_id: str | None) -> int:
     """The run, then its outputs: the model (if asked) first and the record last, so a record exists
-    only next to a complete model; the store row ends finished or failed, never running."""
+    only next to a complete model; the store row ends finished or failed, never running. A run whose
+    weights stream from disk keeps its journal open (resumable) until both are written."""
+    import uuid
+
     from .checkpoint import save_pruned
     from .jsonio import write_json
+    from .paths import data_dir
+    from .resume import inspect, run_folder
     from .run import NonFiniteResultError, run_prune
     from .weights import streamed_weights
 
-    run_id = store.start(cfg.to_dict()) if store is not None else None
+    resume = args.resume
+    if store is not None:
+        run_id = _start_row(store, cfg, run_id)
+    run_id = run_id or uuid.uuid4().hex[:12]
+    layer_dir = None if resume else run_folder(store.folder if store is not None else data_dir(), run_id)
     folder = None
     try:
         with store.heartbeat(run_id) if store is not None else contextlib.nullcontext():
-            res = run_prune(cfg, on_event=_progress, measure_speed=args.speed)
+            res = run_prune(cfg, on_event=_progress, layer_dir=layer_dir, resume=resume, run_id=run_id, finish=False,
+                            measure_speed=args.speed)
         rec = res.record
-        if run_id is not None:
-            rec["run_id"] = run_id
         if args.save_model:
             folder = out / f"model-{rec['run_id']}"
             provenance = {"run_id": rec["run_id"], "config": rec["config"]}
@@ -211,11 +268,17 @@ def _prune_and_write(cfg: PruneConfig, args, out: Path, store) -> int:
             save_pruned(res.model, res.tokenizer, folder, provenance=provenance, record=rec, write_weights=write)
             rec["saved_model"] = str(folder)
         path = write_json(out / f"{rec['run_id']}.json", rec)
+        if res.journal is not None:
+            res.journal.finish(rec["run_id"])
         if store is not None:
             store.finish(run_id, rec)
     except BaseException as exc:
         if folder is not None and folder.exists():  # a model without its record is not kept
             shutil.rmtree(folder, ignore_errors=True)
+        left = inspect(resume or layer_dir)
+        if left is not None and isinstance(exc, KeyboardInterrupt):
+            _end_progress_line()
+            print(f"the run can be resumed: structprune prune --resume {left['folder']}", file=sys.stderr)
         if store is not None:
             msg = _one_line(exc) if not isinstance(exc, KeyboardInterrupt) else "interrupted (Ctrl-C)"
             store.fail(run_id, msg, cancelled=isinstance(exc, KeyboardInterrupt),
@@ -274,6 +337,23 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}\n")
 
 
+def _add_prune_options(p: argparse.ArgumentParser) -> None:
+    _add_config_options(p)
+    p.add_argument("--out", default="runs", help="folder for the record (and the model); checked writable "
+                                                  "before the run, left as it was if the run fails")
+    p.add_argument("--save-model", action="store_true", help="also save the pruned model: a folder plain transformers "
+                   "loads, model-<run_id> (docs/EXPORT.md)")
+    p.add_argument("--no-store", action="store_true",
+                   help="do not record the run in the run store the app shows (STRUCTPRUNE_DATA; default: recorded)")
+    p.add_argument("--resume", metavar="DIR", default=None,
+                   help="continue an interrupted run whose weights streamed from disk from its last finished layer; "
+                        "DIR is its layer folder (printed when it starts: <data>/streamed/<run_id>). Settings not "
+                        "given are the run's own; a given one that changes the result and differs is refused. The "
+                        "model equals an uninterrupted run's (bitwise on the CPU)")
+    p.add_argument("--speed", action="store_true", help="afterwards, time the pruned model against dense on the "
+                   "run's device (prefill 1 x 128, decode batch 1; a few seconds): the record's \"speed\"")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="structprune", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -299,15 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("prune", help="prune a model and write its JSON record")
-    _add_config_options(p)
-    p.add_argument("--out", default="runs", help="folder for the record (and the model); checked writable "
-                                                  "before the run, left as it was if the run fails")
-    p.add_argument("--save-model", action="store_true", help="also save the pruned model: a folder plain transformers "
-                   "loads, model-<run_id> (docs/EXPORT.md)")
-    p.add_argument("--no-store", action="store_true",
-                   help="do not record the run in the run store the app shows (STRUCTPRUNE_DATA; default: recorded)")
-    p.add_argument("--speed", action="store_true", help="afterwards, time the pruned model against dense on the "
-                   "run's device (prefill 1 x 128, decode batch 1; a few seconds): the record's \"speed\"")
+    _add_prune_options(p)
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("export", help="write the loadable model folder of a finished run (docs/EXPORT.md)")
@@ -331,10 +403,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help (0) or a refused option (2, one `error:` line already printed)
         return exc.code if isinstance(exc.code, int) else 2
+    args.argv = argv
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     from transformers.utils import logging as hf_logging
 
@@ -343,16 +417,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except StructPruneError as exc:
+        _end_progress_line()
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:  # a full disk, a folder that went away: what failed, not a traceback
+        _end_progress_line()
         log.debug("", exc_info=True)
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _end_progress_line()
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - a bug: one line, the traceback with -v
+        _end_progress_line()
         log.info("", exc_info=True)
         print(f"error: internal error, {_one_line(exc)} (run with -v for the traceback)", file=sys.stderr)
         return 1

@@ -170,11 +170,14 @@ class PruneEngine:
     @_cancellable
     def pass2(self, calib_ids: torch.Tensor, keep: list[dict[str, int]], pass1: Pass1,
               refine: Callable[..., dict] | None = None,
-              commit_layer: Callable[[int, nn.Module], None] | None = None) -> list[dict]:
+              commit_layer: Callable[[int, nn.Module, list[dict]], None] | None = None,
+              start: int = 0, dense_layer_on_device=None) -> list[dict]:
         """Prunes the model in place to `keep` (per layer, units kept per module; `Plan.keep`);
         one info dict per module. `refine` replaces the block refit the config asks for (a
         `refine.fit_layer`-like callable: the refit probe's extension point); `commit_layer(i,
-        layer)` receives each finished layer on the device (disk streaming writes it out)."""
+        layer, infos)` receives each finished layer on the device (disk streaming writes it out).
+        `start` > 0 continues an interrupted pass 2 (pipeline.prune_sequential): the infos of the
+        layers before it are not returned."""
         method = self._need_method()
         cfg = method.cfg
         if not method.needs_calibration:
@@ -185,13 +188,17 @@ class PruneEngine:
                                        schedule=cfg.refine_schedule)
         return prune_sequential(self.stream, calib_ids, keep, method.rule, self.emit, target=cfg.target,
                                 solves=method.solves, refine=refine, weigh=pass1.weigh, damp=cfg.damp,
-                                commit_layer=commit_layer)
+                                commit_layer=commit_layer, start=start, dense_layer_on_device=dense_layer_on_device)
 
     @_cancellable
     def run(self, calib_ids: torch.Tensor, cache: dict | None = None, cache_key: tuple | None = None,
-            commit_layer: Callable[[int, nn.Module], None] | None = None) -> PruneOutcome:
+            commit_layer: Callable[[int, nn.Module, list[dict]], None] | None = None,
+            journal=None) -> PruneOutcome:
         """The method end to end: pass 1, allocation, pass 2 (or the method's own whole-model
-        pruning). The model is pruned in place."""
+        pruning). The model is pruned in place. `journal` (a `resume.RunJournal`) makes the run
+        resumable: it keeps pass 1's statistics (or gives back those of the interrupted run), the
+        plan, and every finished layer (it is the commit_layer then); a resumed pass 2 starts at
+        its first unfinished layer."""
         method = self._need_method()
         timing = {}
         t = time.perf_counter()
@@ -200,11 +207,20 @@ class PruneEngine:
                 self.model, self.adapter, calib_ids, self.specs, self.stream, self.emit)
             timing["pass1_s"] = time.perf_counter() - t
             return PruneOutcome(alloc, energy_info, infos, calib_loss, timing, peak_bytes=self.ledger.peak)
-        p1 = self.pass1(calib_ids, cache=cache, cache_key=cache_key)
+        p1 = journal.load_pass1(method.token_weights()) if journal is not None else None
+        if p1 is None:
+            p1 = self.pass1(calib_ids, cache=cache, cache_key=cache_key)
+            if journal is not None:
+                journal.save_pass1(p1)
         timing["pass1_s"] = time.perf_counter() - t
         plan = self.allocate(p1)
         t = time.perf_counter()
-        infos = self.pass2(calib_ids, plan.keep, p1, commit_layer=commit_layer)
+        start, infos, dense_layer = 0, [], None
+        if journal is not None:
+            start, infos = journal.begin(plan.keep, self.stream)
+            commit_layer, dense_layer = journal.commit, journal.dense_layer_on_device
+        infos = infos + self.pass2(calib_ids, plan.keep, p1, commit_layer=commit_layer, start=start,
+                                   dense_layer_on_device=dense_layer)
         timing["pass2_s"] = time.perf_counter() - t
         return PruneOutcome(plan.allocation, plan.energy_info, infos, dict(p1.calib_loss), timing, p1.stats,
                             peak_bytes=self.ledger.peak)

@@ -39,3 +39,18 @@ class RunCancelledError(StructPruneError):
 
 class DeviceOutOfMemoryError(StructPruneError):
     """The compute device ran out of memory; the message suggests smaller settings."""
+
+
+class NonFiniteResultError(StructPruneError):
+    """A run whose perplexity, loss or pruned weights are not finite: it ends as failed, never
+    "finished". `record` is its complete record with status "failed" and the reason when one was
+    assembled (strict JSON: the non-finite numbers are null and listed under "nonfinite")."""
+
+    def __init__(self, message: str, record: dict | None = None) -> None:
+        super().__init__(message)
+        self.record = record
+
+
+class OutputWriteError(StructPruneError):
+    """Writing a run's output failed (a full disk, a folder that went away): what was written
+    before stays, marked incomplete, and the run can be resumed once the cause is fixed."""

@@ -221,27 +221,46 @@ class JobRunner:
 
     # --- submitting -----------------------------------------------------------------------
     def submit_prune(self, cfg: PruneConfig, loaded, store: RunStore | None = None,
-                     on_done: Callable[[Job], None] | None = None) -> Job:
-        """Starts `run_prune(cfg, loaded)` in the background; the run is stored in `store`."""
+                     on_done: Callable[[Job], None] | None = None, resume: str | Path | None = None) -> Job:
+        """Starts `run_prune(cfg, loaded)` in the background; the run is stored in `store`.
+        `loaded` None: run_prune loads the model (as it streams from disk, see run.streams_from_disk);
+        such a run writes its layers into the store's `streamed/<run id>` and can be resumed.
+        `resume`: the layer folder of an interrupted run to continue (`submit_resume`)."""
+        from .resume import inspect, run_folder
         from .run import run_prune
 
-        job = Job("prune", f"{cfg.method} · {cfg.allocation} · s={cfg.sparsity:g} · {loaded.name}", cfg.to_dict(),
+        name = loaded.name if loaded is not None else cfg.model
+        job = Job("prune", f"{cfg.method} · {cfg.allocation} · s={cfg.sparsity:g} · {name}", cfg.to_dict(),
                   stages=_stages(lambda: planning.run_stages(loaded.model.config, cfg, measure_speed=True)))
+        if resume is not None:
+            job.job_id = inspect(resume)["run_id"]
+            job.label += " · resumed"
+        layer_dir = run_folder(store.folder, job.job_id) if store is not None and resume is None else None
 
         def work():
             before = set(self.stats_cache)
-            res = run_prune(cfg, loaded, on_event=job.add, cancel=job.cancel_event,
-                            stats_cache=self.stats_cache, measure_speed=True)
-            res.record["run_id"] = job.job_id
+            res = run_prune(cfg, loaded, on_event=job.add, cancel=job.cancel_event, stats_cache=self.stats_cache,
+                            layer_dir=layer_dir, resume=resume, run_id=job.job_id, measure_speed=True)
             if store is not None:
                 store.finish(job.job_id, res.record)
                 try:
-                    self._store_new_profiles(store, cfg, loaded, before)
+                    if loaded is not None:
+                        self._store_new_profiles(store, cfg, loaded, before)
                 except Exception:  # noqa: BLE001 - the run itself is stored; the profile is a bonus
                     log.warning("could not store the energy profile of run %s", job.job_id, exc_info=True)
             return res
 
-        return self._start(job, work, store, on_done)
+        return self._start(job, work, store, on_done, reopen=resume is not None)
+
+    def submit_resume(self, folder: str | Path, store: RunStore | None = None,
+                      on_done: Callable[[Job], None] | None = None) -> Job:
+        """Continues the interrupted run in `folder` (resume.py) with its own settings, under its
+        own run id: its store row runs again and ends finished (or failed) like any run."""
+        from .resume import check_resume, resume_config
+
+        cfg = resume_config(folder)
+        check_resume(folder, cfg)  # a finished run, another model: refused here, not in the worker
+        return self.submit_prune(cfg, None, store, on_done, resume=folder)
 
     def submit_profile(self, cfg: PruneConfig, loaded, store: RunStore | None = None,
                        on_done: Callable[[Job], None] | None = None) -> Job:
@@ -283,7 +302,7 @@ class JobRunner:
                 store.cache_put(profile_key(loaded.name, cfg, prof.sensitivity is not None), prof.to_dict())
 
     def _start(self, job: Job, work: Callable[[], Any], store: RunStore | None,
-               on_done: Callable[[Job], None] | None) -> Job:
+               on_done: Callable[[Job], None] | None, reopen: bool = False) -> Job:
         with self._lock:
             running = next((j for j in self._jobs if j.active), None)
             if running is not None:
@@ -292,7 +311,8 @@ class JobRunner:
                     "wait for it to finish or cancel it first")
             self._jobs = (self._jobs + [job])[-self._keep:]
         if store is not None:
-            store.start(job.config, run_id=job.job_id)
+            if not (reopen and store.reopen(job.job_id)):  # a resumed run not in this store gets a new row
+                store.start(job.config, run_id=job.job_id)
         threading.Thread(target=self._run, args=(job, work, store, on_done), name=f"structprune-{job.kind}",
                          daemon=True).start()
         return job

@@ -262,7 +262,9 @@ def prune_sequential(
     refine: Callable[..., dict] | None = None,
     weigh: TokenWeights | None = None,
     damp: float = DAMP_REL,
-    commit_layer: Callable[[int, nn.Module], None] | None = None,
+    commit_layer: Callable[[int, nn.Module, list[dict]], None] | None = None,
+    start: int = 0,
+    dense_layer_on_device: Callable[[int], contextlib.AbstractContextManager[nn.Module]] | None = None,
 ) -> list[dict]:
     """Pass 2: prunes every layer with `keep_counts[i][kind]` units kept. target="dense" also
     streams the dense model's activations and fits each module to the dense model's output of that
@@ -271,8 +273,11 @@ def prune_sequential(
     before its solve. `refine` (refine.fit_layer's signature, settings bound) is called on each
     pruned layer before the calibration batches move on through it; its report lands in the
     layer's MLP info. `weigh`: the token weights pass 1 used (None: plain Grams). `commit_layer(i,
-    layer)` is called on each finished layer while it is still on the device (disk streaming
-    writes it out there: weights.LayerWriter)."""
+    layer, infos)` is called on each finished layer while it is still on the device, with its
+    modules' infos (disk streaming writes it out there: resume.RunJournal). `start`: the layers
+    before it were pruned by an interrupted run: their pruned weights (the stream's residency
+    reads them) only run forward, rebuilding the calibration activations, and target="dense"
+    also runs each one's dense layer, `dense_layer_on_device(i)`; their infos are the caller's."""
     ad = stream.adapter
     ledger = stream.ledger
     host = solves and stream.host_grams and target == "local"
@@ -280,7 +285,15 @@ def prune_sequential(
     x = stream.embed(calib_ids)
     xd = x if target == "dense" else None
     infos = []
-    for i in range(stream.n_layers):
+    for i in range(start):  # pruned before an interruption: forward only, as the pruned layer ran then
+        with stream.layer_on_device(i) as layer:
+            x = stream.run_layer(i, layer, x)
+        if xd is not None:
+            with dense_layer_on_device(i) as dense_layer:
+                xd = stream.run_layer(i, dense_layer, xd)
+        emit("pass2", i, "pruned before the interruption: forward only")
+    for i in range(start, stream.n_layers):
+        first = len(infos)
         with stream.layer_on_device(i) as layer, contextlib.ExitStack() as scope:
             dense_layer = None
             if target == "dense" or refine is not None:  # the layer as it was, next to the one pruned
@@ -328,7 +341,7 @@ def prune_sequential(
                     xd = stream.run_layer(i, dense_layer, xd)
                 del dense_layer
             if commit_layer is not None:
-                commit_layer(i, layer)
+                commit_layer(i, layer, infos[first:])
         emit("pass2", i)
     return infos
 

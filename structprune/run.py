@@ -10,14 +10,12 @@ import logging
 import math
 import platform
 import subprocess
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import psutil
 import torch
 
 from .adapters import adapter_for
@@ -28,34 +26,23 @@ from .data.calibration import HELDOUT_LOSS_WINDOWS, calibration_ids, heldout_ids
 from .data.corpora import corpus_id, corpus_label
 from .data.windows import CalibrationSpec, corpus_token_ids, eval_windows, protocol_string
 from .engine import PruneEngine, check_sensitivity_windows, pass1_key
-from .errors import DeviceOutOfMemoryError, InvalidConfigError, SequenceLengthError, StructPruneError
+from .errors import DeviceOutOfMemoryError, NonFiniteResultError, SequenceLengthError
 from .evaluation import check_seqlen, perplexity, resolve_device
 from .jsonio import strict_record
 from .memory import DTYPE_BYTES
 from .methods import Method, get_method
 from .models import LoadedModel, load_model, weights_on_disk
-from .paths import data_dir
 from .pipeline import ProgressEvent
 from .preflight import check_reachable, preflight
+from .resume import RunJournal, start_disk_run
 from .speed import speed_section
-from .streaming import ActivationSpill
 from .units import count_params, layouts_of, module_specs
-from .weights import DiskResidency, LayerWriter, SafetensorsSource
+from .weights import DiskResidency, SafetensorsSource
 
 log = logging.getLogger(__name__)
 
 RECORD_SCHEMA = "structprune.run/1"
 CALIB_LOSS_WINDOWS = 8  # calibration windows of the pruned model's calibration loss (calib_loss["pruned"])
-
-
-class NonFiniteResultError(StructPruneError):
-    """A run whose perplexity or loss is not finite: it ends as failed, never "finished". `record`
-    is its complete record with status "failed" and the reason (strict JSON: the non-finite numbers
-    are null and listed under "nonfinite")."""
-
-    def __init__(self, message: str, record: dict | None = None) -> None:
-        super().__init__(message)
-        self.record = record
 
 
 @dataclass
@@ -65,17 +52,22 @@ class PruneResult:
     tokenizer: object | None
     layer_dir: Path | None = None  # with the weights on disk: the pruned layers' shards
     weights: SafetensorsSource | None = None  # ... and where every tensor of the pruned model is
-
-
-def _streamed_dir() -> Path:
-    """Where runs with their weights on disk write pruned layers unless told otherwise."""
-    folder = data_dir() / "streamed"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    journal: RunJournal | None = None  # ... and the run's manifest (resume.py)
 
 
 def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def run_dtype(cfg: PruneConfig) -> torch.dtype:
+    """The dtype a run computes in: cfg.dtype, but float32 on the CPU."""
+    return torch.float32 if resolve_device(cfg.device).type == "cpu" else _dtype(cfg.dtype)
+
+
+def streams_from_disk(cfg: PruneConfig) -> bool:
+    """Whether a run of `cfg` keeps the weights in their files (`cfg.weights`, auto decided by the
+    model's size against the free host memory); the app then loads no model for it."""
+    return weights_on_disk(cfg.weights, cfg.model, DTYPE_BYTES[run_dtype(cfg)])
 
 
 def environment() -> dict:
@@ -121,6 +113,9 @@ def run_prune(
     method: Method | None = None,
     layer_dir: str | Path | None = None,
     activation_budget: int | None = None,
+    resume: str | Path | None = None,
+    run_id: str | None = None,
+    finish: bool = True,
     measure_speed: bool = False,
 ) -> PruneResult:
     """Prunes a copy of `loaded` (or of `cfg.model`, loaded here) and evaluates it.
@@ -132,6 +127,12 @@ def run_prune(
     they finish (default: a new folder under the run store's `streamed/`), and
     activation_budget: the host bytes of calibration activations per pass kept in memory before
     the rest go to memory-mapped files in layer_dir (default: a quarter of the free host memory).
+    layer_dir also holds the run's manifest (resume.py), so a killed run can be continued:
+    resume: the layer folder of an interrupted disk-streamed run to continue from its last
+    finished layer (refused before any work if `cfg` differs from its settings, see
+    resume.resume_config); run_id: the record's id (and the manifest's; default: a new one, or
+    the resumed run's); finish=False leaves the manifest open (resumable) for a caller that
+    still writes outputs and calls `PruneResult.journal.finish()` once they are written.
 
     measure_speed: time the pruned model against the dense one on the run's device afterwards (a few
     seconds, `speed.speed_section`); the record's "speed" holds the result.
@@ -142,163 +143,171 @@ def run_prune(
     """
     with cancel_scope(cancel):
         return _run_prune(cfg, loaded, on_event, cancel, evaluate_dense, stats_cache, method, layer_dir,
-                          activation_budget, measure_speed)
+                          activation_budget, resume, run_id, finish, measure_speed)
 
 
 def _run_prune(cfg: PruneConfig, loaded: LoadedModel | None, on_event, cancel, evaluate_dense: bool,
                stats_cache: dict | None, method: Method | None, layer_dir: str | Path | None,
-               activation_budget: int | None, measure_speed: bool) -> PruneResult:
+               activation_budget: int | None, resume: str | Path | None, run_id: str | None, finish: bool,
+               measure_speed: bool) -> PruneResult:
     t_start = time.perf_counter()
     preflight(cfg, model=loaded is None)  # every refusal the settings allow, before any weights load
     device = resolve_device(cfg.device)
-    dtype = _dtype(cfg.dtype)
-    if device.type == "cpu" and dtype != torch.float32:
+    dtype = run_dtype(cfg)
+    if dtype != _dtype(cfg.dtype):
         log.warning("half precision on the CPU is slow and inexact; using float32")
-        dtype = torch.float32
     method = method or get_method(cfg.method)(cfg)
     check_sensitivity_windows(method, cfg.nsamples)
-    if loaded is None:
-        loaded = load_model(cfg.model, on_disk=weights_on_disk(cfg.weights, cfg.model, DTYPE_BYTES[dtype]))
-    note = _preparing(on_event, loaded.model.config.num_hidden_layers, t_start)
-    note("copying the model")
-    model = copy.deepcopy(loaded.model).to(dtype).eval()
-    # the loaded model's own layers (a pruned checkpoint's differ)
-    check_reachable(cfg, module_specs(layouts_of(model, adapter_for(model))))
-    note("drawing the calibration and evaluation windows")
-    calib_ids, evals, protocols = prepare_data(cfg, loaded.tokenizer, model)
-    residency = writer = spill = None
-    if loaded.weights is not None:  # the weights stay in their files; pruned layers go to layer_dir
-        if method.whole_model or not method.needs_calibration:
-            raise InvalidConfigError(f"{cfg.method} needs the whole model in memory; use weights memory")
-        layers_path = adapter_for(model).spec.layers
-        residency = DiskResidency(model, loaded.weights.fork(), dtype, layers_path)
-        layer_dir = Path(layer_dir) if layer_dir else Path(tempfile.mkdtemp(prefix="run-", dir=_streamed_dir()))
-        writer = LayerWriter(residency, layers_path, layer_dir)
-        if activation_budget is None:
-            activation_budget = psutil.virtual_memory().available // 4
-        spill = ActivationSpill(layer_dir / "activations", activation_budget)
+    journal = None
+    try:  # the journal's lock is released however the run ends
+        if resume is not None:  # the folder, the settings and the model checked before any weights load
+            journal = RunJournal.resume(resume, cfg, method, loaded)
+            run_id = run_id or journal.run_id
+        if loaded is None:
+            loaded = load_model(cfg.model, on_disk=journal is not None or streams_from_disk(cfg))
+        note = _preparing(on_event, loaded.model.config.num_hidden_layers, t_start)
+        note("copying the model")
+        model = copy.deepcopy(loaded.model).to(dtype).eval()
+        # the loaded model's own layers (a pruned checkpoint's differ)
+        check_reachable(cfg, module_specs(layouts_of(model, adapter_for(model))))
+        note("drawing the calibration and evaluation windows")
+        calib_ids, evals, protocols = prepare_data(cfg, loaded.tokenizer, model)
+        residency = spill = None
+        if loaded.weights is not None:  # the weights stay in their files; pruned layers go to layer_dir
+            residency, journal, spill = start_disk_run(cfg, loaded, model, method, dtype, journal, layer_dir,
+                                                       activation_budget, run_id)
+            run_id = journal.run_id
+            where = f"pruned layers and the run's manifest: {journal.folder} (if interrupted: --resume {journal.folder})"
 
-    engine = PruneEngine(model, device, method, batch_size=cfg.batch_size, on_event=on_event, cancel=cancel,
-                         t0=t_start, residency=residency, spill=spill)
-    params_before = count_params(model, engine.adapter)
-    specs = engine.specs
-    timing: dict[str, float] = {}
+        engine = PruneEngine(model, device, method, batch_size=cfg.batch_size, on_event=on_event, cancel=cancel,
+                             t0=t_start, residency=residency, spill=spill)
+        if journal is not None:
+            engine.emit("journal", -1, where)
+        params_before = count_params(model, engine.adapter)
+        specs = engine.specs
+        timing: dict[str, float] = {}
 
-    def evaluate(tag: str) -> dict:
-        out = {}
-        t = time.perf_counter()
-        total, done = sum(win.shape[0] for win in evals.values()), 0
-        engine.emit(f"eval-{tag}", -1, step=0, steps=total)
-        for name, win in evals.items():
-            with window_span(done, total):  # one window count over all corpora
-                res = perplexity(model, win, device=device, batch_size=cfg.batch_size, protocol=protocols[name],
-                                 residency=residency)
-            done += win.shape[0]
-            out[name] = {**res.to_dict(), "label": corpus_label(name, "test") if name != "random" else "random tokens"}
-            engine.emit(f"eval-{tag}", -1, f"{name}: ppl {res.value:.4g}", step=done, steps=total)
-        timing[f"eval_{tag}_s"] = time.perf_counter() - t
-        return out
-
-    heldout = heldout_ids(cfg, loaded.tokenizer, model.config.vocab_size)
-    timing["prepare_s"] = time.perf_counter() - t_start
-    try:
-        ppl_dense = evaluate("dense") if evaluate_dense else {}
-        if (reason := nonfinite_reason(ppl_dense, {}, {})) is not None:  # no pruning can mend the dense model
-            raise NonFiniteResultError(reason)
-        if evaluate_dense and heldout is not None:
+        def evaluate(tag: str) -> dict:
+            out = {}
             t = time.perf_counter()
-            engine.emit("heldout-dense", -1, step=0, steps=heldout.shape[0])
-            calib_loss_dense_heldout = heldout_nll(model, heldout, device, cfg.batch_size, residency)[0]
-            timing["heldout_dense_s"] = time.perf_counter() - t
-        if engine.ledger.measured:  # the dense evaluation may hold the whole model: not pruning's peak
-            torch.cuda.reset_peak_memory_stats(device)
-        key = pass1_key(method, id(loaded.model), method.wants_sensitivity())
-        outcome = engine.run(calib_ids, cache=stats_cache, cache_key=key, commit_layer=writer)
-        timing.update(outcome.timing)
-        calib_loss = outcome.calib_loss
-        if evaluate_dense and heldout is not None:
-            calib_loss["heldout_dense"] = calib_loss_dense_heldout
-        t = time.perf_counter()
-        n_loss = min(CALIB_LOSS_WINDOWS, calib_ids.shape[0]) + (heldout.shape[0] if heldout is not None else 0)
-        engine.emit("losses-pruned", -1, step=0, steps=n_loss)
-        with window_span(0, n_loss):
-            calib_loss["pruned"], calib_loss["pruned_windows"] = calibration_nll(model, calib_ids, device,
-                                                                                 cfg.batch_size, residency)
-        if heldout is not None:
-            with window_span(calib_loss["pruned_windows"], n_loss):
-                calib_loss["heldout"], calib_loss["heldout_windows"] = heldout_nll(model, heldout, device,
-                                                                                   cfg.batch_size, residency)
-        timing["losses_pruned_s"] = time.perf_counter() - t
-        ppl_pruned = evaluate("pruned")
-        speed = None
-        if measure_speed:
-            t = time.perf_counter()
-            engine.emit("speed", -1, "timing the pruned model against dense")
-            speed = ({"skipped": "the weights stay on disk: the dense model is not in memory"} if writer else
-                     speed_section(model, loaded.model, device, dtype))
-            timing["speed_s"] = time.perf_counter() - t
-    except torch.cuda.OutOfMemoryError as exc:  # pragma: no cover - needs a GPU
-        raise DeviceOutOfMemoryError(
-            "the GPU ran out of memory; lower --nsamples, --seqlen or --batch-size, or use --device cpu") from exc
-    except FloatingPointError as exc:  # weights are finite (checked at load): activations overflowed
-        hint = " at half precision: use --dtype float32" if dtype != torch.float32 else ""
-        raise NonFiniteResultError(f"the run failed: {exc}{hint}") from exc
+            total, done = sum(win.shape[0] for win in evals.values()), 0
+            engine.emit(f"eval-{tag}", -1, step=0, steps=total)
+            for name, win in evals.items():
+                with window_span(done, total):  # one window count over all corpora
+                    res = perplexity(model, win, device=device, batch_size=cfg.batch_size, protocol=protocols[name],
+                                     residency=residency)
+                done += win.shape[0]
+                out[name] = {**res.to_dict(), "label": corpus_label(name, "test") if name != "random" else "random tokens"}
+                engine.emit(f"eval-{tag}", -1, f"{name}: ppl {res.value:.4g}", step=done, steps=total)
+            timing[f"eval_{tag}_s"] = time.perf_counter() - t
+            return out
 
-    alloc, energy_info, infos = outcome.allocation, outcome.energy_info, outcome.modules
-    params_after = count_params(model, engine.adapter)
-    # prunable parameters left, counted with the dense model's unit costs (after pruning, a GQA
-    # layer with one head per group would look like multi-head attention to the layout)
-    kept_units = {(sp.layer, sp.kind): sp.n_units for sp in specs}
-    for info in infos:
-        kept_units[(info["layer"], info["module"])] = info["kept"]
-    prunable_after = sum(kept_units[(sp.layer, sp.kind)] * sp.unit_params for sp in specs)
-    timing["total_s"] = time.perf_counter() - t_start
-    engine.emit("done", -1)
-    ledger = engine.ledger
-    record = {
-        "schema": RECORD_SCHEMA,
-        "run_id": uuid.uuid4().hex[:12],
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "status": "finished",
-        "model": {"name": loaded.name, "source": loaded.source, "description": loaded.description,
-                  "architecture": model.config.model_type, "n_layers": engine.n_layers,
-                  "weights_note": "4-bit GGUF dequantized to fp32" if loaded.source == "builtin" else None},
-        "method": cfg.method,
-        "allocation_scheme": alloc.scheme,  # what ran (baselines fix their own; cfg.allocation may not apply)
-        "config": cfg.to_dict(),
-        "device": str(device),
-        "dtype": str(dtype).replace("torch.", ""),
-        "sparsity": {
-            "target": cfg.sparsity,
-            "achieved_prunable": 1 - prunable_after / params_before.prunable,
-            "achieved_total": 1 - params_after.total / params_before.total,
-            "allocation_target_params": alloc.params_target,
-            "allocation_pruned_params": alloc.params_pruned,
-        },
-        "params": {"before": params_before.to_dict(), "after": {"total": params_after.total, "prunable": prunable_after}},
-        "allocation": [{**r, "energy": (energy_info.get("values") or [None] * len(specs))[j]}
-                       for j, r in enumerate(alloc.to_records())],
-        "energies": {k: v for k, v in energy_info.items() if k != "values"},
-        "ppl": {"dense": ppl_dense, "pruned": ppl_pruned},
-        "calib_loss": calib_loss,
-        "modules": infos,
-        "memory": {"kind": ledger.kind, "peak_bytes": outcome.peak_bytes,
-                   "model_weight_bytes": params_before.total * DTYPE_BYTES[dtype],
-                   "timeline": ledger.timeline_records()},
-        "timing": timing,
-        "weights": ({"mode": "memory"} if writer is None else
-                    {"mode": "disk", "pruned_layers": str(writer.folder), **residency.counts(),
-                     "activation_budget_bytes": spill.budget_bytes, "activations_spilled_bytes": spill.spilled_bytes}),
-        "environment": environment(),
-    }
-    if speed is not None:
-        record["speed"] = speed
-    reason = nonfinite_reason(ppl_dense, ppl_pruned, calib_loss)
-    if reason is not None:
-        record.update(status="failed", error=reason)
-        raise NonFiniteResultError(reason, strict_record(record))
-    return PruneResult(strict_record(record), model, loaded.tokenizer, writer.folder if writer else None,
-                       residency.source if residency else None)
+        heldout = heldout_ids(cfg, loaded.tokenizer, model.config.vocab_size)
+        timing["prepare_s"] = time.perf_counter() - t_start
+        try:
+            ppl_dense = evaluate("dense") if evaluate_dense else {}
+            if (reason := nonfinite_reason(ppl_dense, {}, {})) is not None:  # no pruning can mend the dense model
+                raise NonFiniteResultError(reason)
+            if evaluate_dense and heldout is not None:
+                t = time.perf_counter()
+                engine.emit("heldout-dense", -1, step=0, steps=heldout.shape[0])
+                calib_loss_dense_heldout = heldout_nll(model, heldout, device, cfg.batch_size, residency)[0]
+                timing["heldout_dense_s"] = time.perf_counter() - t
+            if engine.ledger.measured:  # the dense evaluation may hold the whole model: not pruning's peak
+                torch.cuda.reset_peak_memory_stats(device)
+            key = pass1_key(method, id(loaded.model), method.wants_sensitivity())
+            outcome = engine.run(calib_ids, cache=stats_cache, cache_key=key, journal=journal)
+            timing.update(outcome.timing)
+            calib_loss = outcome.calib_loss
+            if evaluate_dense and heldout is not None:
+                calib_loss["heldout_dense"] = calib_loss_dense_heldout
+            t = time.perf_counter()
+            n_loss = min(CALIB_LOSS_WINDOWS, calib_ids.shape[0]) + (heldout.shape[0] if heldout is not None else 0)
+            engine.emit("losses-pruned", -1, step=0, steps=n_loss)
+            with window_span(0, n_loss):
+                calib_loss["pruned"], calib_loss["pruned_windows"] = calibration_nll(model, calib_ids, device,
+                                                                                     cfg.batch_size, residency)
+            if heldout is not None:
+                with window_span(calib_loss["pruned_windows"], n_loss):
+                    calib_loss["heldout"], calib_loss["heldout_windows"] = heldout_nll(model, heldout, device,
+                                                                                       cfg.batch_size, residency)
+            timing["losses_pruned_s"] = time.perf_counter() - t
+            ppl_pruned = evaluate("pruned")
+            speed = None
+            if measure_speed:
+                t = time.perf_counter()
+                engine.emit("speed", -1, "timing the pruned model against dense")
+                speed = ({"skipped": "the weights stay on disk: the dense model is not in memory"} if journal else
+                         speed_section(model, loaded.model, device, dtype))
+                timing["speed_s"] = time.perf_counter() - t
+        except torch.cuda.OutOfMemoryError as exc:  # pragma: no cover - needs a GPU
+            raise DeviceOutOfMemoryError(
+                "the GPU ran out of memory; lower --nsamples, --seqlen or --batch-size, or use --device cpu") from exc
+        except FloatingPointError as exc:  # weights are finite (checked at load): activations overflowed
+            hint = " at half precision: use --dtype float32" if dtype != torch.float32 else ""
+            raise NonFiniteResultError(f"the run failed: {exc}{hint}") from exc
+
+        alloc, energy_info, infos = outcome.allocation, outcome.energy_info, outcome.modules
+        params_after = count_params(model, engine.adapter)
+        # prunable parameters left, counted with the dense model's unit costs (after pruning, a GQA
+        # layer with one head per group would look like multi-head attention to the layout)
+        kept_units = {(sp.layer, sp.kind): sp.n_units for sp in specs}
+        for info in infos:
+            kept_units[(info["layer"], info["module"])] = info["kept"]
+        prunable_after = sum(kept_units[(sp.layer, sp.kind)] * sp.unit_params for sp in specs)
+        timing["total_s"] = time.perf_counter() - t_start
+        engine.emit("done", -1)
+        ledger = engine.ledger
+        record = {
+            "schema": RECORD_SCHEMA,
+            "run_id": run_id or uuid.uuid4().hex[:12],
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "status": "finished",
+            "model": {"name": loaded.name, "source": loaded.source, "description": loaded.description,
+                      "architecture": model.config.model_type, "n_layers": engine.n_layers,
+                      "weights_note": "4-bit GGUF dequantized to fp32" if loaded.source == "builtin" else None},
+            "method": cfg.method,
+            "allocation_scheme": alloc.scheme,  # what ran (baselines fix their own; cfg.allocation may not apply)
+            "config": cfg.to_dict(),
+            "device": str(device),
+            "dtype": str(dtype).replace("torch.", ""),
+            "sparsity": {
+                "target": cfg.sparsity,
+                "achieved_prunable": 1 - prunable_after / params_before.prunable,
+                "achieved_total": 1 - params_after.total / params_before.total,
+                "allocation_target_params": alloc.params_target,
+                "allocation_pruned_params": alloc.params_pruned,
+            },
+            "params": {"before": params_before.to_dict(), "after": {"total": params_after.total, "prunable": prunable_after}},
+            "allocation": [{**r, "energy": (energy_info.get("values") or [None] * len(specs))[j]}
+                           for j, r in enumerate(alloc.to_records())],
+            "energies": {k: v for k, v in energy_info.items() if k != "values"},
+            "ppl": {"dense": ppl_dense, "pruned": ppl_pruned},
+            "calib_loss": calib_loss,
+            "modules": infos,
+            "memory": {"kind": ledger.kind, "peak_bytes": outcome.peak_bytes,
+                       "model_weight_bytes": params_before.total * DTYPE_BYTES[dtype],
+                       "timeline": ledger.timeline_records()},
+            "timing": timing,
+            "weights": ({"mode": "memory"} if journal is None else
+                        {"mode": "disk", "pruned_layers": str(journal.folder), **residency.counts(),
+                         "activation_budget_bytes": spill.budget_bytes, "activations_spilled_bytes": spill.spilled_bytes,
+                         "resumed_at_layer": journal.resumed_at}),
+            "environment": environment(),
+        }
+        if speed is not None:
+            record["speed"] = speed
+        reason = nonfinite_reason(ppl_dense, ppl_pruned, calib_loss)
+        if reason is not None:
+            record.update(status="failed", error=reason)
+            raise NonFiniteResultError(reason, strict_record(record))
+        if journal is not None and finish:
+            journal.finish(record["run_id"])
+        return PruneResult(strict_record(record), model, loaded.tokenizer, journal.folder if journal else None,
+                           residency.source if residency else None, journal)
+    finally:
+        if journal is not None:
+            journal.close()
 
 
 def _preparing(on_event, n_layers: int, t_start: float):
@@ -353,5 +362,5 @@ def is_finite(x: float | None) -> bool:
     return x is not None and math.isfinite(x)
 
 
-__all__ = ["PruneResult", "run_prune", "NonFiniteResultError", "nonfinite_reason", "ProgressEvent", "RECORD_SCHEMA", "calibration_ids", "heldout_ids",
+__all__ = ["PruneResult", "run_prune", "run_dtype", "streams_from_disk", "NonFiniteResultError", "nonfinite_reason", "ProgressEvent", "RECORD_SCHEMA", "calibration_ids", "heldout_ids",
            "random_token_data", "HELDOUT_LOSS_WINDOWS", "prepare_data"]

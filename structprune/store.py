@@ -2,11 +2,12 @@
 
 A run is inserted as "running" when it starts and carries a heartbeat (and its process id); it is
 rewritten once, in one transaction, when it ends: "finished" with its record, or "failed" /
-"cancelled" with the error. A process killed mid-run leaves a "running" row whose process is gone
-(or whose heartbeat stopped, or lies further in the future than the timeout: a clock set back);
-opening the store, and every read of its runs, marks such rows "failed", so a run killed in
-another process never stays "running" in a long-lived reader (the app) and every finished run
-stays readable. The command line records its runs here too (`structprune prune`, unless
+"cancelled" with the error (such a run whose weights streamed from disk may be resumed: `reopen`
+makes it "running" again, resume.py). A process killed mid-run leaves a "running" row whose
+process is gone (or whose heartbeat stopped, or lies further in the future than the timeout: a
+clock set back); opening the store, and every read of its runs, marks such rows "failed", so a
+run killed in another process never stays "running" in a long-lived reader (the app) and every
+finished run stays readable. The command line records its runs here too (`structprune prune`, unless
 `--no-store`), so the app's pages show them.
 
 The same file keeps small JSON caches (`cache_put` / `cache_get`): the allocation explorer's energy
@@ -130,6 +131,17 @@ class RunStore:
                 (run_id, _now(), config.get("model"), config.get("method"), config.get("allocation"),
                  config.get("sparsity"), _json(config), socket.gethostname(), os.getpid(), time.time()))
         return run_id
+
+    def reopen(self, run_id: str) -> bool:
+        """A failed or cancelled run continued from where it stopped (resume.py): "running" again,
+        under this process. False when the run is not failed or cancelled (e.g. still running)."""
+        self.recover()
+        with self._connect() as con:
+            cur = con.execute(
+                "UPDATE runs SET status = 'running', error = NULL, ended = NULL, host = ?, pid = ?, heartbeat = ? "
+                "WHERE run_id = ? AND status IN ('failed', 'cancelled')",
+                (socket.gethostname(), os.getpid(), time.time(), run_id))
+            return cur.rowcount == 1
 
     def beat(self, run_id: str) -> None:
         """Refreshes a running run's heartbeat."""

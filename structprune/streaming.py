@@ -24,6 +24,7 @@ from torch import nn
 
 from .adapters import Adapter
 from .cancel import check as check_cancel
+from .errors import OutputWriteError
 from .weights import DiskResidency, HostResidency
 from .memory import (DTYPE_BYTES, DeviceLedger, activation_bytes, embed_workspace_bytes, forward_workspace_bytes,
                      layer_weight_bytes, logits_bytes)
@@ -277,16 +278,31 @@ class ActivationSpill:
         return in_memory + t.numel() * t.element_size() > self.budget_bytes
 
     def place(self, t: torch.Tensor) -> torch.Tensor:
-        fd, path = tempfile.mkstemp(suffix=".act", dir=self.folder)
-        os.close(fd)
+        nbytes = t.numel() * t.element_size()
         try:
+            fd, path = tempfile.mkstemp(suffix=".act", dir=self.folder)
+        except OSError as exc:
+            raise self._error(exc) from exc
+        try:
+            try:  # the blocks reserved now: a full disk is an error here, not a SIGBUS when the map is written
+                if nbytes:
+                    os.posix_fallocate(fd, 0, nbytes)
+            except OSError as exc:
+                raise self._error(exc) from exc
+            finally:
+                os.close(fd)
             mapped = torch.from_file(path, shared=True, size=t.numel(), dtype=t.dtype).view(t.shape)
         finally:
             os.unlink(path)
         mapped.copy_(t)
         mapped.spilled = True  # an attribute of this tensor object, which the Batches keep
-        self.spilled_bytes += t.numel() * t.element_size()
+        self.spilled_bytes += nbytes
         return mapped
+
+    def _error(self, exc: OSError) -> OutputWriteError:
+        return OutputWriteError(f"cannot spill calibration activations to {self.folder} ({exc.strerror or exc}); free "
+                                "space or raise the activation budget, then resume the run with --resume "
+                                f"{self.folder.parent}")
 
 
 def _is_mapped(t: torch.Tensor) -> bool:

@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .adapters import adapter_for
-from .errors import ModelLoadError
+from .errors import ModelLoadError, NonFiniteResultError, OutputWriteError
 
 INDEX = "model.safetensors.index.json"
 
@@ -174,26 +176,53 @@ def _set_parameter(module: nn.Module, pname: str, tensor: torch.Tensor) -> None:
 
 class LayerWriter:
     """Writes each pruned decoder layer into its own safetensors shard of `folder` as pass 2
-    finishes it, and points the source at the shard, so the pruned model streams from disk too."""
+    finishes it, and points the source at the shard, so the pruned model streams from disk too.
+    A layer whose weights are not finite is refused before it is written (NonFiniteResultError),
+    and a failed write (a full disk) raises a one-line OutputWriteError; the shards written before
+    stay, so the run can be resumed (resume.py keeps the list of finished layers)."""
 
     def __init__(self, residency: DiskResidency, layers_path: str, folder: str | Path) -> None:
         self.residency, self.layers_path = residency, layers_path
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
 
-    def __call__(self, index: int, layer: nn.Module) -> None:
+    def shard(self, index: int) -> Path:
+        return self.folder / f"layer-{index:05d}.safetensors"
+
+    def __call__(self, index: int, layer: nn.Module) -> Path:
         prefix = f"{self.layers_path}.{index}"
         state = {f"{prefix}.{n}": p.detach().to("cpu").contiguous() for n, p in layer.named_parameters()}
-        path = self.folder / f"layer-{index:05d}.safetensors"
+        bad = next((n for n, t in state.items() if not bool(torch.isfinite(t).all())), None)
+        if bad is not None:  # the in-memory path refuses such a run by its perplexity; here before it is kept
+            raise NonFiniteResultError(f"the run failed: the pruned weights of layer {index} are not finite (NaN or "
+                                       f"inf, first in {bad}); the weights were finite when loaded, so the solve "
+                                       "overflowed: try --dtype float32 or a lower --sparsity")
+        path = self.shard(index)
         tmp = path.with_suffix(".tmp")
-        save_file(state, tmp)
-        tmp.replace(path)  # a shard is there whole or not at all
+        try:
+            save_file(state, tmp)
+            tmp.replace(path)  # a shard is there whole or not at all
+        except (OSError, SafetensorError) as exc:
+            tmp.unlink(missing_ok=True)
+            raise OutputWriteError(f"cannot write pruned layer {index} into {self.folder} ({write_reason(exc)}); "
+                                   f"the run is incomplete: free space and resume it with --resume {self.folder}"
+                                   ) from exc
         self.residency.source.redirect(list(state), path)
+        return path
+
+
+def write_reason(exc: BaseException) -> str:
+    """Why a write failed, in a few words (OSError's strerror; safetensors wraps it in its own text)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = " ".join(str(exc).split())
+    return text.split("I/O error: ", 1)[-1].split(" at path ")[0] or type(exc).__name__
 
 
 def streamed_weights(layer_dir: str | Path, model: nn.Module, source: SafetensorsSource):
     """For `checkpoint.save_pruned(write_weights=...)`: writes a disk-streamed run's pruned model
-    into a folder without loading it: the layer shards `LayerWriter` wrote are moved in, the
+    into a folder without loading it: the layer shards `LayerWriter` wrote are linked in (copied
+    across file systems; the run's folder stays whole until the save is complete), the
     tensors outside the layers (embeddings, norms, head) copied into `base.safetensors` one at a
     time, and an index of every tensor and the config (with its per-layer shapes) written."""
     layer_dir = Path(layer_dir)
@@ -206,11 +235,18 @@ def streamed_weights(layer_dir: str | Path, model: nn.Module, source: Safetensor
         save_file(base, folder / "base.safetensors")
         weight_map = {n: "base.safetensors" if n in base else source.files[n].name for n in names}
         for shard in sorted(set(weight_map.values()) - {"base.safetensors"}):
-            (layer_dir / shard).replace(folder / shard)
+            _link_or_copy(layer_dir / shard, folder / shard)
         (folder / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
         model.config.save_pretrained(folder)
 
     return write
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)  # no second copy on the same file system
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def load_skeleton(folder: str | Path, dtype: torch.dtype = torch.float32):
@@ -233,4 +269,4 @@ def load_skeleton(folder: str | Path, dtype: torch.dtype = torch.float32):
     return model, source
 
 
-__all__ = ["SafetensorsSource", "HostResidency", "DiskResidency", "LayerWriter", "streamed_weights", "load_skeleton"]
+__all__ = ["SafetensorsSource", "HostResidency", "DiskResidency", "LayerWriter", "write_reason", "streamed_weights", "load_skeleton"]

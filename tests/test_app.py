@@ -541,3 +541,40 @@ def test_calibration_too_small_to_mean_anything_is_warned(app):
     assert any("too little to mean anything" in w.value for w in at.warning)
     _set(at, nsamples=8, seqlen=256)
     assert not any("too little" in w.value for w in at.warning)
+
+
+def test_prune_page_offers_an_interrupted_disk_run_and_resumes_it(app, tmp_path):
+    """A disk-streamed run killed after its first layer (its store row failed, its layer folder kept)
+    is offered under "Resume an interrupted run"; Resume finishes it under its own run id."""
+    from structprune.config import PruneConfig
+    from structprune.models import build_tiny
+    from structprune.resume import run_folder
+    from structprune.run import run_prune
+
+    folder = tmp_path / "tiny-folder"
+    build_tiny("tiny-llama").save_pretrained(folder)
+    store = RunStore(tmp_path / "data")
+    cfg = PruneConfig(model=str(folder), weights="disk", sparsity=0.4, nsamples=4, seqlen=16, eval_windows=1)
+    run_id = store.start(cfg.to_dict())
+
+    def killed_after_layer_0(ev):
+        if ev.stage == "pass2" and ev.layer == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_prune(cfg, layer_dir=run_folder(store.folder, run_id), run_id=run_id, on_event=killed_after_layer_0)
+    store.fail(run_id, "the process running this run stopped (killed or crashed) before it finished")
+    at = app
+    at.run()
+    (pick,) = [s for s in at.selectbox if s.key == "resume_run"]
+    assert pick.options[0].endswith(f"{run_id} · 1/4 layers pruned")
+    at.button(key="resume").click()
+    at.run()
+    job = ui.runner().current()
+    assert job is not None and job.job_id == run_id, _errors(at)
+    _wait(lambda: not job.active)
+    assert job.status == "finished", job.error
+    row = store.get(run_id)
+    assert row["status"] == "finished" and row["record"]["weights"]["resumed_at_layer"] == 1
+    at = _run_until(at, lambda a: "Sparsity per layer and module" in _figures(a))
+    assert not [s for s in at.selectbox if s.key == "resume_run"]  # nothing left to resume

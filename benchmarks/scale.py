@@ -1,0 +1,270 @@
+"""Scale benchmark (issue 20): the host memory and wall time of pruning with the weights on disk.
+
+    PYTHONPATH=. nice -n 19 .venv/bin/python -m benchmarks.scale                 # 1B, 3B, 7B (hours on a CPU)
+    PYTHONPATH=. nice -n 19 .venv/bin/python -m benchmarks.scale --shapes 1b     # one shape
+    PYTHONPATH=. nice -n 19 .venv/bin/python -m benchmarks.scale --smoke --out /tmp/scale   # seconds: tiny shape
+
+Models: random-weight Llama-family models written to disk as bf16 safetensors, one shard per
+decoder layer plus one for the embeddings, final norm and head, with an index: the shapes of
+TinyLlama-1.1B (1b), OpenLLaMA-3B (3b) and Llama-2-7B at full depth (7b), all with Llama-2's 32000-
+token vocabulary, so the embeddings and head (the largest modules besides a layer) grow with the
+width only. Weights ~ N(0, 0.02) (norms 1) from a seeded generator, written one shard at a time; a
+folder already written for the same shape is reused. Memory does not depend on the weights' values.
+
+Runs, each in its own child process (`--child`), on the CPU (float32 compute), with the cheapest
+solver settings (structprune, uniform allocation, one-shot diagonal saliency, plain Grams, refit)
+and small calibration (random tokens, --nsamples x --seqlen), no dense evaluation, one pruned window:
+- `disk` at every shape: the weights streamed from the files (PruneConfig.weights = "disk");
+- `memory` at the 1b shape: the whole model loaded first, for the wall-time ratio;
+- `disk` again at the largest shape under an address-space limit (RLIMIT_AS, set in the child
+  before it imports anything) smaller than the model's bytes (--limit-bytes, default half of
+  them). RLIMIT_AS rather than a cgroup: it needs no privileges nor a systemd instance (this VM
+  runs none), and it bounds virtual memory, which is never below the resident memory, so a run
+  that fits under it fits in that much RAM. Everything the run maps counts (the libraries, the
+  safetensors file being read, spilled activations).
+Measured in the child: peak resident memory (VmHWM of /proc/self/status; also VmPeak, the peak
+virtual size), the resident size after the imports (what Python and torch hold before any model),
+and the wall time of loading plus pruning. Records: benchmarks/results/scale/scale.json (smoke
+runs: scale-smoke.json in --out), with the machine's load average before and after each run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "benchmarks" / "results" / "scale"
+
+_LLAMA2 = dict(vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False, rms_norm_eps=1e-5)
+SHAPES = {  # copied from each model's config.json on the Hugging Face hub (SOURCES)
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4, **_LLAMA2),
+    "3b": dict(hidden_size=3200, intermediate_size=8640, num_hidden_layers=26, num_attention_heads=32,
+               num_key_value_heads=32, **{**_LLAMA2, "rms_norm_eps": 1e-6}),
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, **{**_LLAMA2, "max_position_embeddings": 4096}),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, tie_word_embeddings=False),
+}
+SOURCES = {"1b": "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T", "3b": "openlm-research/open_llama_3b",
+           "7b": "meta-llama/Llama-2-7b-hf", "tiny": "a smoke-test shape"}
+SETTINGS = dict(method="structprune", allocation="uniform", selector="saliency", saliency="diag",
+                relative_error=False, sparsity=0.3, device="cpu", dtype="float32", eval_windows=1)
+SMOKE_LIMIT = 2 << 30  # the smoke run's limit: torch and the run map ~0.9 GiB; the tiny model is far below it
+
+
+# --- the models on disk ---------------------------------------------------------------------------
+
+def write_model(shape: str, folder: Path, seed: int = 0) -> int:
+    """Writes the shape's random-weight model (bf16, one shard per layer + one for the rest, an
+    index) unless `folder` already holds it; returns its weights' bytes on disk."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    done = folder / ".scale-complete"
+    spec = json.dumps({"shape": SHAPES[shape], "seed": seed}, sort_keys=True)
+    if not (done.exists() and done.read_text() == spec):
+        folder.mkdir(parents=True, exist_ok=True)
+        cfg = LlamaConfig(**SHAPES[shape], torch_dtype="bfloat16")
+        with torch.device("meta"):
+            names = {n: tuple(p.shape) for n, p in LlamaForCausalLM(cfg).named_parameters()}
+        groups: dict[str, list[str]] = {}
+        for n in names:
+            part = n.split(".")
+            shard = f"model-layer-{int(part[2]):05d}.safetensors" if part[1:2] == ["layers"] else "model-base.safetensors"
+            groups.setdefault(shard, []).append(n)
+        gen = torch.Generator().manual_seed(seed)
+        weight_map, total = {}, 0
+        for shard, members in sorted(groups.items()):
+            state = {}
+            for n in members:  # one tensor at a time in fp32, then bf16
+                t = torch.ones(names[n]) if n.endswith("norm.weight") else torch.randn(names[n], generator=gen) * 0.02
+                state[n] = t.to(torch.bfloat16)
+            save_file(state, folder / shard, metadata={"format": "pt"})
+            total += sum(t.numel() * 2 for t in state.values())
+            weight_map.update({n: shard for n in members})
+            del state
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+        cfg.save_pretrained(folder)
+        done.write_text(spec)
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+# --- one run, in a child process ------------------------------------------------------------------
+
+def _status() -> dict[str, int]:
+    """VmHWM, VmPeak, VmRSS of this process in bytes."""
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmHWM", "VmPeak", "VmRSS"):
+            out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def child(spec_path: str) -> None:
+    """Runs one pruning run as `spec` says and writes what it measured to spec["result"]."""
+    spec = json.loads(Path(spec_path).read_text())
+    import torch  # the imports' resident size is measured before any model
+
+    from structprune.config import PruneConfig
+    from structprune.models import load_model
+    from structprune.run import run_prune
+
+    after_imports = _status()["VmRSS"]
+    cfg = PruneConfig(model=spec["folder"], weights=spec["mode"], nsamples=spec["nsamples"], seqlen=spec["seqlen"],
+                      **SETTINGS)
+    t = time.perf_counter()
+    if spec["mode"] == "disk":
+        loaded = load_model(spec["folder"], on_disk=True)
+    else:  # the whole model in host memory (load_model would also want a tokenizer; random tokens here)
+        from transformers import AutoModelForCausalLM
+
+        from structprune.models import LoadedModel
+
+        model = AutoModelForCausalLM.from_pretrained(spec["folder"], dtype=torch.float32, attn_implementation="sdpa")
+        loaded = LoadedModel(spec["folder"], model.eval(), None, "folder", spec["folder"])
+    load_s = time.perf_counter() - t
+    res = run_prune(cfg, loaded, evaluate_dense=False, activation_budget=spec.get("activation_budget"))
+    wall = time.perf_counter() - t
+    rec = res.record
+    status = _status()
+    out = {"wall_s": wall, "load_s": load_s, "peak_rss_bytes": status["VmHWM"], "peak_vm_bytes": status["VmPeak"],
+           "rss_after_imports_bytes": after_imports, "timing": rec["timing"], "weights": rec["weights"],
+           "kept": [m["kept"] for m in rec["modules"]], "achieved_prunable": rec["sparsity"]["achieved_prunable"],
+           "ppl_pruned": rec["ppl"]["pruned"]["random"]["value"], "cpus": rec["environment"]["cpus"]}
+    Path(spec["result"]).write_text(json.dumps(out))
+
+
+def run_child(folder: Path, mode: str, work: Path, nsamples: int, seqlen: int, limit: int | None = None,
+              activation_budget: int | None = None, timeout: float | None = None) -> dict:
+    """One run in a child process (under RLIMIT_AS = `limit` bytes when given): what it measured,
+    or ok False with the end of its stderr."""
+    tag = f"{folder.name}-{mode}{'-limited' if limit else ''}"
+    spec = {"folder": str(folder), "mode": mode, "nsamples": nsamples, "seqlen": seqlen,
+            "result": str(work / f"{tag}.result.json"), "activation_budget": activation_budget}
+    spec_path = work / f"{tag}.spec.json"
+    spec_path.write_text(json.dumps(spec))
+    Path(spec["result"]).unlink(missing_ok=True)
+
+    def limit_memory():  # in the child, before it imports anything
+        if limit:
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    load = os.getloadavg()
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.scale", "--child", str(spec_path)], cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, preexec_fn=limit_memory,
+                          capture_output=True, text=True, timeout=timeout)
+    row = {"shape_folder": folder.name, "mode": mode, "limit_bytes": limit, "process_s": time.perf_counter() - t,
+           "loadavg_before": load, "loadavg_after": os.getloadavg(), "ok": proc.returncode == 0}
+    if proc.returncode == 0:
+        row.update(json.loads(Path(spec["result"]).read_text()))
+    else:
+        row.update(returncode=proc.returncode, stderr_tail=proc.stderr[-2000:])
+    return row
+
+
+# --- the benchmark --------------------------------------------------------------------------------
+
+def summarize(runs: list[dict], model_bytes: dict[str, int], shapes: list[str]) -> dict:
+    """The issue's criteria from the runs: host peak over model bytes (7b: at most 0.25), flat
+    from the smallest to the largest shape (within 20%), disk over memory wall time (1b: at most
+    1.2), a model larger than the limit it ran under pruned."""
+    disk = {r["shape"]: r for r in runs if r["mode"] == "disk" and not r["limit_bytes"] and r["ok"]}
+    mem = {r["shape"]: r for r in runs if r["mode"] == "memory" and r["ok"]}
+    limited = [r for r in runs if r["limit_bytes"]]
+    s: dict = {"peak_rss_over_model_bytes": {k: r["peak_rss_bytes"] / model_bytes[k] for k, r in disk.items()}}
+    peaks = [disk[k]["peak_rss_bytes"] for k in shapes if k in disk]
+    if len(peaks) > 1:
+        s["peak_rss_largest_over_smallest"] = peaks[-1] / peaks[0]
+    for k in mem:
+        if k in disk:
+            s[f"wall_disk_over_memory_{k}"] = disk[k]["wall_s"] / mem[k]["wall_s"]
+            s[f"kept_units_equal_disk_memory_{k}"] = disk[k]["kept"] == mem[k]["kept"]
+    if limited:
+        r = limited[-1]
+        s["limited_run"] = {"shape": r["shape"], "limit_bytes": r["limit_bytes"], "model_bytes": model_bytes[r["shape"]],
+                            "limit_below_model": r["limit_bytes"] < model_bytes[r["shape"]], "ok": r["ok"]}
+    if "7b" in disk:
+        s["done_when"] = {
+            "peak_7b_at_most_0.25_model": s["peak_rss_over_model_bytes"]["7b"] <= 0.25,
+            "flat_within_20pct": "peak_rss_largest_over_smallest" in s and s["peak_rss_largest_over_smallest"] <= 1.2,
+            "disk_time_at_most_1.2x_at_1b": s.get("wall_disk_over_memory_1b", float("inf")) <= 1.2,
+            "pruned_a_model_larger_than_its_limit": bool(limited) and s["limited_run"]["limit_below_model"]
+            and s["limited_run"]["ok"],
+        }
+    return s
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default="1b,3b,7b", help="comma-separated: 1b, 3b, 7b (default: all three)")
+    p.add_argument("--smoke", action="store_true", help="the tiny shape only, 4 x 16 calibration: seconds")
+    p.add_argument("--nsamples", type=int, default=8)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--memory-at", default="1b", help="the shape also run with the whole model in memory")
+    p.add_argument("--limit-bytes", type=int, default=None,
+                   help="RLIMIT_AS of the limited run at the largest shape (default: half the model's bytes)")
+    p.add_argument("--models", default=None, help="where the model folders are written (default: --out/models)")
+    p.add_argument("--out", default=str(OUT))
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        child(args.child)
+        return 0
+    from structprune.jsonio import write_json
+    from structprune.run import environment
+
+    shapes = ["tiny"] if args.smoke else [s.strip() for s in args.shapes.split(",")]
+    nsamples, seqlen = (4, 16) if args.smoke else (args.nsamples, args.seqlen)
+    memory_at = "tiny" if args.smoke else args.memory_at
+    out = Path(args.out)
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    models = Path(args.models) if args.models else out / "models"
+    runs, model_bytes = [], {}
+    for shape in shapes:
+        t = time.perf_counter()
+        model_bytes[shape] = write_model(shape, models / shape)
+        print(f"{shape}: {model_bytes[shape] / 2**30:.2f} GiB of bf16 weights ({time.perf_counter() - t:.0f} s to write)",
+              flush=True)
+        modes = ["disk", "memory"] if shape == memory_at else ["disk"]
+        for mode in modes:
+            row = {"shape": shape, **run_child(models / shape, mode, work, nsamples, seqlen)}
+            runs.append(row)
+            print(f"  {mode}: ok {row['ok']}, peak RSS {row.get('peak_rss_bytes', 0) / 2**30:.2f} GiB, "
+                  f"wall {row.get('wall_s', float('nan')):.1f} s", flush=True)
+    largest = shapes[-1]
+    limit = SMOKE_LIMIT if args.smoke else (args.limit_bytes or model_bytes[largest] // 2)
+    row = {"shape": largest, **run_child(models / largest, "disk", work, nsamples, seqlen, limit=limit,
+                                         activation_budget=64 << 20)}
+    runs.append(row)
+    print(f"  disk under RLIMIT_AS {limit / 2**30:.2f} GiB (model {model_bytes[largest] / 2**30:.2f} GiB): "
+          f"ok {row['ok']}, peak RSS {row.get('peak_rss_bytes', 0) / 2**30:.2f} GiB", flush=True)
+    record = {
+        "schema": "structprune.scale/1",
+        "protocol": (f"random-weight Llama-family models ({', '.join(f'{s}: {SOURCES[s]}' for s in shapes)} shapes), "
+                     "bf16 safetensors, one shard per layer; CPU, float32 compute; "
+                     f"{json.dumps(SETTINGS, sort_keys=True)}; calibration {nsamples} x {seqlen} random tokens, "
+                     "no dense evaluation; each run in its own process, peak RSS = VmHWM"),
+        "smoke": args.smoke, "shapes": {s: SHAPES[s] for s in shapes}, "model_bytes": model_bytes,
+        "runs": runs, "summary": summarize(runs, model_bytes, shapes), "environment": environment(),
+    }
+    path = write_json(out / ("scale-smoke.json" if args.smoke else "scale.json"), record)
+    print(json.dumps(record["summary"], indent=1))
+    print(f"record: {path}")
+    return 0 if all(r["ok"] for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
