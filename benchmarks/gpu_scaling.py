@@ -1,40 +1,51 @@
-"""GPU memory and time of structprune vs whole-model methods as models grow (issue 6).
+"""GPU memory and time of structprune vs whole-model methods as models grow, and the speed of
+aligned pruned models (issues 6 and 19).
 
-    python3 benchmarks/gpu_scaling.py --out "$OUT" --budget-s 500     # on the GPU machine
-    python3 benchmarks/gpu_scaling.py --cpu-smoke --out /tmp/smoke    # the same flow, tiny, on CPU
+    bash benchmarks/run_gpu.sh                                         # on the GPU machine (see there)
+    python3 benchmarks/gpu_scaling.py --cpu-smoke --out /tmp/smoke     # the same flow, tiny, on CPU
     python3 benchmarks/gpu_scaling.py --plan                           # the plan and predicted times
 
 Random-weight models from real configs (OPT 125m-13b, Llama-2 7b/13b, SmolLM2-135M) run in bf16 on
 CUDA. Steps, most important first, each checking one wall-clock budget:
 
-  scaling      structprune + global-taylor at 32 x 2048, sizes ascending: peak memory, pass times
+  pair         structprune + global-taylor at 32 x 2048 on the Llama-2-7b and OPT-6.7b shapes
+  speed        tokens/s of the Llama-2-7b shape, dense vs pruned at 20/30/50% with MLP widths aligned
+               to 64 and unaligned (1): prefill 16 x 2048 and 1 x 2048, decode at batch 1 and 16
+               (structprune/speed.py's interleaved protocol; one record per sparsity)
+  big          the same pair of methods on the 13b shapes
   correctness  structprune on CUDA (fp32 and bf16) against the CPU fp32 run on tiny configs
-  speed        tokens/s of the 7b shape, dense vs 20/30/50% structurally pruned, prefill and decode
-  long         128 x 2048: structprune on the 7b shape at full depth (the "< 10 minutes" bar; when
-               the budget left cannot afford it, its first 8 layers, extrapolated), then more
+  small        the pair of methods on the small shapes (the slopes need them)
+  long         128 x 2048: structprune on the 7b shape at full depth (its first 8 layers,
+               extrapolated, when the budget left cannot afford it), then more
   wanda        wanda-sp at 32 x 2048 (when the method exists in this checkout)
 
-One JSON record per run (`gpu-<config>-<method>-<n>x<seqlen>.json`), written as soon as the run
-ends, and `gpu-summary.json` rewritten after every run, so a kill loses at most the run under way.
-A run that runs out of memory or fails is a record (status "oom" / "error"), never a crash; a run
-the budget cannot afford is recorded as "skipped". Layer-wise methods on models of 2B parameters
-and more run on their first 4 decoder layers only (`layers_run`): every layer has the same shape
-and only one is ever on the device, so the device peak is that of the whole model, and the full
+(`scaling` = pair + big + small.) One JSON record per run (`gpu-<config>-<method>-<n>x<seqlen>.json`,
+`gpu-speed-<config>-s<sparsity>.json`), written as soon as the run ends, `gpu-summary.json`
+rewritten after every run, and with `--archive` all of them and the logs packed into one tar.gz
+after every record (benchmarks/gpu_archive.py), so a kill loses at most the run under way and the
+GPU machine's few returned files hold everything. A run that runs out of memory or fails is a
+record (status "oom" / "error"), never a crash; a run the budget cannot afford is recorded as
+"skipped". Layer-wise methods run on their first few decoder layers only (`layers_run`) when the
+profile truncates: every layer has the same shape and only one is ever on the device, so the device
+peak is that of the whole model (run 1: OPT-1.3b whole vs 4 layers within 0.6%), and the full
 model's pass times are extrapolated from the per-layer times (`*_full` fields, marked as such).
 Whole-model methods always run on the whole model.
 
-Only torch, transformers and structprune are imported (the GPU machine's image has nothing else).
+Only torch, transformers (and its numpy), the stdlib and structprune are imported: the GPU
+machine's image has nothing else that this project pins.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import inspect
 import json
 import math
 import os
 import platform
+import signal
 import sys
 import time
 import traceback
@@ -51,6 +62,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import gpu_configs as gcfg  # noqa: E402
+from gpu_archive import commit_info, pack  # noqa: E402
 from structprune.adapters import adapter_for  # noqa: E402
 from structprune.allocation import allocate_uniform  # noqa: E402
 from structprune.config import PruneConfig  # noqa: E402
@@ -59,7 +71,8 @@ from structprune.estimate import estimate_memory  # noqa: E402
 from structprune.memory import DTYPE_BYTES, DeviceLedger  # noqa: E402
 from structprune.methods import get_method  # noqa: E402
 from structprune.engine import PruneEngine  # noqa: E402
-from structprune.units import count_params, layouts_of, module_specs  # noqa: E402
+from structprune.speed import Shape, compare_speed, load_note, shrink_to_counts, speedups  # noqa: E402
+from structprune.units import count_params, layouts_of  # noqa: E402
 
 SCHEMA = "structprune.gpu-scaling/1"
 SPARSITY = 0.3
@@ -90,57 +103,74 @@ class Profile:
 
     device: str
     dtype: torch.dtype
-    configs: tuple[str, ...]
-    short: tuple[int, int]  # nsamples x seqlen of the scaling step
+    pair: tuple[str, ...]  # the sizes measured first (the issue's must-have pair)
+    big: tuple[str, ...]
+    small: tuple[str, ...]
+    short: tuple[int, int]  # nsamples x seqlen of the scaling steps
     long: tuple[int, int]
     truncate_above: float  # parameters from which layer-wise runs use only `truncate_layers` layers
     truncate_layers: int
-    validate_config: str  # run both whole and truncated: the two peaks must agree
+    validate_config: str | None  # run both whole and truncated: the two peaks must agree
     long_configs: tuple[str, ...]
     correctness_configs: tuple[str, ...]
     correctness_allocations: tuple[str, ...]
     correctness_shape: tuple[int, int]
     speed_config: str
-    prefill: tuple[int, int]  # batch x seqlen
-    decode_batches: tuple[int, ...]
-    decode_prompt: int
-    decode_tokens: int
+    speed_sparsities: tuple[float, ...]
+    speed_aligns: tuple[int, ...]  # one pruned model per alignment, timed against dense
+    speed_shapes: tuple[Shape, ...]
+    speed_repeats: int
+
+    @property
+    def configs(self) -> tuple[str, ...]:
+        return self.pair + self.big + self.small
 
 
-GPU = Profile("cuda", torch.bfloat16, tuple(gcfg.REAL_CONFIGS), (32, 2048), (128, 2048), 2e9, 4, "opt-1.3b",
+# Every layer-wise run on the H200 uses 4 layers (its peak is the whole model's; run 1 checked it on
+# OPT-1.3b); decode is Python-bound there (70 ms a token at batch 1 in run 1), so 16 new tokens.
+GPU = Profile("cuda", torch.bfloat16, ("llama-2-7b", "opt-6.7b"), ("llama-2-13b", "opt-13b"),
+              ("smollm2-135m", "opt-125m", "opt-1.3b", "opt-2.7b"), (32, 2048), (128, 2048), 0, 4, None,
               ("llama-2-7b", "llama-2-13b", "opt-13b"), ("tiny-llama", "tiny-opt"), ("uniform", "softmax"), (8, 128),
-              "llama-2-7b", (16, 2048), (1, 16), 128, 64)
-SMOKE = Profile("cpu", torch.float32, ("smoke-opt-s", "smoke-opt-m", "smoke-llama-gqa"), (4, 32), (8, 32),
+              "llama-2-7b", (0.2, 0.3, 0.5), (64, 1),
+              (Shape("prefill", 16, 2048), Shape("prefill", 1, 2048), Shape("decode", 1, 128, 16),
+               Shape("decode", 16, 128, 16)), 3)
+SMOKE = Profile("cpu", torch.float32, ("smoke-opt-m",), ("smoke-llama-gqa",), ("smoke-opt-s",), (4, 32), (8, 32),
                 1.5e5, 2, "smoke-opt-m", ("smoke-llama-gqa",), ("tiny-llama",), ("uniform",), (4, 32),
-                "smoke-llama-mha", (2, 32), (1, 2), 8, 4)
+                "smoke-llama-mha", (0.2, 0.3, 0.5), (32, 1),
+                (Shape("prefill", 2, 32), Shape("prefill", 1, 32), Shape("decode", 1, 8, 4), Shape("decode", 2, 8, 4)), 2)
+
+STEPS = ("pair", "speed", "big", "correctness", "small", "long", "wanda")
+SCALING = ("pair", "big", "small")
 
 
 def plan_runs(prof: Profile, steps: list[str], methods: list[str] | None = None,
               configs: list[str] | None = None) -> list[RunSpec | str]:
     """Runs in order; plain strings are the non-scaling steps ("correctness", "speed")."""
-    names = [c for c in prof.configs if not configs or c in configs]
+    def keep(names):
+        return [c for c in names if not configs or c in configs]
 
     def depth(name: str) -> int | None:
         cfg = gcfg.get_config(name)
         big = gcfg.n_params(cfg) >= prof.truncate_above and cfg.num_hidden_layers > prof.truncate_layers
         return prof.truncate_layers if big else None
 
+    expanded = [x for step in steps for x in (SCALING if step == "scaling" else (step,))]
     out: list[RunSpec | str] = []
-    for step in steps:
-        if step == "scaling":
+    for step in expanded:
+        if step in SCALING:
             n, s = prof.short
-            for name in names:
-                out.append(RunSpec(name, "global-taylor", n, s, step))
+            for name in keep(getattr(prof, step)):
                 out.append(RunSpec(name, "structprune", n, s, step, layers_run=depth(name)))
+                out.append(RunSpec(name, "global-taylor", n, s, step))
                 if name == prof.validate_config and depth(name) is None:
                     # the same size both ways: shows that the truncated run's peak is the whole run's
                     out.append(RunSpec(name, "structprune", n, s, step, layers_run=prof.truncate_layers))
         elif step == "wanda":
             n, s = prof.short
-            out += [RunSpec(name, "wanda-sp", n, s, step, layers_run=depth(name)) for name in names]
+            out += [RunSpec(name, "wanda-sp", n, s, step, layers_run=depth(name)) for name in keep(prof.configs)]
         elif step == "long":
             n, s = prof.long
-            first = [c for c in prof.long_configs if c in names]
+            first = keep(prof.long_configs)
             if first:  # the bar: the 7b shape, whole depth, default method (else 2x truncated)
                 out.append(RunSpec(first[0], "structprune", n, s, step, fallback_layers=2 * prof.truncate_layers))
             for name in first[:2]:  # peak does not grow with nsamples (one window per step)
@@ -150,7 +180,7 @@ def plan_runs(prof: Profile, steps: list[str], methods: list[str] | None = None,
         elif step in ("correctness", "speed"):
             out.append(step)
         else:
-            raise SystemExit(f"unknown step {step!r}")
+            raise SystemExit(f"unknown step {step!r}; known: {', '.join(STEPS)}, scaling")
     if methods:
         out = [r for r in out if isinstance(r, str) or r.method in methods]
     return out
@@ -169,11 +199,13 @@ class Deadline:
 
 
 class Runner:
-    def __init__(self, out: Path, budget_s: float, prof: Profile, tf32: bool = True) -> None:
-        self.out, self.prof = out, prof
+    def __init__(self, out: Path, budget_s: float, prof: Profile, tf32: bool = True,
+                 archive: Path | None = None) -> None:
+        self.out, self.prof, self.archive = out, prof, archive
         self.t0 = time.monotonic()
         self.deadline = self.t0 + budget_s
         self.records: list[dict] = []
+        self.speed: list[dict] = []
         self.ratios: dict[str, list[float]] = {}  # method -> measured / predicted
         self.device = torch.device(prof.device)
         self.tf32 = tf32
@@ -189,20 +221,68 @@ class Runner:
 
     def write(self, name: str, rec: dict) -> None:
         rec.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        path = self.out / name
-        path.write_text(json.dumps(rec, indent=1, default=_json_default))
+        bad = invalid_fields(rec)
+        if bad:  # kept and said, never silently written as if it were a measurement
+            rec["invalid_fields"] = bad
+            print(f"WARNING {name}: null or negative where a number belongs: {', '.join(bad)}", flush=True)
+        _write_json(self.out / name, rec)
         if rec.get("kind") == "gpu-scaling":
             self.records.append(rec)
+        elif rec.get("step") == "speed":
+            self.speed.append(rec)
         self.write_summary(quiet=True)
 
     def write_summary(self, quiet: bool = False) -> dict:
-        summary = summarize(self.records)
+        summary = summarize(self.records, self.speed)
         summary["elapsed_s"] = round(time.monotonic() - self.t0, 1)
         summary["environment"] = self.env
-        (self.out / "gpu-summary.json").write_text(json.dumps(summary, indent=1, default=_json_default))
+        _write_json(self.out / "gpu-summary.json", summary)
         if not quiet:
-            print(format_summary(summary), flush=True)
+            text = format_summary(summary)
+            print(text, flush=True)
+            (self.out / "gpu-summary.txt").write_text(text + "\n")
+        self.pack()
         return summary
+
+    def pack(self) -> None:
+        """Everything under `out` (records, summary, the console log run_gpu.sh tees there) into the
+        one archive; a failure to pack is said and never stops the run."""
+        if self.archive is None:
+            return
+        try:
+            pack(self.out, self.archive, prefix=self.archive.name.split(".")[0])
+        except OSError as exc:
+            print(f"WARNING: could not pack {self.archive}: {exc}", flush=True)
+
+
+# Fields that hold a number in an "ok" record of each kind; timing and byte fields are never negative.
+NUMBER_FIELDS = {
+    "gpu-scaling": ("n_params", "peak_bytes", "estimate_bytes", "estimate_error", "pass1_s", "pass2_s", "total_s"),
+    "gpu-correctness": (),
+}
+COMMIT_FIELDS = ("git_commit",)
+
+
+def invalid_fields(rec: dict) -> list[str]:
+    """Names of the fields of an "ok" record that are null (or NaN) where a number or the commit
+    belongs, or negative where only a size or a time can be (`*_s`, `*_bytes`)."""
+    if rec.get("status") != "ok":
+        return []
+    bad = [k for k in COMMIT_FIELDS if not rec.get(k)]
+    for k in NUMBER_FIELDS.get(rec.get("kind"), ()):
+        v = rec.get(k)
+        if not isinstance(v, (int, float)) or (isinstance(v, float) and not math.isfinite(v)):
+            bad.append(k)
+    for k, v in rec.items():
+        if (k.endswith("_s") or k.endswith("_bytes") or "_s_full" in k) and isinstance(v, (int, float)) and v < 0:
+            bad.append(k)
+    return sorted(set(bad))
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")  # hidden: never packed half-written
+    tmp.write_text(json.dumps(obj, indent=1, default=_json_default))
+    os.replace(tmp, path)
 
 
 def _json_default(o):
@@ -214,17 +294,11 @@ def _json_default(o):
 
 
 def environment(device: torch.device) -> dict:
-    commit = os.environ.get("STRUCTPRUNE_GIT_COMMIT")
-    if not commit:
-        try:
-            from structprune.run import environment as env
-
-            commit = env().get("git_commit")
-        except Exception:  # noqa: BLE001 - no git on the machine is fine
-            commit = None
+    """The machine and the code: the commit from the environment, git or the stamp file the
+    launcher carried (benchmarks/gpu_archive.py), with where it came from."""
     return {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "git_commit": commit or None,
+            "python": platform.python_version(), **commit_info(HERE.parent),
             "cpus": os.cpu_count()}
 
 
@@ -588,129 +662,89 @@ def compare_captures(ref: dict, got: dict, tol: float) -> dict:
 
 # --- speed of the pruned model -------------------------------------------------------------------
 
-def prune_random_uniform(model: torch.nn.Module, dense_specs, sparsity: float, seed: int) -> None:
-    """Physically removes random units with the uniform allocation's per-module counts (speed does
-    not depend on which units go). Works on a model already pruned to a lower sparsity: it keeps a
-    random subset of what is left."""
-    ad = adapter_for(model)
-    alloc = allocate_uniform(dense_specs, sparsity)
-    target = {(sp.layer, sp.kind): int(k) for sp, k in zip(dense_specs, alloc.units_kept)}
-    g = torch.Generator().manual_seed(seed)
-    for i, layer in enumerate(ad.layers(model)):
-        lay = ad.layout(layer)
-        k_heads, k_ch = target[(i, "attn")], target[(i, "mlp")]
-        if k_heads < lay.n_heads:
-            if lay.mha:
-                heads = torch.randperm(lay.n_heads, generator=g)[:k_heads]
-            else:
-                per, keep_per = lay.n_heads // lay.n_kv_heads, k_heads // lay.n_kv_heads
-                heads = torch.cat([b * per + torch.randperm(per, generator=g)[:keep_per] for b in range(lay.n_kv_heads)])
-            ad.keep_heads(layer, heads.sort().values)
-        if k_ch < lay.intermediate:
-            ad.keep_channels(layer, torch.randperm(lay.intermediate, generator=g)[:k_ch].sort().values)
+def speed_filename(config_name: str, sparsity: float) -> str:
+    return f"gpu-speed-{config_name}-s{sparsity:.2f}.json"
 
 
-def _cache_kwarg(model) -> str:
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+def run_speed(runner: Runner) -> None:
+    """Dense vs pruned tokens/s on the speed config, one record per sparsity, each written (and
+    archived) as soon as it is measured. The pruned models have the unit counts of the library's
+    default allocation (softmax, T = 1, over SmolLM2's recorded module energies mapped by depth:
+    benchmarks/speed.py, the speed issue's protocol) at each alignment, cut physically from the
+    dense model (`shrink_to_counts`: speed depends on the shapes, not on which units are kept).
+    Dense and pruned models are timed interleaved in one process (structprune/speed.py): median
+    of `speed_repeats` after one warm-up; the dense model is re-timed in every record."""
+    from benchmarks.speed import allocation_counts  # benchmarks/speed.py: the speed issue's allocation
 
-
-@torch.inference_mode()
-def measure_speed(model, prof: Profile, dev: torch.device, reps: int) -> dict:
-    from transformers import DynamicCache
-
-    vocab = model.config.vocab_size
-    g = torch.Generator().manual_seed(0)
-    b, s = prof.prefill
-    ids = torch.randint(0, vocab, (b, s), generator=g).to(dev)
-
-    def timed(fn) -> float:
-        _sync(dev)
-        t = time.perf_counter()
-        fn()
-        _sync(dev)
-        return time.perf_counter() - t
-
-    prefill = lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1)  # noqa: E731
-    timed(prefill)  # warm-up
-    t_pre = min(timed(prefill) for _ in range(reps))
-    out = {"prefill_tok_s": b * s / t_pre, "prefill_s": t_pre, "decode_tok_s": {}, "decode_s": {}}
-    kw = _cache_kwarg(model)
-    for batch in prof.decode_batches:
-        prompt = torch.randint(0, vocab, (batch, prof.decode_prompt), generator=g).to(dev)
-
-        def decode(warm: bool = False) -> None:
-            cache = DynamicCache()
-            logits = model(input_ids=prompt, use_cache=True, logits_to_keep=1, **{kw: cache}).logits
-            nxt = logits[:, -1:].argmax(-1)
-            _sync(dev)
-            decode.t = time.perf_counter()
-            for _ in range(min(4, prof.decode_tokens) if warm else prof.decode_tokens):
-                logits = model(input_ids=nxt, use_cache=True, **{kw: cache}).logits
-                nxt = logits[:, -1:].argmax(-1)
-            _sync(dev)
-            decode.t = time.perf_counter() - decode.t
-
-        decode(warm=True)
-        best = math.inf
-        for _ in range(max(1, reps - 1)):  # 64 steps already average; one timed pass (two on request)
-            decode()
-            best = min(best, decode.t)
-        out["decode_tok_s"][str(batch)] = batch * prof.decode_tokens / best
-        out["decode_s"][str(batch)] = best
-    return out
-
-
-def run_speed(runner: Runner, sparsities=(0.2, 0.3, 0.5), reps: int = 2) -> dict:
     prof, dev = runner.prof, runner.device
+    dtype = str(prof.dtype).replace("torch.", "")
     cfg = gcfg.get_config(prof.speed_config)
-    rec = {"kind": "gpu-speed", "schema": SCHEMA, "config_name": prof.speed_config,
-           "dtype": str(prof.dtype).replace("torch.", ""), "prefill": {"batch": prof.prefill[0], "seqlen": prof.prefill[1]},
-           "decode": {"batches": list(prof.decode_batches), "prompt": prof.decode_prompt,
-                      "new_tokens": prof.decode_tokens, "cache": "DynamicCache"},
-           "note": ("pruned shapes made by physically removing random units with the uniform allocation's "
-                    "per-module counts (what structprune's uniform run leaves); speed does not depend on which "
-                    "units go, so no calibration is run; sdpa attention, eager PyTorch (no CUDA graphs / compile)"),
-           "results": [], "status": "ok", "message": "", **runner.env}
-    model = None
+    base = {"schema": "structprune.speed/1", "kind": prof.speed_config, "step": "speed",
+            "config_name": prof.speed_config, "device": str(dev), "dtype": dtype, "repeats": prof.speed_repeats,
+            "warmup": 1, "interleaved": True, "weights": "random (gpu_configs.build_random), built on the device",
+            "attention": "sdpa, eager PyTorch (no CUDA graphs / compile); decode with transformers' KV cache",
+            "allocation": "softmax T=1 over SmolLM2 energies mapped by depth (benchmarks/speed.py allocation_counts)",
+            **{k: v for k, v in runner.env.items() if k != "device"}, "device_name": runner.env["device"]}
+    dense = None
+    pending = list(prof.speed_sparsities)  # not yet recorded
     try:
-        model = gcfg.build_random(cfg, prof.dtype, device=dev, seed=0)
-        ad = adapter_for(model)
-        specs = module_specs(layouts_of(model, ad))
-        before = count_params(model, ad)
-        for s in (0.0, *sparsities):
-            if runner.remaining() < 15:
-                rec.update(status="partial", message="budget: stopped before sparsity %.2f" % s)
-                break
-            if s > 0:
-                prune_random_uniform(model, specs, s, seed=int(s * 100))
-            after = count_params(model, ad)
-            r = {"sparsity": s, "params_total": after.total,
-                 "achieved_prunable": 1 - after.prunable / before.prunable,
-                 **measure_speed(model, prof, dev, reps)}
-            rec["results"].append(r)
-            print(f"  speed s={s:.1f}: prefill {r['prefill_tok_s']:.0f} tok/s, decode "
-                  + ", ".join(f"b{k} {v:.0f} tok/s" for k, v in r["decode_tok_s"].items()), flush=True)
-        dense = rec["results"][0] if rec["results"] else None
-        for r in rec["results"]:
-            r["prefill_speedup"] = r["prefill_tok_s"] / dense["prefill_tok_s"]
-            r["decode_speedup"] = {k: v / dense["decode_tok_s"][k] for k, v in r["decode_tok_s"].items()}
-    except BaseException as exc:  # noqa: BLE001
+        dense = gcfg.build_random(cfg, prof.dtype, device=dev, seed=0)
+        free_device()
+        for s in prof.speed_sparsities:
+            name = speed_filename(prof.speed_config, s)
+            pending.remove(s)
+            need = 15.0 if not runner.speed else max(15.0, 1.2 * runner.speed[-1].get("seconds", 0))
+            if runner.remaining() < need:
+                runner.write(name, {**base, "sparsity": s, "status": "skipped",
+                                    "message": f"budget: {max(runner.remaining(), 0):.0f} s left, one sparsity took "
+                                               f"{need / 1.2:.0f} s"})
+                continue
+            rec = {**base, "sparsity": s, "status": "ok", "message": "", "allocations": {}}
+            t0 = time.perf_counter()
+            models = {"dense": dense}
+            try:
+                for align in prof.speed_aligns:
+                    keep, info = allocation_counts(dense, s, align)
+                    models[f"align{align}"] = shrink_to_counts(copy.deepcopy(dense), keep)
+                    rec["allocations"][f"align{align}"] = info
+                rec["params"] = {m: sum(p.numel() for p in model.parameters()) for m, model in models.items()}
+                rec["load_before"] = load_note()
+                timings = compare_speed(models, list(prof.speed_shapes), dev, repeats=prof.speed_repeats, warmup=1)
+                rec["load_after"] = load_note()
+                rec["timings"] = [t.to_dict() for t in timings]
+                rec["speedup"] = {f"{m} | {label}": round(r, 4) for (m, label), r in speedups(timings, "dense").items()
+                                  if m != "dense"}
+                if dev.type == "cuda":
+                    rec["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(dev)
+            except BaseException as exc:  # noqa: BLE001 - a failure is a record
+                if isinstance(exc, KeyboardInterrupt):
+                    runner.deadline = time.monotonic()
+                rec.update(status="oom" if is_oom(exc) else "error", message=f"{type(exc).__name__}: {str(exc)[:500]}",
+                           traceback=traceback.format_exc(limit=6)[-2000:])
+            finally:
+                del models
+                free_device()
+            rec["seconds"] = round(time.perf_counter() - t0, 1)
+            runner.write(name, rec)
+            line = ", ".join(f"{k.split(' | ')[0]} {k.split(' | ')[1]} {v:.2f}x" for k, v in rec.get("speedup", {}).items())
+            print(f"[speed] s={s:.2f} {rec['status']} {rec['seconds']} s: {line or rec['message']}", flush=True)
+    except BaseException as exc:  # noqa: BLE001 - the dense model itself failed (build, OOM)
         if isinstance(exc, KeyboardInterrupt):
             runner.deadline = time.monotonic()
-        rec.update(status="oom" if is_oom(exc) else "error", message=f"{type(exc).__name__}: {str(exc)[:500]}",
-                   traceback=traceback.format_exc(limit=6)[-2000:])
+        for s in pending:
+            runner.write(speed_filename(prof.speed_config, s),
+                         {**base, "sparsity": s, "status": "oom" if is_oom(exc) else "error",
+                          "message": f"{type(exc).__name__}: {exc}"[:500], "traceback": traceback.format_exc(limit=6)[-2000:]})
     finally:
-        del model
+        del dense
         free_device()
-    return rec
 
 
 # --- summary -------------------------------------------------------------------------------------
 
-def summarize(records: list[dict]) -> dict:
+def summarize(records: list[dict], speed: list[dict] | None = None) -> dict:
     """Slopes of log peak vs log N per method and shape, global / structprune ratios per size,
-    estimator errors, and the issue's bars."""
+    estimator errors, the speed-ups of the pruned models, and the issue's bars."""
     ok = [r for r in records if r.get("status") == "ok" and r.get("peak_bytes")]
     best: dict[tuple, dict] = {}  # (config, method, shape) -> the whole-depth run if there is one
     for r in ok:
@@ -753,9 +787,30 @@ def summarize(records: list[dict]) -> dict:
         "llama_2_7b_128x2048_basis": (("measured" if long7[0]["layers_run"] == long7[0]["n_layers"] else
                                        f"extrapolated from {long7[0]['layers_run']} layers") if long7 else None),
     }
+    speed_rows = speed_table(speed or [])
+    goals = {0.2: 1.0, 0.3: 1.3, 0.5: 1.8}  # issue 19: pruned prefill 16 x 2048 vs dense, bf16
+    pre = {(r["sparsity"], r["model"]): r["speedup"] for r in speed_rows if r["shape"] == "prefill 16x2048"}
+    bars["prefill_16x2048_align64_meets_1.0_1.3_1.8"] = (
+        all(pre.get((s, "align64"), 0) >= g for s, g in goals.items()) if any(k[1] == "align64" for k in pre) else None)
+    bars["prefill_16x2048_align64"] = {f"{s:.2f}": pre.get((s, "align64")) for s in goals}
     return {"kind": "gpu-summary", "schema": SCHEMA, "runs": len(records),
             "status_counts": {s: sum(r.get("status") == s for r in records) for s in ("ok", "oom", "error", "skipped")},
-            "slopes": slopes, "ratios": ratios, "estimator": errors, "bars": bars}
+            "slopes": slopes, "ratios": ratios, "estimator": errors, "speed": speed_rows, "bars": bars}
+
+
+def speed_table(speed: list[dict]) -> list[dict]:
+    """One row per (sparsity, pruned model, shape) of the ok speed records: tokens/s and the speed-up
+    over the dense model timed in the same record."""
+    rows = []
+    for rec in sorted((r for r in speed if r.get("status") == "ok"), key=lambda r: r["sparsity"]):
+        tps = {(t["model"], t["label"]): t["tokens_per_s"] for t in rec["timings"]}
+        for key, ratio in rec["speedup"].items():
+            model, label = key.split(" | ")
+            rows.append({"sparsity": rec["sparsity"], "model": model, "shape": label.split(" (")[0],
+                         "label": label, "params_ratio": rec["params"][model] / rec["params"]["dense"],
+                         "tokens_per_s": tps[(model, label)], "dense_tokens_per_s": tps[("dense", label)],
+                         "speedup": ratio})
+    return rows
 
 
 def format_summary(s: dict) -> str:
@@ -775,6 +830,12 @@ def format_summary(s: dict) -> str:
     for e in s["estimator"]:
         lines.append(f"  {e['config_name']:16s} {e['method']:14s} {e['shape']:9s} {e['layers_run']:3d} "
                      f"{e['peak_bytes'] / gb:8.3f} {e['estimate_bytes'] / gb:8.3f} {100 * e['estimate_error']:+6.1f}%")
+    if s.get("speed"):
+        lines.append("")
+        lines.append(f"  {'sparsity':>8s} {'model':8s} {'size':>5s} {'shape':28s} {'tok/s':>10s} {'dense':>10s} {'speed-up':>8s}")
+        for r in s["speed"]:
+            lines.append(f"  {r['sparsity']:8.2f} {r['model']:8s} {r['params_ratio']:5.2f} {r['label']:28s} "
+                         f"{r['tokens_per_s']:10.1f} {r['dense_tokens_per_s']:10.1f} {r['speedup']:8.2f}")
     lines.append("")
     lines.append("bars: " + ", ".join(f"{k}={v if not isinstance(v, float) else round(v, 3)}" for k, v in s["bars"].items()))
     return "\n".join(lines)
@@ -786,8 +847,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT") or str(HERE / "results"))
     ap.add_argument("--budget-s", type=float, default=480.0, help="wall clock for everything; runs it cannot afford are skipped")
-    ap.add_argument("--steps", default="scaling,correctness,speed,long,wanda",
-                    help="comma-separated, run in this order: scaling, correctness, speed, long, wanda")
+    ap.add_argument("--steps", default=",".join(STEPS),
+                    help=f"comma-separated, run in this order: {', '.join(STEPS)} (scaling = pair,big,small)")
+    ap.add_argument("--archive", default="", help="tar.gz of everything under --out, rewritten after every record")
     ap.add_argument("--methods", default="", help="comma-separated filter (default: all)")
     ap.add_argument("--configs", default="", help="comma-separated filter (default: all of the profile)")
     ap.add_argument("--correctness", action="store_true", help="run only the correctness step")
@@ -829,10 +891,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args, prof: Profile, plan: list) -> int:
-    runner = Runner(Path(args.out), args.budget_s, prof, tf32=not args.no_tf32)
+    runner = Runner(Path(args.out), args.budget_s, prof, tf32=not args.no_tf32,
+                    archive=Path(args.archive) if args.archive else None)
     print(f"structprune gpu_scaling: {prof.device}, out {runner.out}, budget {args.budget_s:.0f} s, "
           f"{runner.env}", flush=True)
     told = False
+
+    def on_term(*_):  # a TERM (a runner's kill) ends like the hard limit's INT: records, summary, archive
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
     try:
         for item in plan:
             _run_item(runner, item)
@@ -841,6 +909,8 @@ def _run(args, prof: Profile, plan: list) -> int:
                 print("budget spent: the remaining runs are recorded as skipped", flush=True)
     except KeyboardInterrupt:
         print("interrupted: writing the summary of what finished", flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print()
     runner.write_summary()
     return 0
@@ -849,18 +919,26 @@ def _run(args, prof: Profile, plan: list) -> int:
 def _run_item(runner: Runner, item: RunSpec | str) -> None:
     """One plan item, whatever happens: a record is written."""
     left = runner.remaining()
-    if item in ("correctness", "speed"):
-        fn, need = (run_correctness, 20) if item == "correctness" else (run_speed, 30)
+    if item == "speed":
+        if left > 30:
+            run_speed(runner)  # writes one record per sparsity itself, failures included
+        else:
+            for sp in runner.prof.speed_sparsities:
+                runner.write(speed_filename(runner.prof.speed_config, sp),
+                             {"kind": runner.prof.speed_config, "step": "speed", "sparsity": sp, "status": "skipped",
+                              "message": "budget", **runner.env})
+            print("[speed] skipped: budget", flush=True)
+        return
+    if item == "correctness":
         try:
-            rec = fn(runner) if left > need else {"kind": f"gpu-{item}", "status": "skipped",
-                                                  "message": "budget", **runner.env}
+            rec = run_correctness(runner) if left > 20 else {"kind": "gpu-correctness", "status": "skipped",
+                                                             "message": "budget", **runner.env}
         except Exception as exc:  # noqa: BLE001
-            rec = {"kind": f"gpu-{item}", "status": "error", "message": f"{type(exc).__name__}: {exc}",
+            rec = {"kind": "gpu-correctness", "status": "error", "message": f"{type(exc).__name__}: {exc}",
                    "traceback": traceback.format_exc(limit=6)[-2000:], **runner.env}
-        runner.write(f"gpu-{item}.json", rec)
-        extra = (f"fp32_pass={rec.get('fp32_pass')} bf16_pass={rec.get('bf16_pass')}" if item == "correctness"
-                 else rec.get("message", ""))
-        print(f"[{item}] {rec['status']} {extra}", flush=True)
+        runner.write("gpu-correctness.json", rec)
+        print(f"[correctness] {rec['status']} fp32_pass={rec.get('fp32_pass')} bf16_pass={rec.get('bf16_pass')} "
+              f"{rec.get('message', '')}", flush=True)
         return
     try:
         rec = run_spec(runner, item)
