@@ -5,7 +5,7 @@ layers' shards, a manifest (`structprune-run.json`, rewritten atomically after e
 
 - the run's fingerprint: every setting that changes the pruned model (not the evaluation's
   corpora or windows, nor where the weights stay), the resolved device, the method's class, the
-  structprune version, and the model's identity (its config.json, its safetensors files' sizes,
+  structprune and torch versions, and the model's identity (its config.json, its safetensors files' sizes,
   headers and 1 MiB of each one's data: a moved folder is the same model, other weights are not);
 - pass 1's statistics, in `pass1.safetensors` (numbers bit for bit; a resume does not redo pass 1);
 - the plan (units kept per module);
@@ -72,9 +72,10 @@ class ResumeError(StructPruneError, ValueError):
 def fingerprint(cfg: PruneConfig, method=None) -> dict:
     """Everything the pruned model depends on besides the model itself, as JSON values: the
     settings (the device resolved), the method's class (`method`: a variant instance, default
-    cfg.method's) and the structprune version."""
+    cfg.method's) and the structprune and torch versions."""
     method = method or get_method(cfg.method)(cfg)
-    fp = {"structprune": __version__, "method_class": f"{type(method).__module__}.{type(method).__qualname__}"}
+    fp = {"structprune": __version__, "torch": torch.__version__,
+          "method_class": f"{type(method).__module__}.{type(method).__qualname__}"}
     fp.update({k: v for k, v in cfg.to_dict().items() if k not in NOT_RESULT})
     fp.update(device=str(resolve_device(cfg.device)), dtype=cfg.dtype)
     return fp
@@ -113,8 +114,8 @@ def model_identity(folder: str | Path) -> dict:
 
 def _as_option(key: str, value) -> str:
     """A fingerprint entry as the user gave it: a CLI flag (the library's messages name flags)."""
-    if key == "structprune":
-        return f"structprune {value}"
+    if key in ("structprune", "torch"):
+        return f"{key} {value}"
     if key == "method_class":
         return f"the method class {value}"
     flag = "--" + key.replace("_", "-")
@@ -128,11 +129,13 @@ def _as_option(key: str, value) -> str:
 def check_fingerprint(folder: Path, was: dict, now: dict) -> None:
     """Refuses, in one line naming the first difference, a resume with other settings."""
     for key in dict.fromkeys([*was, *now]):
-        if was.get(key) != now.get(key):
-            old = _as_option(key, was[key]) if key in was else f"no {key} setting"
-            new = _as_option(key, now[key]) if key in now else f"no {key} setting"
+        if key not in was or key not in now:  # a setting one version has and the other does not
+            raise ResumeError(f"--resume {folder} was run by another structprune version (it records "
+                              f"{'no' if key not in was else 'a'} {key} setting); start a new run")
+        if was[key] != now[key]:
+            old, new = _as_option(key, was[key]), _as_option(key, now[key])
             flag = old.split(" ", 1)[0]
-            if new.startswith(flag + " "):  # "--sparsity 0.3, not 0.4"
+            if old.startswith("--") and new.startswith(flag + " "):  # "--sparsity 0.3, not 0.4"
                 new = new[len(flag) + 1:]
             raise ResumeError(f"--resume {folder} was run with {old}, not {new}; rerun with the same settings "
                               "or start a new run")
@@ -165,7 +168,7 @@ def read_manifest(folder: str | Path) -> dict:
                           "stream from disk (--weights disk) can be resumed")
     try:
         manifest = json.loads(path.read_text())
-        ok = manifest.get("schema") == SCHEMA and isinstance(manifest.get("layers"), list)
+        ok = manifest.get("schema") == SCHEMA and isinstance(manifest.get("layers"), list) and "status" in manifest
     except (OSError, ValueError, AttributeError):
         ok = False
     if not ok:
@@ -191,7 +194,10 @@ def check_resume(folder: str | Path, cfg: PruneConfig, method=None, loaded=None)
 
 def _lock(folder: Path):
     """An exclusive lock on the run's folder (released when the file closes or the process ends)."""
-    fh = open(folder / ".lock", "a+")
+    try:
+        fh = open(folder / ".lock", "a+")
+    except OSError as exc:
+        raise OutputWriteError(f"cannot write into the run's folder {folder} ({write_reason(exc)})") from exc
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -306,6 +312,7 @@ class RunJournal:
         self._done = done or []  # verified entries of the layers an interrupted run finished
         self.resumed_at: int | None = None  # the first layer this process solved, when resumed
         self._stream = self._writer = self._dense = self._lock = None
+        self._resumed = False
 
     # --- opening ----------------------------------------------------------------------------
     @classmethod
@@ -335,20 +342,22 @@ class RunJournal:
         missing or differs from its checksum are solved again (with the layers after them)."""
         folder = Path(folder).expanduser()
         manifest = check_resume(folder, cfg, method, loaded)
-        lock = _lock(folder)
-        done = []
-        for entry in manifest["layers"]:
-            shard = folder / entry["file"]
-            if entry["index"] != len(done) or not shard.is_file() or shard.stat().st_size != entry["bytes"] \
-                    or _sha256(shard) != entry["sha256"]:
-                log.warning("the shard of layer %d in %s is missing or damaged: solving it again", entry["index"],
-                            folder)
-                break
-            done.append(entry)
-        for stale in folder.glob("*.tmp"):  # a write the kill interrupted
-            stale.unlink(missing_ok=True)
-        journal = cls(folder, manifest, done)
-        journal._lock = lock
+        journal = cls(folder, manifest)
+        journal._lock, journal._resumed = _lock(folder), True
+        try:
+            for entry in manifest["layers"]:
+                shard = folder / entry["file"]
+                if entry["index"] != len(journal._done) or not shard.is_file() \
+                        or shard.stat().st_size != entry["bytes"] or _sha256(shard) != entry["sha256"]:
+                    log.warning("the shard of layer %d in %s is missing or damaged: solving it again", entry["index"],
+                                folder)
+                    break
+                journal._done.append(entry)
+            for stale in folder.glob("*.tmp"):  # a write the kill interrupted
+                stale.unlink(missing_ok=True)
+        except BaseException:
+            journal.close()
+            raise
         return journal
 
     def close(self) -> None:
@@ -425,7 +434,7 @@ class RunJournal:
                 shard = self.folder / entry["file"]
                 with safe_open(shard, "pt") as h:
                     residency.source.redirect(list(h.keys()), shard)
-        self.resumed_at = len(self._done) if self._done else None
+        self.resumed_at = len(self._done) if self._resumed else None
         return len(self._done), [info for entry in self._done for info in entry["modules"]]
 
     def commit(self, index: int, layer: torch.nn.Module, infos: list[dict]) -> None:
