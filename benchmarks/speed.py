@@ -132,7 +132,7 @@ def speed_table(out: Path = OUT) -> str:
     """Markdown: one row per (kind, dtype, sparsity, pruned model), tokens/s and speed-up per shape."""
     recs = [json.loads(f.read_text()) for f in sorted(Path(out).glob("*.json"))]
     recs = [r for r in recs if r.get("schema") == "structprune.speed/1" and r["kind"] != "smoke"]
-    lines = []
+    lines, last_header = [], None
     for r in sorted(recs, key=lambda r: (r["kind"], r["dtype"], r["device"], r["sparsity"])):
         labels = [t["label"] for t in r["timings"] if t["model"] == "dense"]
         dense = {t["label"]: t["tokens_per_s"] for t in r["timings"] if t["model"] == "dense"}
@@ -144,8 +144,10 @@ def speed_table(out: Path = OUT) -> str:
                          f" | {r['load_before']['loadavg'][0]:.0f} |")
         header = ("| model | device, dtype | sparsity | pruned | size | " + " | ".join(labels) +
                   " | load |\n|" + "---|" * (6 + len(labels)))
-        lines.insert(len(lines) - (len(r["params"]) - 1), header)
-    return "\n".join(lines)
+        if header != last_header:  # one header per run of records with the same shapes
+            lines.insert(len(lines) - (len(r["params"]) - 1), ("\n" if lines else "") + header)
+            last_header = header
+    return "\n".join(lines).strip("\n")
 
 
 def attach_to_quality(out: Path = OUT, quality: Path = OUT / "quality") -> list[Path]:

@@ -50,6 +50,7 @@ STAGE_LABELS = {
     "pass2": ("pass 2: pruning", "step"),
     "losses-pruned": ("calibration and held-out loss of the pruned model", "window"),
     "eval-pruned": ("evaluating the pruned model", "window"),
+    "speed": ("timing the pruned model against dense", "step"),
     "gram": ("streaming the calibration windows to the layer", "layer"),
     "admm": ("ADMM, iteration by iteration", "iteration"),
     "solves": ("solving with each selector", "selector"),

@@ -382,4 +382,5 @@ def test_the_hard_time_limit_still_brings_back_the_archive(tmp_path):
     recs = _records(tmp_path / "back")
     assert "gpu-summary.json" in recs and "gpu_scaling.py exit 124" in (tmp_path / "back" / "gpu-run.log").read_text()
     statuses = [r["status"] for n, r in recs.items() if n != "gpu-summary.json"]
-    assert statuses and ("skipped" in statuses or len(statuses) == 6)
+    # how far the plan got in 6 s depends on the machine; every record that exists is whole
+    assert statuses and set(statuses) <= {"ok", "skipped", "interrupted"}, statuses

@@ -149,6 +149,6 @@ def test_repository_records_time_only_estimated_phases():
     stages = {k[:-2].replace("_", "-") for k in keys}
     assert stages <= set(RUN_STAGES), stages - set(RUN_STAGES)
     est = estimate_seconds(tiny_config("tiny-llama"), PruneConfig(energy="sensitivity"), "cpu", fp32_flops=1e10,
-                           fp64_flops=1e9)
+                           fp64_flops=1e9, measure_speed=True)
     assert set(_folded(est["phases"])) == set(RUN_STAGES)  # and the estimate models all of them
     assert all(v > 0 and math.isfinite(v) for v in est["phases"].values())

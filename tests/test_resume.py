@@ -170,7 +170,7 @@ def test_a_damaged_shard_or_pass1_file_is_computed_again(uninterrupted, tmp_path
         f.write_bytes(bytes(data))
     res, events = _resume(name, folder, run)
     assert res.record["weights"]["resumed_at_layer"] == 0
-    assert [e.layer for e in events if e.stage == "pass1"] == [0, 1]
+    assert [e.layer for e in events if e.stage == "pass1" and e.layer >= 0] == [0, 1]
     _assert_same_model(full, res)
 
 
