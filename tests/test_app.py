@@ -514,15 +514,45 @@ def test_cancel_stops_a_run_inside_its_evaluation_and_shows_cancelling(app):
     seen = job.events[-1]  # window k of 400: inside the dense evaluation
     runner.cancel()
     assert job.cancelling and job.progress()[1].startswith("cancelling")
-    at = app
-    at.run()  # the Prune page's progress panel
-    assert any("cancelling" in w.value for w in at.warning), [w.value for w in at.warning]
     t = time.time()
     _wait(lambda: not job.active, timeout=30)
     assert job.status == "cancelled" and time.time() - t < 5
     assert seen.steps == 400 and seen.step < seen.steps
     statuses = {r["status"] for r in RunStore(ui.store().folder).runs()}
     assert statuses == {"cancelled"}
+
+
+def test_the_page_says_cancelling_until_the_worker_stops(app):
+    """A job that stops only when let go: after the Cancel click the page shows "cancelling" with the
+    stage it was in and a disabled "Cancelling..." button, then the cancellation."""
+    import threading
+
+    from structprune.cancel import check
+    from structprune.pipeline import ProgressEvent
+
+    release = threading.Event()
+
+    def work(on_event, cancel):
+        on_event(ProgressEvent("pass2", 3, 30, 1.0, 0, 0))
+        release.wait(60)
+        check()  # the job's cancel scope
+        return None
+
+    at = app
+    job = ui.runner().submit_call("prune", "blocking job", {}, work, stages={"pass1": 10.0, "pass2": 10.0})
+    _wait(lambda: job.events)
+    at.run()
+    assert any("pass 2: pruning, layer 5/30" in p.proto.text for p in at.get("progress"))
+    at.button(key="cancel").click()
+    at.run()
+    assert job.cancelling
+    assert any(w.value.startswith("blocking job: cancelling") for w in at.warning), [w.value for w in at.warning]
+    button = next(b for b in at.button if b.key == "cancel")
+    assert button.label == "Cancelling..." and button.disabled
+    release.set()
+    _wait(lambda: not job.active)
+    assert job.status == "cancelled"
+    at = _run_until(at, lambda a: any("was cancelled" in w.value for w in a.warning))
 
 
 def test_calibration_too_small_to_mean_anything_is_warned(app):
