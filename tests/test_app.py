@@ -521,17 +521,45 @@ def test_cancel_stops_a_run_inside_its_evaluation_and_shows_cancelling(app):
     seen = job.events[-1]  # window k of 400: inside the dense evaluation
     runner.cancel()
     assert job.cancelling and job.progress()[1].startswith("cancelling")
-    at = app
-    at.run()  # the Prune page's progress panel
-    warnings = [w.value for w in at.warning]
-    # the worker may already have stopped (it checks every window): then the page says it was cancelled
-    assert any("cancelling" in w or "was cancelled" in w for w in warnings), warnings
     t = time.time()
     _wait(lambda: not job.active, timeout=30)
     assert job.status == "cancelled" and time.time() - t < 5
     assert seen.steps == 400 and seen.step < seen.steps
     statuses = {r["status"] for r in RunStore(ui.store().folder).runs()}
     assert statuses == {"cancelled"}
+
+
+def test_the_page_says_cancelling_until_the_worker_stops(app):
+    """A job that stops only when let go: after the Cancel click the page shows "cancelling" with the
+    stage it was in and a disabled "Cancelling..." button, then the cancellation."""
+    import threading
+
+    from structprune.cancel import check
+    from structprune.pipeline import ProgressEvent
+
+    release = threading.Event()
+
+    def work(on_event, cancel):
+        on_event(ProgressEvent("pass2", 3, 30, 1.0, 0, 0))
+        release.wait(60)
+        check()  # the job's cancel scope
+        return None
+
+    at = app
+    job = ui.runner().submit_call("prune", "blocking job", {}, work, stages={"pass1": 10.0, "pass2": 10.0})
+    _wait(lambda: job.events)
+    at.run()
+    assert any("pass 2: pruning, layer 5/30" in p.proto.text for p in at.get("progress"))
+    at.button(key="cancel").click()
+    at.run()
+    assert job.cancelling
+    assert any(w.value.startswith("blocking job: cancelling") for w in at.warning), [w.value for w in at.warning]
+    button = next(b for b in at.button if b.key == "cancel")
+    assert button.label == "Cancelling..." and button.disabled
+    release.set()
+    _wait(lambda: not job.active)
+    assert job.status == "cancelled"
+    at = _run_until(at, lambda a: any("was cancelled" in w.value for w in a.warning))
 
 
 def test_calibration_too_small_to_mean_anything_is_warned(app):
@@ -545,40 +573,3 @@ def test_calibration_too_small_to_mean_anything_is_warned(app):
     assert any("too little to mean anything" in w.value for w in at.warning)
     _set(at, nsamples=8, seqlen=256)
     assert not any("too little" in w.value for w in at.warning)
-
-
-def test_prune_page_offers_an_interrupted_disk_run_and_resumes_it(app, tmp_path):
-    """A disk-streamed run killed after its first layer (its store row failed, its layer folder kept)
-    is offered under "Resume an interrupted run"; Resume finishes it under its own run id."""
-    from structprune.config import PruneConfig
-    from structprune.models import build_tiny
-    from structprune.resume import run_folder
-    from structprune.run import run_prune
-
-    folder = tmp_path / "tiny-folder"
-    build_tiny("tiny-llama").save_pretrained(folder)
-    store = RunStore(tmp_path / "data")
-    cfg = PruneConfig(model=str(folder), weights="disk", sparsity=0.4, nsamples=4, seqlen=16, eval_windows=1)
-    run_id = store.start(cfg.to_dict())
-
-    def killed_after_layer_0(ev):
-        if ev.stage == "pass2" and ev.layer == 0:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        run_prune(cfg, layer_dir=run_folder(store.folder, run_id), run_id=run_id, on_event=killed_after_layer_0)
-    store.fail(run_id, "the process running this run stopped (killed or crashed) before it finished")
-    at = app
-    at.run()
-    (pick,) = [s for s in at.selectbox if s.key == "resume_run"]
-    assert pick.options[0].endswith(f"{run_id} · 1/4 layers pruned")
-    at.button(key="resume").click()
-    at.run()
-    job = ui.runner().current()
-    assert job is not None and job.job_id == run_id, _errors(at)
-    _wait(lambda: not job.active)
-    assert job.status == "finished", job.error
-    row = store.get(run_id)
-    assert row["status"] == "finished" and row["record"]["weights"]["resumed_at_layer"] == 1
-    at = _run_until(at, lambda a: "Sparsity per layer and module" in _figures(a))
-    assert not [s for s in at.selectbox if s.key == "resume_run"]  # nothing left to resume

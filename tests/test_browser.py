@@ -233,7 +233,7 @@ def test_new_user_flow(server):
             t_run = time.monotonic()
             page.get_by_role("button", name="Run", exact=True).click()
             page.wait_for_selector('[data-testid="stProgress"]', timeout=120_000)
-            page.wait_for_selector("text=/pass1, layer|pass2, layer|The run failed/", timeout=180_000)
+            page.wait_for_selector("text=/pass [12]: .*, layer \\d+\\/\\d+|The run failed/", timeout=180_000)
             assert page.get_by_text("The run failed").count() == 0, page.inner_text('[data-testid="stMain"]')[-500:]
             page.wait_for_selector("text=Peak device memory so far", timeout=60_000)
             app.shot("prune-running")
