@@ -68,7 +68,6 @@ from structprune.allocation import allocate_uniform  # noqa: E402
 from structprune.config import PruneConfig  # noqa: E402
 from structprune.errors import DeviceOutOfMemoryError, InvalidConfigError, RunCancelledError  # noqa: E402
 from structprune.estimate import estimate_memory  # noqa: E402
-from structprune.footprint import CUDA_LIBRARY_WORKSPACE_BYTES  # noqa: E402
 from structprune.memory import DTYPE_BYTES, DeviceLedger  # noqa: E402
 from structprune.methods import get_method  # noqa: E402
 from structprune.engine import PruneEngine  # noqa: E402
@@ -500,13 +499,8 @@ def run_spec(runner: Runner, spec: RunSpec) -> dict:
     }
     try:
         est = estimate_memory(full, spec.method, spec.nsamples, spec.seqlen, dtype_name, batch_size=1,
-                              sensitivity=rec["sensitivity"], host_grams=dev.type == "cuda", device=dev.type)
+                              sensitivity=rec["sensitivity"], host_grams=dev.type == "cuda")
         rec["estimate_bytes"], rec["estimate_phases"] = est["peak_bytes"], est["phases"]
-        # the formulas alone (what run 1 compared), CUDA's terms, and the caching allocator's reserve
-        rec["estimate_formula_bytes"] = est.get("formula_peak_bytes", est["peak_bytes"])
-        rec["estimate_cuda_terms"] = est.get("cuda_terms")
-        rec["estimate_reserved_bytes"] = est.get("reserved_peak_bytes")
-        rec["estimate_peak_moment"] = est.get("peak_moment")
     except Exception as exc:  # noqa: BLE001 - an estimator gap is a finding, not a crash
         rec["estimate_message"] = f"{type(exc).__name__}: {exc}"
     raw = _predict(runner, spec, corrected=False)
@@ -564,15 +558,7 @@ def run_spec(runner: Runner, spec: RunSpec) -> dict:
             rec.update({k: round(v, 2) for k, v in
                         _extrapolate(res, run_cfg.num_hidden_layers, full.num_hidden_layers, rec["sensitivity"]).items()})
         if rec["estimate_bytes"]:
-            # the peak counts what the run added: the libraries' workspaces an earlier run of this
-            # process allocated (base_bytes) are not in it, so neither are they in the comparison
-            already = min(rec["base_bytes"], CUDA_LIBRARY_WORKSPACE_BYTES) if dev.type == "cuda" else 0
-            rec["estimate_comparable_bytes"] = rec["estimate_bytes"] - already
-            rec["estimate_error"] = (rec["estimate_comparable_bytes"] - rec["peak_bytes"]) / rec["peak_bytes"]
-            rec["estimate_formula_error"] = (rec["estimate_formula_bytes"] - rec["peak_bytes"]) / rec["peak_bytes"]
-            if rec.get("reserved_peak_bytes") and rec["estimate_reserved_bytes"]:
-                rec["estimate_reserved_error"] = ((rec["estimate_reserved_bytes"] - rec["reserved_peak_bytes"])
-                                                  / rec["reserved_peak_bytes"])
+            rec["estimate_error"] = (rec["estimate_bytes"] - rec["peak_bytes"]) / rec["peak_bytes"]
         if rec["total_s"] > 1.0 and raw > 0:
             runner.ratios.setdefault(spec.method, []).append(rec["total_s"] / raw)
     except RunCancelledError as exc:
@@ -784,9 +770,7 @@ def summarize(records: list[dict], speed: list[dict] | None = None) -> dict:
                            "ratio": g["peak_bytes"] / r["peak_bytes"]})
     errors = [{"config_name": r["config_name"], "method": r["method"], "shape": f"{r['nsamples']}x{r['seqlen']}",
                "layers_run": r["layers_run"], "peak_bytes": r["peak_bytes"], "estimate_bytes": r["estimate_bytes"],
-               "estimate_error": r["estimate_error"], "estimate_formula_error": r.get("estimate_formula_error"),
-               "estimate_peak_moment": r.get("estimate_peak_moment")}
-              for r in ok if r.get("estimate_error") is not None]
+               "estimate_error": r["estimate_error"]} for r in ok if r.get("estimate_error") is not None]
     big = [x for x in ratios if x["config_name"] in ("opt-6.7b", "opt-13b", "llama-2-13b", "llama-2-7b")]
     sp = next((v for k, v in slopes.items() if k.startswith("structprune 32x")), None)
     gt = next((v for k, v in slopes.items() if k.startswith("global-taylor 32x")), None)
@@ -837,18 +821,15 @@ def format_summary(s: dict) -> str:
         lines.append(f"  {k:28s} all {f(v['slope_all'])}  opt {f(v['slope_opt'])}  llama {f(v['slope_llama'])}"
                      f"  ({len(v['points'])} sizes)")
     lines.append("")
-    lines.append(f"  {'config':16s} {'shape':9s} {'global GiB':>10s} {'structprune GiB':>15s} {'ratio':>7s}")
+    lines.append(f"  {'config':16s} {'shape':9s} {'global GB':>10s} {'structprune GB':>15s} {'ratio':>7s}")
     for r in s["ratios"]:
         lines.append(f"  {r['config_name']:16s} {r['shape']:9s} {r['global_peak_bytes'] / gb:10.2f} "
                      f"{r['structprune_peak_bytes'] / gb:15.2f} {r['ratio']:7.1f}")
     lines.append("")
-    lines.append(f"  {'config':16s} {'method':14s} {'shape':9s} {'L':>3s} {'peak GiB':>8s} {'est GiB':>8s} {'err':>7s}"
-                 f" {'formulas':>8s}  moment")
+    lines.append(f"  {'config':16s} {'method':14s} {'shape':9s} {'L':>3s} {'peak GB':>8s} {'est GB':>8s} {'err':>7s}")
     for e in s["estimator"]:
-        fe = e.get("estimate_formula_error")
         lines.append(f"  {e['config_name']:16s} {e['method']:14s} {e['shape']:9s} {e['layers_run']:3d} "
-                     f"{e['peak_bytes'] / gb:8.3f} {e['estimate_bytes'] / gb:8.3f} {100 * e['estimate_error']:+6.1f}% "
-                     f"{'' if fe is None else f'{100 * fe:+7.1f}%'}  {e.get('estimate_peak_moment') or ''}")
+                     f"{e['peak_bytes'] / gb:8.3f} {e['estimate_bytes'] / gb:8.3f} {100 * e['estimate_error']:+6.1f}%")
     if s.get("speed"):
         lines.append("")
         lines.append(f"  {'sparsity':>8s} {'model':8s} {'size':>5s} {'shape':28s} {'tok/s':>10s} {'dense':>10s} {'speed-up':>8s}")
@@ -967,7 +948,7 @@ def _run_item(runner: Runner, item: RunSpec | str) -> None:
                "message": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=6)[-2000:],
                **runner.env}
     runner.write(item.filename, rec)
-    gbp = f"{rec['peak_bytes'] / 2**30:.2f} GiB" if rec.get("peak_bytes") else "-"
+    gbp = f"{rec['peak_bytes'] / 2**30:.2f} GB" if rec.get("peak_bytes") else "-"
     err = f"{100 * rec['estimate_error']:+.1f}%" if rec.get("estimate_error") is not None else "-"
     print(f"[{item.step}] {item.filename}: {rec['status']} peak {gbp} est err {err} "
           f"pass1 {rec.get('pass1_s')} s pass2 {rec.get('pass2_s')} s (pred {rec.get('predicted_s')} s) "

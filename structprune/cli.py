@@ -319,7 +319,7 @@ def cmd_estimate(args) -> int:
         check_value(name, getattr(args, name), _flag(name))
     config = load_config(args.model)
     est = estimate_memory(config, args.method, args.nsamples, args.seqlen, args.dtype, batch_size=args.batch_size,
-                          host_grams=args.device == "cuda", weights=args.weights, device=args.device)
+                          host_grams=args.device == "cuda", weights=args.weights)
     print(dumps(est, indent=1))
     return 0
 
@@ -394,9 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("method", "nsamples", "seqlen", "batch_size", "dtype"):
         _config_option(p, name)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                   help="cuda: Grams kept in host memory and CUDA's own terms added (library and solver "
-                        "workspaces, block rounding; reserved_peak_bytes with the allocator's cache); cpu: the "
-                        "formulas alone, as the CPU ledger accounts (default: cuda)")
+                   help="the pipeline keeps Grams in host memory on cuda, on the device on cpu (default: cuda)")
     p.add_argument("--weights", choices=("memory", "disk"), default="memory",
                    help="host memory of the weights: the whole model and the run's copy (memory) or the largest "
                         "module read from disk at a time (disk) (default: memory)")

@@ -14,7 +14,6 @@ comes from the family's `AdapterSpec`. `estimate.py` re-exports this module's na
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from .adapters import adapter_for, config_layout
@@ -97,7 +96,7 @@ def layerwise_moments(config, method: str = "structprune", batch_size: int = 1, 
         p1("sensitivity streams", **held, **{"batch-in": act, "workspace": plain})
         # only the sensitivity streams run the LM head during pruning, next to the last Grams
         out.append(Moment("head", "sensitivity losses", {"head": spec.lm_head_params(config) * db, "batch-in": act,
-                                                          "logits": logits_bytes(B, S, config.vocab_size, db), **prev}))
+                                                          "logits": logits_bytes(B, S, config.vocab_size), **prev}))
     refine = refine and solver
     dense_copy = {"dense-layer": layer} if target == "dense" or refine else {}
     gram_to_host = host and target == "local"  # the Gram goes to the host before the solve
@@ -118,54 +117,10 @@ def layerwise_moments(config, method: str = "structprune", batch_size: int = 1, 
     return out
 
 
-# --- what CUDA adds to the formulas ---------------------------------------------------------------
-# The byte formulas describe the tensors the code holds, which is all the CPU ledger counts. On CUDA
-# the runtime adds the terms below, each derived from the first H200 run's records (bf16, 32 x 2048,
-# torch 2.11 + CUDA 13.0) by benchmarks/cuda_terms.py; the derivation, every record's residual and
-# what is not resolved: benchmarks/results/memory/cuda-terms.json and docs/RESULTS.md. Derived, not
-# yet re-measured against today's code (the run that checks them: benchmarks/run_gpu.sh).
-
-# cuBLAS + cuBLASLt workspaces, allocated through the caching allocator by the process's first
-# matmuls and kept: the base_bytes of every record after the session's first (68,157,952 B), and in
-# the first run's peak (SmolLM2 global-taylor: formulas 3.4176 GiB + this = 3.481, measured 3.481).
-CUDA_LIBRARY_WORKSPACE_BYTES = 68_157_952
-# The caching allocator hands out blocks in multiples of 512 bytes (kMinBlockSize): every tensor
-# rounds up. Applied per ledger item, a lower bound; below 0.01% of any moment at real sizes.
-CUDA_BLOCK_BYTES = 512
-# Next to a factorization (OBS saliencies, a module's solve): what remained of the two solve moments
-# no allocation choice moves (pass 1's one-shot solves at the uniform kept share, Llama-2-7b at
-# 128 x 2048 and Llama-2-13b: +45 MB and +44 MB) once the old solver's own allocations were
-# replayed as CUDA ran them (cuSOLVER's potrf workspace and the solve's small tensors). OPT-13b's
-# pass-2 peak agrees (+45 MB).
-CUDA_SOLVER_WORKSPACE_BYTES = 46_000_000
-# Reserved over allocated at the peak (torch.cuda.max_memory_reserved vs max_memory_allocated with
-# expandable segments): 1.4-7.2% over the 4 records that kept both; the largest, for
-# `reserved_peak_bytes` (what nvidia-smi shows; what must fit next to other processes).
-CUDA_CACHE_SLACK = 0.072
-
-
-def _cuda_items(items: dict[str, int], factorizes: bool) -> dict[str, int]:
-    """A moment's items as CUDA holds them: block rounding, the libraries' workspaces and, next to
-    a factorization (`factorizes`: the method's scores and rules run OBS solves), cuSOLVER's."""
-    rounded = {k: -(-int(v) // CUDA_BLOCK_BYTES) * CUDA_BLOCK_BYTES for k, v in items.items()}
-    extra = {"cuda-library-workspaces": CUDA_LIBRARY_WORKSPACE_BYTES}
-    if factorizes and "solver" in items:
-        extra["cuda-solver-workspace"] = CUDA_SOLVER_WORKSPACE_BYTES
-    return {**rounded, **extra}
-
-
-def cuda_terms(items: dict[str, int], factorizes: bool = True) -> dict[str, int]:
-    """What CUDA adds to a set of held items, term by term (bytes)."""
-    cuda = _cuda_items(items, factorizes)
-    return {"block_rounding": sum(cuda[k] for k in items) - sum(int(v) for v in items.values()),
-            "library_workspaces": cuda["cuda-library-workspaces"],
-            "solver_workspace": cuda.get("cuda-solver-workspace", 0)}
-
-
 def estimate_memory(config, method: str = "structprune", nsamples: int = 64, seqlen: int = 512,
                     dtype: str = "float32", batch_size: int = 1, sensitivity: bool = True,
                     target: str = "local", relative: bool | None = None, host_grams: bool = False,
-                    refine: bool = False, weights: str = "memory", device: str = "cpu") -> dict:
+                    refine: bool = False, weights: str = "memory") -> dict:
     """Predicted peak device bytes, per phase, for one pruning run, and the host's peak.
 
     Layer-wise methods: the largest of `layerwise_moments` (the same items the engine holds), per
@@ -179,15 +134,8 @@ def estimate_memory(config, method: str = "structprune", nsamples: int = 64, seq
     `weights`: "memory" (the host holds the loaded model and the run's working copy of it) or
     "disk" (the host holds the largest of the base, one layer and the head: weights.py); the host
     peak adds the calibration activations, which the stream keeps there.
-    `device`: "cpu" (the formulas alone: the CPU ledger's accounted peak, exactly) or "cuda"
-    (adds CUDA's terms at every moment, `cuda_terms`: what `torch.cuda.max_memory_allocated` of a
-    fresh process reads; `formula_peak_bytes` keeps the formulas' figure, `reserved_peak_bytes`
-    adds the caching allocator's slack).
     """
     db = _dtype_bytes(dtype)
-    on_cuda = str(device).startswith("cuda")
-    if not on_cuda and str(device) != "cpu":
-        raise ValueError(f"device must be cpu or cuda (got {device!r})")
     lay = config_layout(config)
     n_params = model_params(config)
     if weights not in ("memory", "disk"):
@@ -200,32 +148,22 @@ def estimate_memory(config, method: str = "structprune", nsamples: int = 64, seq
     if method in LAYERWISE_METHODS:
         moments = layerwise_moments(config, method, batch_size, seqlen, dtype, sensitivity, target, relative,
                                     host_grams, refine)
+        for m in moments:
+            phases[m.phase] = max(phases.get(m.phase, 0), m.bytes)
+        top = max(moments, key=lambda m: m.bytes)
+        peak, peak_moment = top.bytes, f"{top.phase}: {top.name}"
     elif method in WEIGHTS_ONLY_METHODS:
-        moments = []  # the device holds nothing
+        phases["weights-only"] = 0
+        peak = 0
     elif method == "global-taylor":
         terms = global_taylor_terms(config, n_params, batch_size, seqlen, db, nsamples)
-        moments = [Moment("global", "loss backward", terms)]
+        phases["global"] = sum(terms.values())
+        peak = phases["global"]
     else:
         raise ValueError(f"unknown method {method!r}")
-    formula_peak = max((m.bytes for m in moments), default=0)
-    held = ([Moment(m.phase, m.name, _cuda_items(m.items, method == "structprune")) for m in moments]
-            if on_cuda else moments)
-    for m in held:
-        phases[m.phase] = max(phases.get(m.phase, 0), m.bytes)
-    top = max(range(len(held)), key=lambda i: held[i].bytes) if held else None
-    peak = held[top].bytes if held else 0
-    if method in LAYERWISE_METHODS:
-        peak_moment = f"{held[top].phase}: {held[top].name}"
-    if not held:
-        phases["weights-only"] = 0
-    cuda = {}
-    if on_cuda and held:
-        cuda = {"cuda_terms": cuda_terms(moments[top].items, method == "structprune"),
-                "formula_peak_bytes": int(formula_peak),
-                "reserved_peak_bytes": int(math.ceil(peak * (1 + CUDA_CACHE_SLACK)))}
     return {
         "method": method, "peak_bytes": int(peak), "phases": {k: int(v) for k, v in phases.items()},
-        "peak_moment": peak_moment, "device": "cuda" if on_cuda else "cpu", **cuda,
+        "peak_moment": peak_moment,
         "model_params": n_params, "model_weight_bytes": n_params * db,
         "layer_weight_bytes": layer_weight_bytes(lay, db), "n_layers": config.num_hidden_layers,
         "host_activation_bytes": 2 * nsamples * seqlen * lay.hidden * db,
@@ -279,6 +217,5 @@ def global_taylor_bytes(config, n_params: int, batch: int, seqlen: int, dtype_by
     return sum(global_taylor_terms(config, n_params, batch, seqlen, dtype_bytes, nsamples).values())
 
 
-__all__ = ["Moment", "layerwise_moments", "cuda_terms", "CUDA_LIBRARY_WORKSPACE_BYTES", "CUDA_BLOCK_BYTES",
-           "CUDA_SOLVER_WORKSPACE_BYTES", "CUDA_CACHE_SLACK", "LAYERWISE_METHODS", "WEIGHTS_ONLY_METHODS", "config_layout", "estimate_memory", "global_taylor_bytes",
+__all__ = ["Moment", "layerwise_moments", "LAYERWISE_METHODS", "WEIGHTS_ONLY_METHODS", "config_layout", "estimate_memory", "global_taylor_bytes",
            "global_taylor_terms", "model_params"]

@@ -128,14 +128,9 @@ def loss_head_bytes(batch: int, seqlen: int, vocab: int, dtype_bytes: int) -> in
     return 16 * rows * vocab + (4 * batch * vocab if dtype_bytes == 4 else 0)
 
 
-def logits_bytes(batch: int, seqlen: int, vocab: int, dtype_bytes: int = 4) -> int:
-    """One batch's LM-head output as `streaming.window_nll` holds it at its peak: the logits in the
-    model dtype (B, S, V), their fp32 copy (a view when the model is fp32) and the fp32 log-softmax.
-    The model-dtype logits were missing until the first H200 run's records showed them: SmolLM2 and
-    OPT-125m peaked 0.19 GiB above the two fp32 tensors, one bf16 (B, S, V) tensor
-    (benchmarks/results/memory/cuda-terms.json)."""
-    tokens = batch * seqlen * vocab
-    return 2 * tokens * 4 + (tokens * dtype_bytes if dtype_bytes != 4 else 0)
+def logits_bytes(batch: int, seqlen: int, vocab: int) -> int:
+    """Logits and their log-softmax for one batch, in fp32 (the NLL is taken in fp32)."""
+    return 2 * batch * seqlen * vocab * 4
 
 
 def embed_workspace_bytes(spec: AdapterSpec, batch: int, seqlen: int, hidden: int, head_dim: int,
@@ -200,19 +195,12 @@ def solver_bytes(d_out: int, n: int, group: int = 1) -> int:
     """One module's solve (greedy OBS, swaps on heads, then the refit), measured with
     structprune.memprobe: two (n+1)^2 matrices at a time (damped Gram / factor / inverse; in the
     swap search the damped Gram and the running inverse) and d_out x (n+1) copies: the weights,
-    their compensated copy; for heads the swap search's weights, residual and per-pair updates as
-    well (5.5 on average over the shapes measured). For channels the refit on the kept support
-    sets the peak once the allocation keeps most of a module (it decides later, per module, so the
-    formula takes the largest share, s -> n + 1): the support's block of the damped Gram and its
-    factor (two s^2), the right-hand side, its transpose and the solve's output (three d_out x s)
-    next to the weights and the refit (two d_out x (n+1)) -- measured 2 s^2 + 3 d_out s + 2 d_out
-    (n+1) exactly at 99% kept, 39% above the greedy phase's 2 (n+1)^2 + 2 d_out (n+1) on a
-    Llama-shaped MLP (benchmarks/results/memory/cpu-transients.json). The first H200 run's Llama
-    peaks held the same (benchmarks/results/memory/cuda-terms.json)."""
+    their compensated copy (channels: two); for heads the swap search's weights, residual and
+    per-pair updates as well (5.5 on average over the shapes measured))."""
     m = n + 1
     if group > 1:
         return (4 * m * m + 11 * d_out * m) * solve_dtype_bytes(n) // 2
-    return (2 * m * m + 5 * d_out * m) * solve_dtype_bytes(n)
+    return (2 * m * m + 2 * d_out * m) * solve_dtype_bytes(n)
 
 
 def gram_batch_bytes(lay: LayerLayout, batch: int, seqlen: int) -> int:

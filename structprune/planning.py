@@ -275,8 +275,7 @@ def estimate_run(config, cfg: PruneConfig) -> dict:
     dev = str(resolve_device(cfg.device))
     mem = estimate_memory(config, cfg.method, cfg.nsamples, cfg.seqlen, cfg.dtype, cfg.batch_size,
                           sensitivity=get_method(cfg.method)(cfg).wants_sensitivity(), target=cfg.target,
-                          relative=cfg.relative_error, host_grams=dev.startswith("cuda"), refine=cfg.refine_epochs > 0,
-                          device="cuda" if dev.startswith("cuda") else "cpu")
+                          relative=cfg.relative_error, host_grams=dev.startswith("cuda"), refine=cfg.refine_epochs > 0)
     secs = estimate_seconds(config, cfg, dev)
     return {"device": dev, "memory": mem, "peak_phase": max(mem["phases"], key=mem["phases"].get),
             "seconds": secs, "fp32_gflops": secs["fp32_flops"] / 1e9}

@@ -108,14 +108,13 @@ def scaling_rows(names: list[str] | None = None) -> list[dict]:
 def estimate_rows(configs: dict[str, object], methods=("global-taylor", "wanda-sp", "structprune"),
                   nsamples: int = 128, seqlen: int = 2048, dtype: str = "bfloat16", batch_size: int = 1) -> list[dict]:
     """`footprint.estimate_memory` for every (config, method): preset, n_params, method, peak_gib
-    and the phase that sets the peak. Estimated as on CUDA (`estimate_memory(device="cuda")`: the
-    libraries' and solver's workspaces added), structprune with its sensitivity pass and its Grams
-    in host memory between accumulation and solve."""
+    and the phase that sets the peak. structprune is estimated with its sensitivity pass and, as
+    on CUDA, with its Grams in host memory between accumulation and solve."""
     rows = []
     for name, cfg in configs.items():
         for method in methods:
             est = estimate_memory(cfg, method, nsamples, seqlen, dtype, batch_size, sensitivity=method == "structprune",
-                                  host_grams=True, device="cuda")
+                                  host_grams=True)
             phase = max(est["phases"], key=est["phases"].get)
             rows.append({"preset": name, "family": family(name) if name in PRESETS else "", "n_params": est["model_params"],
                          "method": method,

@@ -248,7 +248,7 @@ class LayerStream:
                 ids = input_ids[start : start + h.shape[0]].to(self.device)
                 start += h.shape[0]
                 with (self.ledger.held("batch-in", activation_bytes(h.shape[0], h.shape[1], self.hidden, self.dtype_bytes)),
-                      self.ledger.held("logits", logits_bytes(h.shape[0], h.shape[1], self.vocab, self.dtype_bytes))):
+                      self.ledger.held("logits", logits_bytes(h.shape[0], h.shape[1], self.vocab))):
                     z = h.to(self.device)
                     for m in mods:
                         z = m(z)
