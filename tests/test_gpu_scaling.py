@@ -377,6 +377,8 @@ def test_the_hard_time_limit_still_brings_back_the_archive(tmp_path):
     interrupted, the summary written, and the archive packed with the log."""
     repo = _device_copy(tmp_path / "repo")
     res = _run_gpu_sh(repo, tmp_path, HARD_S="6", STEPS="pair,big,small")
+    if res.returncode == 0 and "runs 7:" in res.stdout:  # a quiet machine ran the whole smoke plan in 6 s
+        pytest.skip("the smoke plan finished inside the hard limit on this machine: nothing was cut")
     assert res.returncode == 124, res.stdout[-2000:]
     ga.unpack(tmp_path / "out" / f"structprune-gpu-{TAG}.tar.gz", tmp_path / "back")
     recs = _records(tmp_path / "back")
