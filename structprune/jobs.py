@@ -81,7 +81,7 @@ class Job:
     stages: dict[str, float] = field(default_factory=dict)
     cancel_asked: float | None = None  # when Cancel was clicked
     event_times: list[float] = field(default_factory=list)  # wall time each event arrived
-    _shown: float = 0.0  # the bar never moves back
+    _shown: float = field(default=0.0, init=False, repr=False)  # the bar never moves back
 
     @property
     def active(self) -> bool:
