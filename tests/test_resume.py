@@ -72,6 +72,13 @@ def _kill_after(layer: int):
     return hook
 
 
+def _killed_run(name: str, folder: Path, layer_dir: Path, after: int) -> None:
+    """A disk-streamed run killed once layer `after` is written (its folder stays resumable)."""
+    with pytest.raises(Killed):
+        run_prune(_cfg(name), load_model(str(folder), on_disk=True), layer_dir=layer_dir,
+                  on_event=_kill_after(after), evaluate_dense=False)
+
+
 def _resume(name: str, folder: Path, layer_dir: Path, **kw):
     events = []
     res = run_prune(_cfg(name), load_model(str(folder), on_disk=True), resume=layer_dir, on_event=events.append,
@@ -99,9 +106,7 @@ def _manifest(layer_dir: Path) -> dict:
 def test_a_run_killed_at_layer_k_resumes_to_the_uninterrupted_model(uninterrupted, tmp_path, name):
     folder, full = uninterrupted(name)
     k = KILL_AT[name]
-    with pytest.raises(Killed):
-        run_prune(_cfg(name), load_model(str(folder), on_disk=True), layer_dir=tmp_path / "run",
-                  on_event=_kill_after(k - 1), evaluate_dense=False)
+    _killed_run(name, folder, tmp_path / "run", after=k - 1)
     m = _manifest(tmp_path / "run")
     assert m["status"] == "running" and [e["index"] for e in m["layers"]] == list(range(k))
     assert m["pass1"] is not None and m["plan"] == [{"attn": a, "mlp": b} for a, b in _plan(full)]
@@ -161,9 +166,7 @@ def test_a_damaged_shard_or_pass1_file_is_computed_again(uninterrupted, tmp_path
     name = "tiny-llama-mha"
     folder, full = uninterrupted(name)
     run = tmp_path / "run"
-    with pytest.raises(Killed):
-        run_prune(_cfg(name), load_model(str(folder), on_disk=True), layer_dir=run, on_event=_kill_after(0),
-                  evaluate_dense=False)
+    _killed_run(name, folder, run, after=0)
     for f in (run / "layer-00000.safetensors", run / "pass1.safetensors"):  # same size, other bytes
         data = bytearray(f.read_bytes())
         data[-1] ^= 0xFF
@@ -218,9 +221,7 @@ def test_resumes_that_cannot_be_are_refused_in_one_line_before_any_work(uninterr
     name = "tiny-llama"
     folder, full = uninterrupted(name)
     run = tmp_path / "run"
-    with pytest.raises(Killed):
-        run_prune(_cfg(name), load_model(str(folder), on_disk=True), layer_dir=run, on_event=_kill_after(0),
-                  evaluate_dense=False)
+    _killed_run(name, folder, run, after=0)
     other = tmp_path / "other-weights"
     build_tiny(name, seed=1).save_pretrained(other)  # the same shapes, other weights
     cases = [
