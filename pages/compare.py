@@ -76,7 +76,9 @@ first = same.drop_duplicates("run_id").sort_values(["sparsity_target", "method",
 choices = {reports.run_choice_label(row): row["run_id"] for row in first.to_dict("records")}
 common = first[first["sparsity_target"] == first["sparsity_target"].mode().iloc[0]] if len(first) else first
 # one run per method / scheme / temperature at the most common sparsity: what the schemes do with one budget
-default = common.drop_duplicates(["method", "allocation", "temperature"]).head(4).to_dict("records")
+# the project's own method first, then the baselines it is compared with
+default = (common.drop_duplicates(["method", "allocation", "temperature"])
+           .sort_values("method", key=lambda m: m != "structprune", kind="stable").head(4).to_dict("records"))
 chosen = st.multiselect("Runs to overlay", list(choices), default=[reports.run_choice_label(r) for r in default],
                         key=f"cmp_overlay|{protocol}")
 if chosen:
