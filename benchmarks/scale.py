@@ -21,11 +21,15 @@ and small calibration (random tokens, --nsamples x --seqlen), no dense evaluatio
   them). RLIMIT_AS rather than a cgroup: it needs no privileges nor a systemd instance (this VM
   runs none), and it bounds virtual memory, which is never below the resident memory, so a run
   that fits under it fits in that much RAM. Everything the run maps counts (the libraries, the
-  safetensors file being read, spilled activations).
+  safetensors file being read, spilled activations). With --largest-limited-only the largest
+  shape runs only this way, and its peak is this run's.
+Each run writes its pruned layers into the work folder, removed afterwards.
 Measured in the child: peak resident memory (VmHWM of /proc/self/status; also VmPeak, the peak
 virtual size), the resident size after the imports (what Python and torch hold before any model),
-and the wall time of loading plus pruning. Records: benchmarks/results/scale/scale.json (smoke
-runs: scale-smoke.json in --out), with the machine's load average before and after each run.
+the wall time of loading plus pruning, and the resident size every 0.25 s with the run's stage (where
+the peak happens); next to it, the estimator's prediction of the host peak (what the Prune page
+shows). Records: benchmarks/results/scale/scale.json (smoke runs: scale-smoke.json in --out), with
+the machine's load average before and after each run.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -111,6 +116,52 @@ def _status() -> dict[str, int]:
     return out
 
 
+class RssSampler:
+    """Samples this process's resident size every `every` seconds in a thread, with the run's stage
+    at that moment (run_prune's progress events), to say where the peak happens."""
+
+    def __init__(self, every: float = 0.25) -> None:
+        import threading
+
+        self.every, self.stage, self.samples = every, "load", []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._t0 = time.perf_counter()
+
+    def on_event(self, event) -> None:
+        self.stage = event.stage
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            self.samples.append((time.perf_counter() - self._t0, _status()["VmRSS"], self.stage))
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def by_stage(self) -> dict[str, int]:
+        """The largest sampled resident size in each stage."""
+        out: dict[str, int] = {}
+        for _, rss, stage in self.samples:
+            out[stage] = max(out.get(stage, 0), rss)
+        return out
+
+    def timeline(self, points: int = 300) -> list[list]:
+        """[seconds, resident bytes, stage], thinned to about `points` (each kept sample the
+        largest of its stretch, so the peak survives)."""
+        step = max(1, len(self.samples) // points)
+        out = []
+        for i in range(0, len(self.samples), step):
+            chunk = self.samples[i:i + step]
+            top = max(chunk, key=lambda s: s[1])
+            out.append([round(top[0], 2), top[1], top[2]])
+        return out
+
+
 def child(spec_path: str) -> None:
     """Runs one pruning run as `spec` says and writes what it measured to spec["result"]."""
     spec = json.loads(Path(spec_path).read_text())
@@ -121,6 +172,7 @@ def child(spec_path: str) -> None:
     from structprune.run import run_prune
 
     after_imports = _status()["VmRSS"]
+    sampler = RssSampler()
     cfg = PruneConfig(model=spec["folder"], weights=spec["mode"], nsamples=spec["nsamples"], seqlen=spec["seqlen"],
                       **SETTINGS)
     t = time.perf_counter()
@@ -134,14 +186,18 @@ def child(spec_path: str) -> None:
         model = AutoModelForCausalLM.from_pretrained(spec["folder"], dtype=torch.float32, attn_implementation="sdpa")
         loaded = LoadedModel(spec["folder"], model.eval(), None, "folder", spec["folder"])
     load_s = time.perf_counter() - t
-    res = run_prune(cfg, loaded, evaluate_dense=False, activation_budget=spec.get("activation_budget"))
+    with sampler:
+        res = run_prune(cfg, loaded, on_event=sampler.on_event, evaluate_dense=False, layer_dir=spec["layers"],
+                        activation_budget=spec.get("activation_budget"))
     wall = time.perf_counter() - t
     rec = res.record
     status = _status()
     out = {"wall_s": wall, "load_s": load_s, "peak_rss_bytes": status["VmHWM"], "peak_vm_bytes": status["VmPeak"],
            "rss_after_imports_bytes": after_imports, "timing": rec["timing"], "weights": rec["weights"],
            "kept": [m["kept"] for m in rec["modules"]], "achieved_prunable": rec["sparsity"]["achieved_prunable"],
-           "ppl_pruned": rec["ppl"]["pruned"]["random"]["value"], "cpus": rec["environment"]["cpus"]}
+           "ppl_pruned": rec["ppl"]["pruned"]["random"]["value"], "cpus": rec["environment"]["cpus"],
+           "accounted_peak_bytes": rec["memory"]["peak_bytes"], "rss_by_stage": sampler.by_stage(),
+           "rss_timeline": sampler.timeline()}
     Path(spec["result"]).write_text(json.dumps(out))
 
 
@@ -151,7 +207,8 @@ def run_child(folder: Path, mode: str, work: Path, nsamples: int, seqlen: int, l
     or ok False with the end of its stderr."""
     tag = f"{folder.name}-{mode}{'-limited' if limit else ''}"
     spec = {"folder": str(folder), "mode": mode, "nsamples": nsamples, "seqlen": seqlen,
-            "result": str(work / f"{tag}.result.json"), "activation_budget": activation_budget}
+            "result": str(work / f"{tag}.result.json"), "activation_budget": activation_budget,
+            "layers": str(work / f"{tag}-layers")}  # the pruned layers: removed after the run
     spec_path = work / f"{tag}.spec.json"
     spec_path.write_text(json.dumps(spec))
     Path(spec["result"]).unlink(missing_ok=True)
@@ -167,6 +224,7 @@ def run_child(folder: Path, mode: str, work: Path, nsamples: int, seqlen: int, l
                           capture_output=True, text=True, timeout=timeout)
     row = {"shape_folder": folder.name, "mode": mode, "limit_bytes": limit, "process_s": time.perf_counter() - t,
            "loadavg_before": load, "loadavg_after": os.getloadavg(), "ok": proc.returncode == 0}
+    shutil.rmtree(spec["layers"], ignore_errors=True)
     if proc.returncode == 0:
         row.update(json.loads(Path(spec["result"]).read_text()))
     else:
@@ -176,14 +234,35 @@ def run_child(folder: Path, mode: str, work: Path, nsamples: int, seqlen: int, l
 
 # --- the benchmark --------------------------------------------------------------------------------
 
+def predicted_host_peak(shape: str, mode: str, nsamples: int, seqlen: int) -> int:
+    """The estimator's host peak for a run of this benchmark (estimate_memory on the CPU, the
+    process's own HOST_PROCESS_BYTES included): what the app's Prune page shows before it."""
+    from transformers import LlamaConfig
+
+    from structprune.estimate import estimate_memory
+
+    est = estimate_memory(LlamaConfig(**SHAPES[shape]), SETTINGS["method"], nsamples, seqlen, "float32",
+                          sensitivity=False, relative=SETTINGS["relative_error"], weights=mode, on_cpu=True)
+    return est["host_peak_bytes"] + est["host_process_bytes"]
+
+
 def summarize(runs: list[dict], model_bytes: dict[str, int], shapes: list[str]) -> dict:
     """The issue's criteria from the runs: host peak over model bytes (7b: at most 0.25), flat
     from the smallest to the largest shape (within 20%), disk over memory wall time (1b: at most
-    1.2), a model larger than the limit it ran under pruned."""
+    1.2), a model larger than the limit it ran under pruned. A shape run only under the limit
+    (--largest-limited-only) takes its peak from that run (peak_from says so)."""
     disk = {r["shape"]: r for r in runs if r["mode"] == "disk" and not r["limit_bytes"] and r["ok"]}
+    peak_from = {k: "unlimited disk run" for k in disk}
+    for r in runs:
+        if r["limit_bytes"] and r["ok"] and r["shape"] not in disk:
+            disk[r["shape"]], peak_from[r["shape"]] = r, "the run under the address-space limit"
     mem = {r["shape"]: r for r in runs if r["mode"] == "memory" and r["ok"]}
     limited = [r for r in runs if r["limit_bytes"]]
-    s: dict = {"peak_rss_over_model_bytes": {k: r["peak_rss_bytes"] / model_bytes[k] for k, r in disk.items()}}
+    s: dict = {"peak_rss_over_model_bytes": {k: r["peak_rss_bytes"] / model_bytes[k] for k, r in disk.items()},
+               "peak_rss_over_predicted": {f"{r['shape']}-{r['mode']}{'-limited' if r['limit_bytes'] else ''}":
+                                           r["peak_rss_bytes"] / r["predicted_host_peak_bytes"]
+                                           for r in runs if r["ok"] and r.get("predicted_host_peak_bytes")}}
+    s["peak_from"] = peak_from
     peaks = [disk[k]["peak_rss_bytes"] for k in shapes if k in disk]
     if len(peaks) > 1:
         s["peak_rss_largest_over_smallest"] = peaks[-1] / peaks[0]
@@ -215,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory-at", default="1b", help="the shape also run with the whole model in memory")
     p.add_argument("--limit-bytes", type=int, default=None,
                    help="RLIMIT_AS of the limited run at the largest shape (default: half the model's bytes)")
+    p.add_argument("--largest-limited-only", action="store_true",
+                   help="run the largest shape only under the address-space limit (its peak is that run's): "
+                        "saves one run of the largest shape")
     p.add_argument("--models", default=None, help="where the model folders are written (default: --out/models)")
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -239,15 +321,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{shape}: {model_bytes[shape] / 2**30:.2f} GiB of bf16 weights ({time.perf_counter() - t:.0f} s to write)",
               flush=True)
         modes = ["disk", "memory"] if shape == memory_at else ["disk"]
+        if args.largest_limited_only and shape == shapes[-1]:
+            modes.remove("disk")
         for mode in modes:
-            row = {"shape": shape, **run_child(models / shape, mode, work, nsamples, seqlen)}
+            row = {"shape": shape, "predicted_host_peak_bytes": predicted_host_peak(shape, mode, nsamples, seqlen),
+                   **run_child(models / shape, mode, work, nsamples, seqlen)}
             runs.append(row)
             print(f"  {mode}: ok {row['ok']}, peak RSS {row.get('peak_rss_bytes', 0) / 2**30:.2f} GiB, "
                   f"wall {row.get('wall_s', float('nan')):.1f} s", flush=True)
     largest = shapes[-1]
     limit = SMOKE_LIMIT if args.smoke else (args.limit_bytes or model_bytes[largest] // 2)
-    row = {"shape": largest, **run_child(models / largest, "disk", work, nsamples, seqlen, limit=limit,
-                                         activation_budget=64 << 20)}
+    row = {"shape": largest, "predicted_host_peak_bytes": predicted_host_peak(largest, "disk", nsamples, seqlen),
+           **run_child(models / largest, "disk", work, nsamples, seqlen, limit=limit, activation_budget=64 << 20)}
     runs.append(row)
     print(f"  disk under RLIMIT_AS {limit / 2**30:.2f} GiB (model {model_bytes[largest] / 2**30:.2f} GiB): "
           f"ok {row['ok']}, peak RSS {row.get('peak_rss_bytes', 0) / 2**30:.2f} GiB", flush=True)

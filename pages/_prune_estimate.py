@@ -37,12 +37,26 @@ def before_running(cfg: PruneConfig | None, config_error: Exception | None) -> s
         return dev
     mem, secs = est["memory"], est["seconds"]
     st.session_state["estimate_bytes"] = mem["peak_bytes"]
-    e1, e2, e3 = st.columns(3)
+    e1, e2, e3, e4 = st.columns(4)
     e1.metric("Predicted peak device memory", ui.fmt_bytes(mem["peak_bytes"]),
               help="estimate.estimate_memory: the pipeline's own byte formulas, phase by phase")
-    e2.metric("Whole model (weights)", ui.fmt_bytes(mem["model_weight_bytes"]))
-    e3.metric("Predicted time (rough estimate)", ui.fmt_seconds(secs["total_s"]), help=secs["note"])
-    st.caption(f"Peak phase: {est['peak_phase']}; host memory for activations "
-               f"{ui.fmt_bytes(mem['host_activation_bytes'])}. Time: {secs['note']} "
+    e2.metric("Predicted peak host memory", ui.fmt_bytes(mem["host_peak_bytes"] + mem["host_process_bytes"]),
+              help=host_help(mem))
+    e3.metric("Whole model (weights)", ui.fmt_bytes(mem["model_weight_bytes"]))
+    e4.metric("Predicted time (rough estimate)", ui.fmt_seconds(secs["total_s"]), help=secs["note"])
+    where = ("streamed from disk, a layer at a time" if mem["weights"] == "disk"
+             else "all in host memory (the loaded model and the run's copy)")
+    st.caption(f"Peak phase: {est['peak_phase']}. Weights: {where}. Time: {secs['note']} "
                f"({est['fp32_gflops']:.0f} GFLOP/s fp32 measured on {est['device']}).")
     return est["device"]
+
+
+HOST_TERMS = {"activations": "calibration activations", "weights": "weights", "device_working_set":
+              "the CPU's working set (it is the device)", "grams": "one layer's Grams awaiting their solves"}
+
+
+def host_help(mem: dict) -> str:
+    """The host estimate's terms, for the metric's tooltip."""
+    terms = "; ".join(f"{HOST_TERMS[k]} {ui.fmt_bytes(v)}" for k, v in mem["host_terms"].items())
+    return (f"{terms}; Python, torch and transformers {ui.fmt_bytes(mem['host_process_bytes'])} "
+            "(estimate.estimate_memory; measured against benchmarks/results/scale)")

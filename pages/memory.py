@@ -60,6 +60,22 @@ wide = wide.sort_values("n_params").rename(columns={m: f"{m} (GiB)" for m in MET
 st.dataframe(wide, hide_index=True, key="mem_table",
              column_config={"n_params": st.column_config.NumberColumn("parameters", format="compact")})
 
+st.subheader("Host memory")
+st.caption("The host's peak for a structprune run on a GPU, with the weights in host memory (the loaded model and "
+           "the run's copy) or streamed from disk a layer at a time (`weights = disk`): the calibration activations, "
+           "what is read at once, and one layer's Grams while they are solved. The process itself (Python, torch) "
+           "adds ~0.4 GB on the CPU build, more with CUDA. Measured on this project's CPU runs: "
+           "docs/RESULTS.md \"Models larger than host memory\".")
+host = est[est["method"] == "structprune"].sort_values("n_params")
+st.dataframe(host[["preset", "n_params", "model_gib", "host_memory_gib", "host_disk_gib"]], hide_index=True,
+             key="mem_host_table",
+             column_config={"n_params": st.column_config.NumberColumn("parameters", format="compact"),
+                            "model_gib": st.column_config.NumberColumn("weights (GiB)", format="%.3g"),
+                            "host_memory_gib": st.column_config.NumberColumn("host peak, weights in memory (GiB)",
+                                                                             format="%.3g"),
+                            "host_disk_gib": st.column_config.NumberColumn("host peak, weights on disk (GiB)",
+                                                                           format="%.3g")})
+
 st.subheader("Your config")
 text = st.text_area("Paste a config.json", height=140, key="mem_json",
                     placeholder='{"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, ...}')
@@ -69,6 +85,10 @@ if text.strip():
         cols = st.columns(len(METHODS))
         for col, (_, r) in zip(cols, rows.iterrows()):
             col.metric(f"{r['method']} peak", f"{r['peak_gib']:.3g} GiB", help=f"peak phase: {r['peak_phase']}")
+        sp = rows[rows["method"] == "structprune"].iloc[0]
+        h1, h2 = st.columns(2)
+        h1.metric("structprune host peak, weights in memory", f"{sp['host_memory_gib']:.3g} GiB")
+        h2.metric("structprune host peak, weights on disk", f"{sp['host_disk_gib']:.3g} GiB")
         st.caption(f"{rows['n_params'].iloc[0] / 1e9:.3g} B parameters; one layer {rows['layer_gib'].iloc[0]:.3g} GiB; "
                    f"host memory for activations {rows['host_activation_gib'].iloc[0]:.3g} GiB.")
     except Exception as exc:  # noqa: BLE001 - bad JSON, unknown model_type, unsupported architecture

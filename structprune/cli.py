@@ -319,7 +319,7 @@ def cmd_estimate(args) -> int:
         check_value(name, getattr(args, name), _flag(name))
     config = load_config(args.model)
     est = estimate_memory(config, args.method, args.nsamples, args.seqlen, args.dtype, batch_size=args.batch_size,
-                          host_grams=args.device == "cuda", weights=args.weights)
+                          host_grams=args.device == "cuda", weights=args.weights, on_cpu=args.device == "cpu")
     print(dumps(est, indent=1))
     return 0
 
@@ -394,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("method", "nsamples", "seqlen", "batch_size", "dtype"):
         _config_option(p, name)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                   help="the pipeline keeps Grams in host memory on cuda, on the device on cpu (default: cuda)")
+                   help="the pipeline keeps Grams in host memory on cuda, on the device on cpu; on cpu the host peak "
+                        "includes the device's working set (default: cuda)")
     p.add_argument("--weights", choices=("memory", "disk"), default="memory",
                    help="host memory of the weights: the whole model and the run's copy (memory) or the largest "
                         "module read from disk at a time (disk) (default: memory)")

@@ -73,8 +73,6 @@ def layerwise_moments(config, method: str = "structprune", batch_size: int = 1, 
     check = {k: gram_check_bytes(n) for k, n in widths.items()}
     grams = sum(gram.values())
     host = host_grams and solver  # Grams leave the device once accumulated (pipeline.py)
-    # pass 1 accumulates a layer's Grams while the previous layer's are still referenced
-    prev = {"grams-prev": grams} if config.num_hidden_layers > 1 and not host else {}
     held = {} if host else {"grams": grams}  # what stays on the device next to pass 1's solves
     out = [Moment("embed", "base forward", {"embedding": spec.embedding_params(config) * db,
                                             "batch-out": embed_workspace_bytes(spec, B, S, lay.hidden, lay.head_dim, db)})]
@@ -82,11 +80,11 @@ def layerwise_moments(config, method: str = "structprune", batch_size: int = 1, 
     def p1(name, **items):
         out.append(Moment("pass1", name, {"layer": layer, **items}))
 
-    p1("accumulate Grams", grams=grams, **prev, **{"batch-in": act, "workspace": hooked})
-    p1("layer output", grams=grams, **prev, **{"batch-in": act, "batch-out": act})
+    p1("accumulate Grams", grams=grams, **{"batch-in": act, "workspace": hooked})
+    p1("layer output", grams=grams, **{"batch-in": act, "batch-out": act})
     if not host:
         for k in widths:
-            p1(f"read {k} Gram", grams=grams, **prev, **{"gram-check": check[k]})
+            p1(f"read {k} Gram", grams=grams, **{"gram-check": check[k]})
     if solver:
         for k, n in widths.items():
             p1(f"score {k} units", **held, solver=saliency_bytes(lay.hidden, n, group[k]))
@@ -96,7 +94,7 @@ def layerwise_moments(config, method: str = "structprune", batch_size: int = 1, 
         p1("sensitivity streams", **held, **{"batch-in": act, "workspace": plain})
         # only the sensitivity streams run the LM head during pruning, next to the last Grams
         out.append(Moment("head", "sensitivity losses", {"head": spec.lm_head_params(config) * db, "batch-in": act,
-                                                          "logits": logits_bytes(B, S, config.vocab_size), **prev}))
+                                                          "logits": logits_bytes(B, S, config.vocab_size)}))
     refine = refine and solver
     dense_copy = {"dense-layer": layer} if target == "dense" or refine else {}
     gram_to_host = host and target == "local"  # the Gram goes to the host before the solve
@@ -120,7 +118,7 @@ def layerwise_moments(config, method: str = "structprune", batch_size: int = 1, 
 def estimate_memory(config, method: str = "structprune", nsamples: int = 64, seqlen: int = 512,
                     dtype: str = "float32", batch_size: int = 1, sensitivity: bool = True,
                     target: str = "local", relative: bool | None = None, host_grams: bool = False,
-                    refine: bool = False, weights: str = "memory") -> dict:
+                    refine: bool = False, weights: str = "memory", on_cpu: bool = False) -> dict:
     """Predicted peak device bytes, per phase, for one pruning run, and the host's peak.
 
     Layer-wise methods: the largest of `layerwise_moments` (the same items the engine holds), per
@@ -132,8 +130,10 @@ def estimate_memory(config, method: str = "structprune", nsamples: int = 64, seq
     CUDA; `LayerStream.host_grams`). `refine`: the block refit after each pruned layer
     (structprune's refine_epochs > 0), with a dense copy of the layer through pass 2.
     `weights`: "memory" (the host holds the loaded model and the run's working copy of it) or
-    "disk" (the host holds the largest of the base, one layer and the head: weights.py); the host
-    peak adds the calibration activations, which the stream keeps there.
+    "disk" (the host holds the largest of the base, one layer and the head: weights.py).
+    `on_cpu`: the compute device is the host itself, so the host's peak adds the device's working
+    set (`host_peak_terms`). The host peak counts the run's own data; the process itself (Python,
+    torch, transformers) holds HOST_PROCESS_BYTES more before any model.
     """
     db = _dtype_bytes(dtype)
     lay = config_layout(config)
@@ -145,6 +145,7 @@ def estimate_memory(config, method: str = "structprune", nsamples: int = 64, seq
                     max(spec.embedding_params(config), layer_weight_bytes(lay, 1), spec.lm_head_params(config)) * db)
     phases: dict[str, int] = {}
     peak_moment = None
+    work = 0  # the device's largest working set besides the model's own weights
     if method in LAYERWISE_METHODS:
         moments = layerwise_moments(config, method, batch_size, seqlen, dtype, sensitivity, target, relative,
                                     host_grams, refine)
@@ -152,6 +153,7 @@ def estimate_memory(config, method: str = "structprune", nsamples: int = 64, seq
             phases[m.phase] = max(phases.get(m.phase, 0), m.bytes)
         top = max(moments, key=lambda m: m.bytes)
         peak, peak_moment = top.bytes, f"{top.phase}: {top.name}"
+        work = max(m.bytes - sum(v for k, v in m.items.items() if k in _WEIGHT_ITEMS) for m in moments)
     elif method in WEIGHTS_ONLY_METHODS:
         phases["weights-only"] = 0
         peak = 0
@@ -159,20 +161,56 @@ def estimate_memory(config, method: str = "structprune", nsamples: int = 64, seq
         terms = global_taylor_terms(config, n_params, batch_size, seqlen, db, nsamples)
         phases["global"] = sum(terms.values())
         peak = phases["global"]
+        work = peak - terms["weights"]
     else:
         raise ValueError(f"unknown method {method!r}")
+    activations = 2 * nsamples * seqlen * lay.hidden * db
+    if host_grams and method == "structprune":  # one layer's Grams wait on the host for their solves
+        host_grams_bytes = sum(gram_bytes(n) for n in (lay.n_heads * lay.head_dim, lay.intermediate))
+    else:
+        host_grams_bytes = 0
+    host_terms = host_peak_terms(weights, on_cpu, host_weights, activations, peak, work, host_grams_bytes)
     return {
         "method": method, "peak_bytes": int(peak), "phases": {k: int(v) for k, v in phases.items()},
         "peak_moment": peak_moment,
         "model_params": n_params, "model_weight_bytes": n_params * db,
         "layer_weight_bytes": layer_weight_bytes(lay, db), "n_layers": config.num_hidden_layers,
-        "host_activation_bytes": 2 * nsamples * seqlen * lay.hidden * db,
+        "host_activation_bytes": activations,
         "host_weight_bytes": host_weights,
-        "host_peak_bytes": host_weights + 2 * nsamples * seqlen * lay.hidden * db,
-        "weights": weights,
+        "host_peak_bytes": sum(host_terms.values()), "host_terms": host_terms,
+        "host_process_bytes": HOST_PROCESS_BYTES,
+        "weights": weights, "on_cpu": on_cpu,
         "nsamples": nsamples, "seqlen": seqlen, "dtype": dtype, "batch_size": batch_size,
         **({"terms": {k: int(v) for k, v in terms.items()}} if method == "global-taylor" else {}),
     }
+
+
+_WEIGHT_ITEMS = ("layer", "embedding", "head")  # moment items that are the model's own tensors
+# Python with torch and transformers imported, before any model: the resident size the scale
+# benchmark measures in each child (benchmarks/results/scale/scale.json, rss_after_imports_bytes;
+# CPU build of torch; CUDA's libraries add their own)
+HOST_PROCESS_BYTES = 380 << 20
+
+
+def host_peak_terms(weights: str, on_cpu: bool, host_weights: int, activations: int, device_peak: int,
+                    device_work: int, host_grams: int) -> dict[str, int]:
+    """The host's peak as named terms. The calibration activations always stay on the host (the
+    stream brings one batch to the device). The weights: with the model in memory, the loaded
+    model and the run's working copy (`host_weights`); on disk, what is read at once. On the CPU
+    the device is the host: with the weights on disk its whole working set (which holds the layer
+    read) adds, with the model in memory its working set besides the weights (those are the
+    model's own). On a GPU the host also keeps one layer's Grams while they are solved
+    (`host_grams`, structprune's default there)."""
+    terms = {"activations": activations}
+    if on_cpu and weights == "disk":
+        terms["device_working_set"] = device_peak
+    else:
+        terms["weights"] = host_weights
+        if on_cpu:
+            terms["device_working_set"] = device_work
+        elif host_grams:
+            terms["grams"] = host_grams
+    return terms
 
 
 def _dtype_bytes(dtype: str) -> int:

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .memory import all_finite
 from .streaming import StopLayer
 
 
@@ -105,7 +106,7 @@ class GramHook:
             if self.tokens == 0:
                 raise RuntimeError("no tokens were accumulated")
             self.sum.div_(self.weight if self.residual is not None else self.tokens)
-            if not torch.isfinite(self.sum).all():
+            if not all_finite(self.sum):  # a slice at a time: a whole-matrix check costs 7 bytes an element
                 raise FloatingPointError("non-finite values in a Gram matrix (activations overflowed)")
             self._final = True
         return self.sum

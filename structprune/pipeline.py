@@ -196,7 +196,7 @@ def collect_stats(
                 acc[2] += float((1.0 / n2.clamp_min(1e-30)).sum())
 
             # the Grams' scope is not a block: on the host path they leave the device once read,
-            # otherwise they stay until the layer's scores are taken (and then as "grams-prev")
+            # otherwise they stay until the layer's scores (and sensitivities) are taken
             grams_held = sum(gram_bytes(h.module.in_features) for h in hooks.values())
             with hooks["attn"], hooks["mlp"]:
                 ledger.hold("grams", grams_held)
@@ -211,9 +211,7 @@ def collect_stats(
             if host:
                 ledger.release("grams")
             st = LayerStats(lay, {}, {}, energy[0] / max(energy[1], 1), residual_energy_hm=energy[1] / max(energy[2], 1e-30))
-            # device Grams: the previous layer's stay referenced (by `wanda` and the old `hooks`) up to here
             wanda = []  # (W, G) per module, for OWL's outlier ratio
-            ledger.release("grams-prev")
             for kind in ("attn", "mlp"):
                 W, b = weight_with_bias(stream.adapter.out_proj(layer, kind))
                 with _solver_scope(stream, saliency_bytes(W.shape[0], W.shape[1], _group(lay, kind)), solves):
@@ -221,6 +219,7 @@ def collect_stats(
                 st.out_energy[kind] = module_output_energy(W, b, grams[kind])
                 wanda.append((W, grams[kind]))
             st.outlier_ratio = outlier_ratio(wanda, owl_m)
+            del wanda  # it references the Grams
             if sensitivity_rule is not None:
                 for key in list(perturbed):
                     perturbed[key] = stream.run_layer(i, layer, perturbed[key])
@@ -231,9 +230,9 @@ def collect_stats(
                     perturbed[(i, kind)] = _masked_forward_outputs(stream, i, layer, kind, res, dense_sub)
                 dense_sub = stream.run_layer(i, layer, dense_sub)
             ledger.release("grams")
-            if not host:
-                ledger.hold("grams-prev", grams_held)  # alive until the next layer's Grams are read
-            del grams
+            # nothing references this layer's Grams past here (the hooks hold their sums): the
+            # next layer accumulates its own without them (they stayed to here until 2026-12)
+            del grams, hooks, h  # `h`: the loop's last hook
         stats.append(st)
         emit("pass1", i)
     calib_loss = {}
@@ -246,7 +245,6 @@ def collect_stats(
             nll, _ = stream.logits_nll(h, sens_ids)
             stats[i].sensitivity[kind] = float(nll.sum()) / tokens - base
             emit("sensitivity", -1, step=j + 1, steps=len(perturbed))
-    ledger.release("grams-prev")
     return stats, calib_loss
 
 

@@ -263,19 +263,24 @@ def form_config(values: dict, temperature_inf: bool = False) -> PruneConfig:
 
 
 def estimate_run(config, cfg: PruneConfig) -> dict:
-    """What the Prune page shows before a run: predicted peak device memory (estimate_memory, with
-    the run's own options) and time (estimate_seconds) for model `config` on cfg's device.
+    """What the Prune page shows before a run: predicted peak device and host memory
+    (estimate_memory, with the run's own options: its device, its compute dtype (float32 on the
+    CPU, as run.run_dtype), where its weights stay) and time (estimate_seconds) for model `config`
+    on cfg's device.
 
     Returns {device, memory (estimate_memory's dict), peak_phase, seconds (estimate_seconds's dict),
     fp32_gflops}."""
     from .estimate import estimate_memory
     from .evaluation import resolve_device
     from .methods import get_method
+    from .run import streams_from_disk
 
     dev = str(resolve_device(cfg.device))
-    mem = estimate_memory(config, cfg.method, cfg.nsamples, cfg.seqlen, cfg.dtype, cfg.batch_size,
-                          sensitivity=get_method(cfg.method)(cfg).wants_sensitivity(), target=cfg.target,
-                          relative=cfg.relative_error, host_grams=dev.startswith("cuda"), refine=cfg.refine_epochs > 0)
+    on_cpu = dev == "cpu"
+    mem = estimate_memory(config, cfg.method, cfg.nsamples, cfg.seqlen, "float32" if on_cpu else cfg.dtype,
+                          cfg.batch_size, sensitivity=get_method(cfg.method)(cfg).wants_sensitivity(), target=cfg.target,
+                          relative=cfg.relative_error, host_grams=not on_cpu, refine=cfg.refine_epochs > 0,
+                          weights="disk" if streams_from_disk(cfg) else "memory", on_cpu=on_cpu)
     secs = estimate_seconds(config, cfg, dev)
     return {"device": dev, "memory": mem, "peak_phase": max(mem["phases"], key=mem["phases"].get),
             "seconds": secs, "fp32_gflops": secs["fp32_flops"] / 1e9}

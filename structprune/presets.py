@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .adapters import config_layout
-from .footprint import estimate_memory, model_params
+from .footprint import LAYERWISE_METHODS, estimate_memory, model_params
 from .memory import layer_weight_bytes
 
 # name -> config kwargs (model_type picks the transformers config class)
@@ -107,20 +107,26 @@ def scaling_rows(names: list[str] | None = None) -> list[dict]:
 
 def estimate_rows(configs: dict[str, object], methods=("global-taylor", "wanda-sp", "structprune"),
                   nsamples: int = 128, seqlen: int = 2048, dtype: str = "bfloat16", batch_size: int = 1) -> list[dict]:
-    """`footprint.estimate_memory` for every (config, method): preset, n_params, method, peak_gib
-    and the phase that sets the peak. structprune is estimated with its sensitivity pass and, as
-    on CUDA, with its Grams in host memory between accumulation and solve."""
+    """`footprint.estimate_memory` for every (config, method), on a GPU: preset, n_params, method,
+    peak_gib and the phase that sets the peak, and the host's peak with the weights in host
+    memory (host_memory_gib) and, for the layer-wise methods, streamed from disk (host_disk_gib;
+    NaN where the method needs the whole model). structprune is estimated with its sensitivity
+    pass and, as on CUDA, with its Grams in host memory between accumulation and solve."""
     rows = []
     for name, cfg in configs.items():
         for method in methods:
-            est = estimate_memory(cfg, method, nsamples, seqlen, dtype, batch_size, sensitivity=method == "structprune",
-                                  host_grams=True)
+            opts = dict(sensitivity=method == "structprune", host_grams=True)
+            est = estimate_memory(cfg, method, nsamples, seqlen, dtype, batch_size, **opts)
+            disk = (estimate_memory(cfg, method, nsamples, seqlen, dtype, batch_size, weights="disk", **opts)
+                    if method in LAYERWISE_METHODS else None)
             phase = max(est["phases"], key=est["phases"].get)
             rows.append({"preset": name, "family": family(name) if name in PRESETS else "", "n_params": est["model_params"],
                          "method": method,
                          "peak_gib": est["peak_bytes"] / 2**30, "peak_phase": phase,
                          "layer_gib": est["layer_weight_bytes"] / 2**30, "model_gib": est["model_weight_bytes"] / 2**30,
-                         "host_activation_gib": est["host_activation_bytes"] / 2**30})
+                         "host_activation_gib": est["host_activation_bytes"] / 2**30,
+                         "host_memory_gib": est["host_peak_bytes"] / 2**30,
+                         "host_disk_gib": disk["host_peak_bytes"] / 2**30 if disk else math.nan})
     return rows
 
 

@@ -26,6 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from .adapters import adapter_for
 from .errors import ModelLoadError, NonFiniteResultError, OutputWriteError
+from .memory import all_finite
 
 INDEX = "model.safetensors.index.json"
 
@@ -192,7 +193,7 @@ class LayerWriter:
     def __call__(self, index: int, layer: nn.Module) -> Path:
         prefix = f"{self.layers_path}.{index}"
         state = {f"{prefix}.{n}": p.detach().to("cpu").contiguous() for n, p in layer.named_parameters()}
-        bad = next((n for n, t in state.items() if not bool(torch.isfinite(t).all())), None)
+        bad = next((n for n, t in state.items() if not all_finite(t)), None)
         if bad is not None:  # the in-memory path refuses such a run by its perplexity; here before it is kept
             raise NonFiniteResultError(f"the run failed: the pruned weights of layer {index} are not finite (NaN or "
                                        f"inf, first in {bad}); the weights were finite when loaded, so the solve "
