@@ -29,7 +29,7 @@ from .engine import PruneEngine, check_sensitivity_windows, pass1_key
 from .errors import DeviceOutOfMemoryError, NonFiniteResultError, SequenceLengthError
 from .evaluation import check_seqlen, perplexity, resolve_device
 from .jsonio import strict_record
-from .memory import DTYPE_BYTES
+from .memory import DTYPE_BYTES, return_freed_host_memory
 from .methods import Method, get_method
 from .models import LoadedModel, load_model, weights_on_disk
 from .pipeline import ProgressEvent
@@ -174,6 +174,7 @@ def _run_prune(cfg: PruneConfig, loaded: LoadedModel | None, on_event, cancel, e
         calib_ids, evals, protocols = prepare_data(cfg, loaded.tokenizer, model)
         residency = spill = None
         if loaded.weights is not None:  # the weights stay in their files; pruned layers go to layer_dir
+            return_freed_host_memory()  # so the host's resident size stays flat in depth
             residency, journal, spill = start_disk_run(cfg, loaded, model, method, dtype, journal, layer_dir,
                                                        activation_budget, run_id)
             run_id = journal.run_id

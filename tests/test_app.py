@@ -138,7 +138,8 @@ def _prune(at: AppTest, **settings) -> AppTest:
 
 
 def test_prune_page_runs_a_tiny_model_and_draws_the_record(app):
-    assert "Predicted peak device memory" in [m.label for m in app.metric]
+    labels = [m.label for m in app.metric]
+    assert "Predicted peak device memory" in labels and "Predicted peak host memory" in labels
     at = _prune(app)
     assert not at.error, _errors(at)
     rec = RunStore(ui.store().folder).records()[0]
@@ -368,8 +369,13 @@ def test_memory_page_estimates_measured_points_and_pasted_config(app):
     assert list(next(t for t in fig.data if t.name == "structprune (measured)").y) == pytest.approx([300 / 1024])
     assert next(t for t in fig.data if t.name == "global-taylor (out of memory)").marker.symbol == "x"
     assert "One decoder layer vs the whole model" in _figures(at)
+    host = next(d for d in at.dataframe if d.key == "mem_host_table").value.set_index("preset")
+    big = host.loc["llama-2-70b"] if "llama-2-70b" in host.index else host.iloc[-1]
+    # 70B on disk: the activations, a layer and its Grams (~13 GiB); in memory: twice the model and more
+    assert big["host_disk_gib"] < 0.15 * big["model_gib"] and big["host_memory_gib"] > 2 * big["model_gib"]
     _set(at, mem_json=json.dumps(PRESETS["smollm2-135m"]))
     assert any(m.label == "structprune peak" for m in at.metric)
+    assert any(m.label == "structprune host peak, weights on disk" for m in at.metric)
     _set(at, mem_json='{"model_type": "gpt2", "n_layer": 2}')
     assert "cannot estimate this config" in _errors(at)
 

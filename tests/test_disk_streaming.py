@@ -126,6 +126,15 @@ def test_the_estimator_predicts_the_hosts_weight_peak_of_a_disk_run(tmp_path):
         assert disk["host_weight_bytes"] == rec["weights"]["peak_weight_bytes_loaded"]
         assert mem["host_weight_bytes"] == 2 * mem["model_weight_bytes"] > disk["host_weight_bytes"]
         assert disk["host_peak_bytes"] == disk["host_weight_bytes"] + disk["host_activation_bytes"]
+        # on the CPU the device is the host: its working set (which holds the layer read) adds
+        cpu = estimate_memory(tiny_config(name), nsamples=4, seqlen=24, sensitivity=False, weights="disk", on_cpu=True)
+        assert cpu["host_terms"] == {"activations": cpu["host_activation_bytes"], "device_working_set": cpu["peak_bytes"]}
+        assert cpu["peak_bytes"] == rec["memory"]["peak_bytes"]  # the accounted peak of the run above
+        cpu_mem = estimate_memory(tiny_config(name), nsamples=4, seqlen=24, sensitivity=False, on_cpu=True)
+        assert mem["host_peak_bytes"] < cpu_mem["host_peak_bytes"] < mem["host_peak_bytes"] + cpu_mem["peak_bytes"]
+        # on a GPU structprune's Grams wait on the host for their solves
+        gpu = estimate_memory(tiny_config(name), nsamples=4, seqlen=24, host_grams=True, weights="disk")
+        assert gpu["host_terms"]["grams"] > 0 and "grams" not in disk["host_terms"]
 
 
 def test_activations_past_the_budget_go_to_mapped_files_and_change_nothing(tmp_path):
