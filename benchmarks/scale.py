@@ -24,7 +24,8 @@ and small calibration (random tokens, --nsamples x --seqlen), no dense evaluatio
   safetensors file being read, spilled activations). With --largest-limited-only the largest
   shape runs only this way, and its peak is this run's.
 Each run writes its pruned layers into the work folder, removed afterwards.
-Measured in the child: peak resident memory (VmHWM of /proc/self/status; also VmPeak, the peak
+Measured in the child: peak resident memory (VmHWM of /proc/self/status, or the largest sample
+above it; also VmPeak, the peak
 virtual size), the resident size after the imports (what Python and torch hold before any model),
 the wall time of loading plus pruning, and the resident size every 0.25 s with the run's stage (where
 the peak happens); next to it, the estimator's prediction of the host peak (what the Prune page
@@ -192,7 +193,9 @@ def child(spec_path: str) -> None:
     wall = time.perf_counter() - t
     rec = res.record
     status = _status()
-    out = {"wall_s": wall, "load_s": load_s, "peak_rss_bytes": status["VmHWM"], "peak_vm_bytes": status["VmPeak"],
+    # the kernel updates VmHWM lazily (per-thread RSS counters): a sample can be a few pages above it
+    peak = max([status["VmHWM"]] + [rss for _, rss, _ in sampler.samples])
+    out = {"wall_s": wall, "load_s": load_s, "peak_rss_bytes": peak, "peak_vm_bytes": status["VmPeak"],
            "rss_after_imports_bytes": after_imports, "timing": rec["timing"], "weights": rec["weights"],
            "kept": [m["kept"] for m in rec["modules"]], "achieved_prunable": rec["sparsity"]["achieved_prunable"],
            "ppl_pruned": rec["ppl"]["pruned"]["random"]["value"], "cpus": rec["environment"]["cpus"],

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from .adapters import adapter_for, config_layout
 from .memory import (activation_bytes, backprop_saved_bytes, column_rule_bytes, embed_workspace_bytes,
                      forward_workspace_bytes, gram_bytes, gram_check_bytes, layer_weight_bytes, logits_bytes,
-                     loss_head_bytes, norm_saved_bytes, refine_bytes, saliency_bytes, solver_bytes)
+                     loss_head_bytes, norm_saved_bytes, output_energy_bytes, refine_bytes, saliency_bytes,
+                     solver_bytes)
 
 _DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
 LAYERWISE_METHODS = ("structprune", "wanda-sp", "flap", "owl")
@@ -88,6 +89,9 @@ def layerwise_moments(config, method: str = "structprune", batch_size: int = 1, 
     if solver:
         for k, n in widths.items():
             p1(f"score {k} units", **held, solver=saliency_bytes(lay.hidden, n, group[k]))
+    if not host:  # the module's output energy next to its Gram (pipeline.module_output_energy)
+        for k, n in widths.items():
+            p1(f"output energy {k}", **held, energy=output_energy_bytes(lay.hidden, n))
     if sensitivity and solver:
         for k, n in widths.items():
             p1(f"sensitivity solve {k}", **held, solver=solver_bytes(lay.hidden, n, group[k]))

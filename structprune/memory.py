@@ -158,14 +158,16 @@ FINITE_CHECK_ELEMENTS = 1 << 20  # elements per slice of `all_finite`: ~7 MiB of
 
 
 def all_finite(t: torch.Tensor) -> bool:
-    """Whether every element of `t` is finite, checked a slice of rows at a time: ``torch.isfinite``
-    on a whole matrix allocates 7 bytes per element (its absolute value in fp32 and three boolean
-    masks, measured with structprune.memprobe), 0.8 GiB for a 7B model's MLP Gram; a slice of
-    FINITE_CHECK_ELEMENTS holds ~7 MiB whatever the matrix."""
-    if t.ndim < 2:
-        return bool(torch.isfinite(t).all())
-    rows = max(1, FINITE_CHECK_ELEMENTS // max(1, t[0].numel()))
-    return all(bool(torch.isfinite(t[i:i + rows]).all()) for i in range(0, t.shape[0], rows))
+    """Whether every element of `t` is finite, without a mask the size of `t`: ``torch.isfinite`` on
+    a whole matrix allocates 7 bytes per element (its absolute value in fp32 and three boolean
+    masks, measured with structprune.memprobe), 0.8 GiB for a 7B model's MLP Gram. A NaN or Inf
+    anywhere makes the sum non-finite; only when it is (or the sum overflowed) are the rows checked,
+    FINITE_CHECK_ELEMENTS at a time (~7 MiB whatever the matrix)."""
+    if t.numel() == 0 or bool(torch.isfinite(t.sum())):
+        return True
+    rows = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(1, -1)
+    step = max(1, FINITE_CHECK_ELEMENTS // max(1, rows.shape[1]))
+    return all(bool(torch.isfinite(rows[i:i + step]).all()) for i in range(0, rows.shape[0], step))
 
 
 MALLOC_MMAP_THRESHOLD = 128 << 10  # glibc's own starting value, held fixed
@@ -179,7 +181,7 @@ def return_freed_host_memory() -> bool:
     layer's tensors of a few MiB soon come from its heap, which keeps them after they are freed:
     the resident size creeps up layer after layer. Measured on a 4-layer model of the 1B shape
     with the weights on disk: peak resident 1.28 GiB with glibc's default, 1.00 GiB with the
-    threshold fixed (benchmarks/results/scale). Process-wide, so only disk-streamed runs set it."""
+    threshold fixed (benchmarks/results/scale/allocator.json). Process-wide, so only disk-streamed runs set it."""
     import ctypes
     import ctypes.util
 
@@ -193,6 +195,13 @@ def return_freed_host_memory() -> bool:
 def finite_check_bytes(n_rows: int, n_cols: int) -> int:
     """The transients of `all_finite` on an n_rows x n_cols matrix: 7 bytes per element of one slice."""
     return 7 * min(n_rows, max(1, FINITE_CHECK_ELEMENTS // max(1, n_cols))) * n_cols
+
+
+def output_energy_bytes(d_out: int, n: int) -> int:
+    """`pipeline.module_output_energy` with the Gram on the device: [W, b] in fp32, its product
+    with G (fp32) and the float64 copy the sum takes, 16 bytes per element of d_out x (n+1)
+    (measured with structprune.memprobe on wanda-sp's pass 1, tests/test_estimator_fit.py)."""
+    return 16 * d_out * (n + 1)
 
 
 def gram_check_bytes(n: int) -> int:

@@ -28,7 +28,8 @@ from .adapters import LayerLayout, set_output_bias
 from .cancel import check as check_cancel
 from .errors import RunCancelledError
 from .gram import GramHook, InputCapture, TokenWeights
-from .memory import column_rule_bytes, gram_bytes, gram_check_bytes, layer_weight_bytes, saliency_bytes, solver_bytes
+from .memory import (column_rule_bytes, gram_bytes, gram_check_bytes, layer_weight_bytes, output_energy_bytes,
+                     saliency_bytes, solver_bytes)
 from .solver import DAMP_REL, quadratic_form
 from .streaming import Batches, LayerStream
 
@@ -216,7 +217,9 @@ def collect_stats(
                 W, b = weight_with_bias(stream.adapter.out_proj(layer, kind))
                 with _solver_scope(stream, saliency_bytes(W.shape[0], W.shape[1], _group(lay, kind)), solves):
                     st.scores[kind] = score_fn(kind, W, b, grams[kind], lay).double().cpu()
-                st.out_energy[kind] = module_output_energy(W, b, grams[kind])
+                # with the Grams on the host, quadratic_form copies G over in column blocks instead
+                with contextlib.nullcontext() if host else ledger.held("energy", output_energy_bytes(*W.shape)):
+                    st.out_energy[kind] = module_output_energy(W, b, grams[kind])
                 wanda.append((W, grams[kind]))
             st.outlier_ratio = outlier_ratio(wanda, owl_m)
             del wanda  # it references the Grams

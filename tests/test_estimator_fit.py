@@ -42,10 +42,36 @@ def test_global_taylor_estimate_within_15pct_of_h200(name):
     assert sum(est["terms"].values()) == est["peak_bytes"]
 
 
+def _as_the_engine_was_measured(config, method: str, seqlen: int, dtype: str) -> int:
+    """The layer-wise peak of the engine the H200 run measured (commit 22baf2d): pass 1 then kept
+    the previous layer's Grams alive while it accumulated and read the next layer's, and each Gram's
+    finite check took 7 bytes per element of the whole matrix (now a slice: memory.all_finite).
+    The moments of footprint.py with those two added back."""
+    from structprune.adapters import config_layout
+    from structprune.footprint import layerwise_moments
+    from structprune.memory import gram_bytes
+
+    lay = config_layout(config)
+    width = {"attn": lay.n_heads * lay.head_dim, "mlp": lay.intermediate}
+    prev = sum(gram_bytes(n) for n in width.values())
+    peak = 0
+    for m in layerwise_moments(config, method, 1, seqlen, dtype, sensitivity=False):
+        b = m.bytes + (prev if m.phase == "pass1" and "grams" in m.items and "gram-check" not in m.items else 0)
+        if "gram-check" in m.items:  # "read attn Gram" / "read mlp Gram": the whole-matrix check, and (pass 1) prev
+            n = width[m.name.split()[1]] + 1
+            b += 7 * n * n - m.items["gram-check"] + (prev if m.phase == "pass1" else 0)
+        peak = max(peak, b)
+    return peak
+
+
 @pytest.mark.parametrize("name", sorted(H200_WANDA_SP))
 def test_wanda_sp_estimate_within_15pct_of_h200(name):
-    est = estimate_memory(gcfg.get_config(name), "wanda-sp", 32, 2048, "bfloat16", sensitivity=False)
-    assert abs(est["peak_bytes"] / GIB / H200_WANDA_SP[name] - 1) < 0.15
+    """Against the engine as it was measured; today's engine holds less, and its estimate says so."""
+    config = gcfg.get_config(name)
+    est = estimate_memory(config, "wanda-sp", 32, 2048, "bfloat16", sensitivity=False)
+    then = _as_the_engine_was_measured(config, "wanda-sp", 2048, "bfloat16")
+    assert abs(then / GIB / H200_WANDA_SP[name] - 1) < 0.15
+    assert est["peak_bytes"] <= then
 
 
 # name, layers, seqlen, vocab, dtype: two families, two depths / lengths, both dtypes

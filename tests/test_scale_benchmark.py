@@ -8,6 +8,9 @@ import json
 from pathlib import Path
 
 from benchmarks.scale import SHAPES, main, run_child
+from structprune.planning import RUN_STAGES
+
+KNOWN_STAGES = set(RUN_STAGES) | {"load", "embed", "done"}  # the sampler's stage names
 
 
 def test_scale_benchmark_smoke_measures_disk_memory_and_a_limited_run(tmp_path):
@@ -34,3 +37,21 @@ def test_scale_benchmark_smoke_measures_disk_memory_and_a_limited_run(tmp_path):
     # the limit binds: far below what torch maps, the child cannot even start
     row = run_child(folder, "disk", Path(tmp_path / "work"), 4, 16, limit=128 << 20)
     assert not row["ok"] and row["stderr_tail"]
+
+
+def test_scale_benchmark_records_where_the_peak_is_and_the_estimators_prediction(tmp_path):
+    assert main(["--smoke", "--largest-limited-only", "--out", str(tmp_path)]) == 0
+    rec = json.loads((tmp_path / "scale-smoke.json").read_text())
+    # the largest (here the only) shape ran under the limit only, and its peak is that run's
+    assert [(r["mode"], bool(r["limit_bytes"])) for r in rec["runs"]] == [("memory", False), ("disk", True)]
+    assert rec["summary"]["peak_from"] == {"tiny": "the run under the address-space limit"}
+    for r in rec["runs"]:
+        stages = r["rss_by_stage"]
+        # the tiny run's stages last a fraction of a second: which of them a 0.25 s sample sees varies
+        assert stages and stages.keys() <= KNOWN_STAGES and max(stages.values()) <= r["peak_rss_bytes"]
+        assert r["rss_timeline"] and all(len(s) == 3 for s in r["rss_timeline"])
+        assert r["predicted_host_peak_bytes"] > r["rss_after_imports_bytes"]
+        key = f"tiny-{r['mode']}{'-limited' if r['limit_bytes'] else ''}"
+        assert rec["summary"]["peak_rss_over_predicted"][key] == r["peak_rss_bytes"] / r["predicted_host_peak_bytes"]
+    # the pruned layers went to the work folder and were removed after each run
+    assert not list((tmp_path / "work").glob("*-layers"))

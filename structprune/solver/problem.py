@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from structprune.errors import StructPruneError
+from structprune.memory import all_finite
 
 FP64_MAX_COLUMNS = 4096  # wider problems solve in float32 (memory; see the module docstring)
 DAMP_REL = 0.01  # damping lambda = DAMP_REL * mean(diag G), the one default for every solve
@@ -69,18 +70,8 @@ def damped(G: Tensor, rel: float = DAMP_REL, dtype: torch.dtype = torch.float64)
     return Gd
 
 
-def _all_finite(t: Tensor) -> bool:
-    """Whether every entry is finite, without a mask the size of `t`: a NaN or Inf anywhere makes
-    the sum non-finite; only when it is (or the sum overflowed) are rows checked block by block."""
-    if t.numel() == 0 or bool(torch.isfinite(t.sum())):
-        return True
-    rows = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(1, -1)
-    step = max(1, (1 << 20) // max(1, rows.shape[1]))
-    return all(bool(torch.isfinite(rows[i:i + step]).all()) for i in range(0, rows.shape[0], step))
-
-
 def check_finite(name: str, t: Tensor) -> None:
-    if not _all_finite(t):
+    if not all_finite(t):  # memory.all_finite: no mask the size of t
         raise SolverError(f"{name} contains NaN or Inf; check the calibration activations "
                           "(fp16 overflow?) or the weights before pruning")
 
