@@ -369,7 +369,7 @@ def test_memory_page_estimates_measured_points_and_pasted_config(app):
     assert list(next(t for t in fig.data if t.name == "structprune (measured)").y) == pytest.approx([300 / 1024])
     assert next(t for t in fig.data if t.name == "global-taylor (out of memory)").marker.symbol == "x"
     assert "One decoder layer vs the whole model" in _figures(at)
-    host = next(d for d in at.dataframe if d.key == "mem_host_table").value.set_index("preset")
+    host = next(d.value for d in at.dataframe if "host_disk_gib" in d.value.columns).set_index("preset")
     big = host.loc["llama-2-70b"] if "llama-2-70b" in host.index else host.iloc[-1]
     # 70B on disk: the activations, a layer and its Grams (~13 GiB); in memory: twice the model and more
     assert big["host_disk_gib"] < 0.15 * big["model_gib"] and big["host_memory_gib"] > 2 * big["model_gib"]
