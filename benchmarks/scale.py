@@ -132,9 +132,12 @@ class RssSampler:
     def on_event(self, event) -> None:
         self.stage = event.stage
 
+    def _sample(self) -> None:
+        self.samples.append((time.perf_counter() - self._t0, _status()["VmRSS"], self.stage))
+
     def _loop(self) -> None:
         while not self._stop.wait(self.every):
-            self.samples.append((time.perf_counter() - self._t0, _status()["VmRSS"], self.stage))
+            self._sample()
 
     def __enter__(self) -> RssSampler:
         self._thread.start()
@@ -143,6 +146,7 @@ class RssSampler:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+        self._sample()  # a run shorter than `every` still has one
 
     def by_stage(self) -> dict[str, int]:
         """The largest sampled resident size in each stage."""

@@ -65,7 +65,10 @@ class SafetensorsSource:
     def get(self, name: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
         with safe_open(self.files[name], "pt", device="cpu") as h:
             t = h.get_tensor(name)
-        return t.to(device=device, dtype=dtype or t.dtype)
+        out = t.to(device=device, dtype=dtype or t.dtype)
+        # get_tensor's tensor lives in a mapping of the whole file, kept as long as the tensor: a copy
+        # frees it (a 7B run under an address-space limit ran out of it reading fp32 pruned layers)
+        return out.clone() if out.data_ptr() == t.data_ptr() else out
 
     def fork(self) -> SafetensorsSource:
         """A copy whose redirects (a run's pruned layers) leave this source as it is."""

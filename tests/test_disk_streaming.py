@@ -2,6 +2,7 @@
 the host holding one module's tensors at a time, and bad folders refused before any work."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,3 +150,18 @@ def test_activations_past_the_budget_go_to_mapped_files_and_change_nothing(tmp_p
     assert [m["kept"] for m in spilled["modules"]] == [m["kept"] for m in kept["modules"]]
     assert spilled["ppl"] == kept["ppl"] and spilled["calib_loss"] == kept["calib_loss"]
     assert list((tmp_path / "b" / "activations").iterdir()) == []  # the mapped files are unlinked
+
+
+def test_a_tensor_read_from_disk_does_not_keep_its_file_mapped(tmp_path):
+    """safetensors maps the whole file and its tensors live in that mapping: a layer read at its own
+    dtype kept one mapping of the whole shard per tensor (a 7B run under RLIMIT_AS failed on it)."""
+    from safetensors.torch import save_file
+
+    from structprune.weights import SafetensorsSource
+
+    path = tmp_path / "model.safetensors"
+    save_file({"a": torch.randn(64, 64), "b": torch.randn(8)}, path)
+    source = SafetensorsSource(tmp_path)
+    same, converted = source.get("a"), source.get("b", dtype=torch.bfloat16)
+    assert same.dtype == torch.float32 and converted.dtype == torch.bfloat16
+    assert str(path) not in Path("/proc/self/maps").read_text()
