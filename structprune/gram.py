@@ -106,7 +106,7 @@ class GramHook:
             if self.tokens == 0:
                 raise RuntimeError("no tokens were accumulated")
             self.sum.div_(self.weight if self.residual is not None else self.tokens)
-            if not all_finite(self.sum):  # a slice at a time: a whole-matrix check costs 7 bytes an element
+            if not all_finite(self.sum):  # no mask the size of the matrix (7 bytes an element)
                 raise FloatingPointError("non-finite values in a Gram matrix (activations overflowed)")
             self._final = True
         return self.sum
