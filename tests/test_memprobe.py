@@ -1,5 +1,7 @@
 """The CPU transient-memory probe (structprune/memprobe.py) on allocations of known size."""
 
+import gc
+
 import torch
 
 from structprune.memprobe import ProbeResult, measure_peak, probe
@@ -97,3 +99,16 @@ def test_block_refit_allocations_match_the_byte_formula():
             lay = ad.layout(layer)
         measured = r.peak - n * activation_bytes(1, seqlen, lay.hidden, 4)
         assert abs(measured / refine_bytes(lay, ad.spec.norm, 1, seqlen, 4) - 1) < 0.15, name
+
+
+def test_garbage_left_by_an_earlier_region_is_not_counted_as_a_free_in_the_next():
+    # the allocator remembers sizes of blocks allocated under any profile: freeing such a block
+    # inside a later region would subtract it there
+    with probe():
+        holder = {"t": torch.empty(250_000)}  # 1 MB, allocated under a profile
+        holder["self"] = holder  # a cycle: only the collector frees it
+    del holder
+    with probe() as r:
+        a = torch.empty(1_000_000, dtype=torch.float32)  # 4 MB
+        gc.collect()
+    assert r.retained == 4 * MB and a.numel()
