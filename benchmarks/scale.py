@@ -3,6 +3,8 @@
     PYTHONPATH=. nice -n 19 .venv/bin/python -m benchmarks.scale                 # 1B, 3B, 7B (hours on a CPU)
     PYTHONPATH=. nice -n 19 .venv/bin/python -m benchmarks.scale --shapes 1b     # one shape
     PYTHONPATH=. nice -n 19 .venv/bin/python -m benchmarks.scale --smoke --out /tmp/scale   # seconds: tiny shape
+    PYTHONPATH=. .venv/bin/python -m benchmarks.scale --shapes 1b,1b-4l --memory-at none --largest-limited-only \
+        --limit-bytes 3221225472 --nsamples 8 --seqlen 128 --out /tmp/depth   # the depth check (~10 min), kept as depth.json
 
 Models: random-weight Llama-family models written to disk as bf16 safetensors, one shard per
 decoder layer plus one for the embeddings, final norm and head, with an index: the shapes of
@@ -56,11 +58,14 @@ SHAPES = {  # copied from each model's config.json on the Hugging Face hub (SOUR
                num_key_value_heads=32, **{**_LLAMA2, "rms_norm_eps": 1e-6}),
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=32, **{**_LLAMA2, "max_position_embeddings": 4096}),
+    "1b-4l": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=4, num_attention_heads=32,
+                  num_key_value_heads=4, **_LLAMA2),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, tie_word_embeddings=False),
 }
 SOURCES = {"1b": "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T", "3b": "openlm-research/open_llama_3b",
-           "7b": "meta-llama/Llama-2-7b-hf", "tiny": "a smoke-test shape"}
+           "7b": "meta-llama/Llama-2-7b-hf", "1b-4l": "TinyLlama's width at 4 layers (the depth check)",
+           "tiny": "a smoke-test shape"}
 SETTINGS = dict(method="structprune", allocation="uniform", selector="saliency", saliency="diag",
                 relative_error=False, sparsity=0.3, device="cpu", dtype="float32", eval_windows=1)
 SMOKE_LIMIT = 2 << 30  # the smoke run's limit: torch and the run map ~0.9 GiB; the tiny model is far below it
@@ -253,6 +258,19 @@ def predicted_host_peak(shape: str, mode: str, nsamples: int, seqlen: int) -> in
     return est["host_peak_bytes"] + est["host_process_bytes"]
 
 
+def depth_pairs(disk: dict[str, dict], shapes: list[str]) -> dict[str, float]:
+    """Shapes of one width at different depths (1b and 1b-4l): the deeper one's peak over the
+    shallower one's, which is 1 when the host holds one layer at a time whatever the depth."""
+    width = {k: (SHAPES[k]["hidden_size"], SHAPES[k]["intermediate_size"]) for k in shapes if k in disk}
+    out = {}
+    for a in width:
+        for b in width:
+            la, lb = SHAPES[a]["num_hidden_layers"], SHAPES[b]["num_hidden_layers"]
+            if width[a] == width[b] and la < lb:
+                out[f"{b} ({lb} layers) / {a} ({la} layers)"] = disk[b]["peak_rss_bytes"] / disk[a]["peak_rss_bytes"]
+    return out
+
+
 def summarize(runs: list[dict], model_bytes: dict[str, int], shapes: list[str]) -> dict:
     """The issue's criteria from the runs: host peak over model bytes (7b: at most 0.25), flat
     from the smallest to the largest shape (within 20%), disk over memory wall time (1b: at most
@@ -273,6 +291,9 @@ def summarize(runs: list[dict], model_bytes: dict[str, int], shapes: list[str]) 
     peaks = [disk[k]["peak_rss_bytes"] for k in shapes if k in disk]
     if len(peaks) > 1:
         s["peak_rss_largest_over_smallest"] = peaks[-1] / peaks[0]
+    depth = depth_pairs(disk, shapes)
+    if depth:
+        s["peak_rss_deeper_over_shallower"] = depth
     for k in mem:
         if k in disk:
             s[f"wall_disk_over_memory_{k}"] = disk[k]["wall_s"] / mem[k]["wall_s"]
@@ -294,7 +315,8 @@ def summarize(runs: list[dict], model_bytes: dict[str, int], shapes: list[str]) 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", default="1b,3b,7b", help="comma-separated: 1b, 3b, 7b (default: all three)")
+    p.add_argument("--shapes", default="1b,3b,7b",
+                   help="comma-separated: 1b, 3b, 7b, 1b-4l (1b's width at 4 layers; default: 1b,3b,7b)")
     p.add_argument("--smoke", action="store_true", help="the tiny shape only, 4 x 16 calibration: seconds")
     p.add_argument("--nsamples", type=int, default=8)
     p.add_argument("--seqlen", type=int, default=256)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from benchmarks.scale import SHAPES, main, run_child
+from benchmarks.scale import SHAPES, main, run_child, summarize
 from structprune.footprint import HOST_PROCESS_BYTES
 from structprune.planning import RUN_STAGES
 
@@ -59,3 +59,15 @@ def test_scale_benchmark_records_where_the_peak_is_and_the_estimators_prediction
         assert rec["summary"]["peak_rss_over_predicted"][key] == r["peak_rss_bytes"] / r["predicted_host_peak_bytes"]
     # the pruned layers went to the work folder and were removed after each run
     assert not list((tmp_path / "work").glob("*-layers"))
+
+
+def test_the_summary_compares_the_peaks_of_one_width_at_two_depths():
+    def row(shape, peak, limit=None):
+        return {"shape": shape, "mode": "disk", "limit_bytes": limit, "ok": True, "peak_rss_bytes": peak,
+                "predicted_host_peak_bytes": peak}
+
+    runs = [row("1b", 990), row("7b", 2740), row("1b-4l", 1000, limit=3 << 30)]
+    s = summarize(runs, {"1b": 2050, "7b": 12550, "1b-4l": 500}, ["1b", "7b", "1b-4l"])
+    # only the pair of one width: 22 layers over 4, taken from the limited run for the 4-layer shape
+    assert s["peak_rss_deeper_over_shallower"] == {"1b (22 layers) / 1b-4l (4 layers)": 0.99}
+    assert "peak_rss_deeper_over_shallower" not in summarize(runs[:2], {"1b": 2050, "7b": 12550}, ["1b", "7b"])
