@@ -58,11 +58,10 @@ SHAPES = {  # copied from each model's config.json on the Hugging Face hub (SOUR
                num_key_value_heads=32, **{**_LLAMA2, "rms_norm_eps": 1e-6}),
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=32, **{**_LLAMA2, "max_position_embeddings": 4096}),
-    "1b-4l": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=4, num_attention_heads=32,
-                  num_key_value_heads=4, **_LLAMA2),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, tie_word_embeddings=False),
 }
+SHAPES["1b-4l"] = {**SHAPES["1b"], "num_hidden_layers": 4}  # the depth check (and scale_allocator)
 SOURCES = {"1b": "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T", "3b": "openlm-research/open_llama_3b",
            "7b": "meta-llama/Llama-2-7b-hf", "1b-4l": "TinyLlama's width at 4 layers (the depth check)",
            "tiny": "a smoke-test shape"}

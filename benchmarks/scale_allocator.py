@@ -27,9 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default=str(scale.OUT / "models"))
     p.add_argument("--out", default=str(scale.OUT / "allocator-now.json"))
     args = p.parse_args(argv)
-    scale.SHAPES["1b-4layers"] = {**scale.SHAPES["1b"], "num_hidden_layers": 4}
-    folder = Path(args.models) / "1b-4layers"
-    scale.write_model("1b-4layers", folder)
+    folder = Path(args.models) / "1b-4l"
+    scale.write_model("1b-4l", folder)
     work = Path(args.out).parent / "work"
     work.mkdir(parents=True, exist_ok=True)
     out = {}
@@ -47,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from structprune.jsonio import write_json
     from structprune.run import environment
 
-    write_json(args.out, {"schema": "structprune.scale-allocator/1", "shape": scale.SHAPES["1b-4layers"],
+    write_json(args.out, {"schema": "structprune.scale-allocator/1", "shape": scale.SHAPES["1b-4l"],
                           "calibration": "8 x 128 random tokens", "variants": out, "environment": environment()})
     return 0
 

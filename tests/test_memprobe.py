@@ -105,7 +105,6 @@ def test_block_refit_allocations_match_the_byte_formula():
         assert abs(measured / refine_bytes(lay, ad.spec.norm, 1, seqlen, 4) - 1) < 0.15, name
 
 
-
 STALE_SIZE = """
 import torch
 from structprune.memprobe import probe
