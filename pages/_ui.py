@@ -103,12 +103,14 @@ def runner():
     return JobRunner()
 
 
-@st.cache_resource(show_spinner="Loading the model (once per app process)...", max_entries=3)
 def model(name: str):
-    """A loaded model, cached for the app's life and never mutated (runs prune a deep copy)."""
-    from structprune.models import load_model
-
-    return load_model(name.strip())
+    """A loaded model, shared with the background jobs (the runner's cache) and never mutated (runs
+    prune a deep copy). Jobs load their model themselves; this is for the page's own quick uses."""
+    models = runner().models
+    if models.cached(name):
+        return models.get(name)
+    with st.spinner("Loading the model (once per app process)..."):
+        return models.get(name)
 
 
 @st.cache_resource(show_spinner=False)

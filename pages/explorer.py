@@ -58,7 +58,7 @@ with st.expander("Compute an energy profile of another model or calibration", ex
             s = st.session_state
             cfg = PruneConfig(model=s.ex_model, nsamples=s.ex_nsamples, seqlen=s.ex_seqlen, sparsity=s.ex_s,
                               sensitivity_windows=min(ui.default("sensitivity_windows"), s.ex_nsamples))
-            runner.submit_profile(cfg, ui.model(cfg.model), store)
+            runner.submit_profile(cfg, None, store)
         except Exception as exc:  # noqa: BLE001
             ui.show_error(exc)
 

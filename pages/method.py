@@ -99,16 +99,17 @@ if data is None:
                f"matrix: {est}. Cached afterwards.")
     if st.button("Compute the step-through", key="m_compute"):
         try:
-            loaded = ui.model(model_name)
-            seqlen = min(256, loaded.model.config.max_position_embeddings)
+            config = ui.model_config(model_name)
+            seqlen = min(256, config.max_position_embeddings)
 
-            def work(on_event, cancel):
-                out = admm_stepthrough(loaded, int(layer), kind, sparsity, nsamples=8, seqlen=seqlen,
-                                       on_event=on_event, cancel=cancel)
+            def work(on_event, cancel):  # loads the model in the job, so Cancel works while it loads
+                out = admm_stepthrough(runner.load(model_name, on_event), int(layer), kind, sparsity, nsamples=8,
+                                       seqlen=seqlen, on_event=on_event, cancel=cancel)
                 store.cache_put(key, out)
                 return out
 
-            stages = stepthrough_stages(loaded.model.config, int(layer), kind, 8, seqlen, MAX_STEPS)
+            stages = {**runner.load_stage(model_name, config),
+                      **stepthrough_stages(config, int(layer), kind, 8, seqlen, MAX_STEPS)}
             runner.submit_call("stepthrough", f"step-through {model_name} L{layer} {kind}", {"key": key}, work,
                                stages=stages)
         except Exception as exc:  # noqa: BLE001

@@ -11,7 +11,6 @@ from pages import _prune_estimate, _prune_form, _prune_results, _prune_resume
 from pages import _ui as ui
 from pages._progress import job_progress
 from structprune.errors import StructPruneError
-from structprune.run import streams_from_disk
 
 st.title("Prune a model")
 st.markdown("StructPrune removes whole attention heads and MLP channels from a language model, one decoder layer "
@@ -41,9 +40,8 @@ dev = _prune_estimate.before_running(cfg, config_error)
 runner = ui.runner()
 if st.button("Run", type="primary", key="run", disabled=cfg is None):
     try:
-        # a run whose weights stay on disk loads its model itself, a layer at a time
-        loaded = None if streams_from_disk(cfg) else ui.model(cfg.model)
-        job = runner.submit_prune(cfg, loaded, ui.store())
+        # the job loads the model (a layer at a time when its weights stay on disk), so Cancel works at once
+        job = runner.submit_prune(cfg, None, ui.store())
         job.config["memory_kind"] = "measured-cuda" if dev.startswith("cuda") else "accounted-cpu"
         st.session_state["job_id"] = job.job_id
     except Exception as exc:  # noqa: BLE001 - unknown model, busy worker, ...: the message, not a traceback

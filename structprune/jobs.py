@@ -28,6 +28,7 @@ from . import planning
 from .cancel import cancel_scope
 from .config import PruneConfig
 from .errors import RunCancelledError, StructPruneError
+from .model_cache import ModelCache
 from .pipeline import ProgressEvent
 from .store import RunStore
 
@@ -42,6 +43,7 @@ class JobBusyError(StructPruneError):
 
 # what each stage of a job is called on its progress bar, and what its steps count
 STAGE_LABELS = {
+    "load": ("loading the model (once per app process)", "step"),
     "prepare": ("preparing the run", "step"),
     "eval-dense": ("evaluating the dense model", "window"),
     "heldout-dense": ("held-out loss of the dense model", "window"),
@@ -190,6 +192,7 @@ class JobRunner:
         self._jobs: list[Job] = []
         self._keep = keep
         self.stats_cache: dict = {}  # run_prune's pass-1 statistics, shared by runs and profiles
+        self.models = ModelCache()  # the models jobs and pages load, once per process
 
     def current(self) -> Job | None:
         """The running job, else the most recent one (None before the first)."""
@@ -221,32 +224,38 @@ class JobRunner:
         return True
 
     # --- submitting -----------------------------------------------------------------------
-    def submit_prune(self, cfg: PruneConfig, loaded, store: RunStore | None = None,
+    def submit_prune(self, cfg: PruneConfig, loaded=None, store: RunStore | None = None,
                      on_done: Callable[[Job], None] | None = None, resume: str | Path | None = None) -> Job:
         """Starts `run_prune(cfg, loaded)` in the background; the run is stored in `store`.
-        `loaded` None: run_prune loads the model (as it streams from disk, see run.streams_from_disk);
-        such a run writes its layers into the store's `streamed/<run id>` and can be resumed.
-        `resume`: the layer folder of an interrupted run to continue (`submit_resume`)."""
+        `loaded` None: the job loads the model itself, so Cancel works from the first second: into
+        `self.models` (kept for later runs), or a layer at a time when the run streams from disk
+        (run.streams_from_disk); such a run writes its layers into the store's `streamed/<run id>`
+        and can be resumed. `resume`: the layer folder of an interrupted run to continue."""
+        from .preflight import preflight
         from .resume import inspect, run_folder
-        from .run import run_prune
+        from .run import run_prune, streams_from_disk
 
-        name = loaded.name if loaded is not None else cfg.model
-        job = Job("prune", f"{cfg.method} · {cfg.allocation} · s={cfg.sparsity:g} · {name}", cfg.to_dict(),
-                  stages=_stages(lambda: planning.run_stages(loaded.model.config, cfg, measure_speed=True)))
+        if loaded is None:
+            preflight(cfg)  # bad settings refused here, before a job or a store row exists
+        on_disk = resume is not None or (loaded is None and streams_from_disk(cfg))
+        job = Job("prune", f"{cfg.method} · {cfg.allocation} · s={cfg.sparsity:g} · {loaded.name if loaded else cfg.model}",
+                  cfg.to_dict(), stages=self._stages_with_load(
+                      cfg.model, loaded, on_disk, lambda config: planning.run_stages(config, cfg, measure_speed=True)))
         if resume is not None:
             job.job_id = inspect(resume)["run_id"]
             job.label += " · resumed"
         layer_dir = run_folder(store.folder, job.job_id) if store is not None and resume is None else None
 
         def work():
+            model = loaded if loaded is not None or on_disk else self.load(cfg.model, job.add)
             before = set(self.stats_cache)
-            res = run_prune(cfg, loaded, on_event=job.add, cancel=job.cancel_event, stats_cache=self.stats_cache,
+            res = run_prune(cfg, model, on_event=job.add, cancel=job.cancel_event, stats_cache=self.stats_cache,
                             layer_dir=layer_dir, resume=resume, run_id=job.job_id, measure_speed=True)
             if store is not None:
                 store.finish(job.job_id, res.record)
                 try:
-                    if loaded is not None:
-                        self._store_new_profiles(store, cfg, loaded, before)
+                    if model is not None:
+                        self._store_new_profiles(store, cfg, model, before)
                 except Exception:  # noqa: BLE001 - the run itself is stored; the profile is a bonus
                     log.warning("could not store the energy profile of run %s", job.job_id, exc_info=True)
             return res
@@ -263,22 +272,51 @@ class JobRunner:
         check_resume(folder, cfg)  # a finished run, another model: refused here, not in the worker
         return self.submit_prune(cfg, None, store, on_done, resume=folder)
 
-    def submit_profile(self, cfg: PruneConfig, loaded, store: RunStore | None = None,
+    def submit_profile(self, cfg: PruneConfig, loaded=None, store: RunStore | None = None,
                        on_done: Callable[[Job], None] | None = None) -> Job:
-        """Computes an energy profile (pass 1 alone) in the background and caches it in `store`."""
+        """Computes an energy profile (pass 1 alone) in the background and caches it in `store`;
+        `loaded` None: the job loads the model (into `self.models`)."""
         from .explorer import compute_energy_profile, profile_key
+        from .preflight import preflight
 
-        job = Job("profile", f"energies · {loaded.name} · {cfg.nsamples}x{cfg.seqlen}", cfg.to_dict(),
-                  stages=_stages(lambda: planning.profile_stages(loaded.model.config, cfg)))
+        if loaded is None:
+            preflight(cfg)
+        job = Job("profile", f"energies · {loaded.name if loaded else cfg.model} · {cfg.nsamples}x{cfg.seqlen}",
+                  cfg.to_dict(), stages=self._stages_with_load(cfg.model, loaded, False,
+                                                               lambda config: planning.profile_stages(config, cfg)))
 
         def work():
-            prof = compute_energy_profile(cfg, loaded, on_event=job.add, cancel=job.cancel_event,
+            model = loaded if loaded is not None else self.load(cfg.model, job.add)
+            prof = compute_energy_profile(cfg, model, on_event=job.add, cancel=job.cancel_event,
                                           stats_cache=self.stats_cache)
             if store is not None:
-                store.cache_put(profile_key(loaded.name, cfg), prof.to_dict())
+                store.cache_put(profile_key(model.name, cfg), prof.to_dict())
             return prof
 
         return self._start(job, work, None, on_done)
+
+    def load(self, name: str, on_event: Callable[[ProgressEvent], None] | None = None):
+        """The model `name` from `self.models`, loaded there first if needed (a "load" stage for
+        `on_event`); inside a job, Cancel ends the wait (model_cache.py)."""
+        if on_event is not None and not self.models.cached(name):
+            on_event(ProgressEvent("load", -1, 1, 0.0, 0, 0, "once per app process"))
+        return self.models.get(name)
+
+    def _stages_with_load(self, name: str, loaded, on_disk: bool,
+                          stages: Callable[[Any], dict[str, float]]) -> dict[str, float]:
+        """`stages(model config)`, after a "load" stage when the job will load the model first."""
+        from .estimate import load_config
+
+        def estimate() -> dict[str, float]:
+            config = loaded.model.config if loaded is not None else load_config(name)
+            return {**({} if loaded is not None or on_disk else self.load_stage(name, config)), **stages(config)}
+
+        return _stages(estimate)
+
+    def load_stage(self, name: str, config) -> dict[str, float]:
+        """{"load": estimated seconds} while `name` is not loaded yet, else {}: the first stage of a
+        job that calls `load(name)`."""
+        return {} if self.models.cached(name) else {"load": planning.load_seconds(config)}
 
     def submit_call(self, kind: str, label: str, config: dict, fn: Callable[..., Any],
                     on_done: Callable[[Job], None] | None = None, stages: dict[str, float] | None = None) -> Job:

@@ -45,6 +45,9 @@ ADMM_SHARE = 0.6  # of the step-through's max_steps ADMM runs before its support
 # the model copy and the data (token ids cached on disk), in fp32 matmul flops' worth of time
 PREPARE_FLOP_PER_BYTE = 210.0
 PREPARE_FLOP_PER_CORPUS = 4.2e10
+# reading a model into host memory, fp32 bytes per second (SmolLM2's 0.54 GB: 0.6 s with the files in
+# the page cache, 1.9 s right after the first imports; a cold disk is slower still)
+LOAD_BYTES_PER_S = 3e8
 # tokens of each built-in corpus's test split with the SmolLM2 tokenizer (README), for "all windows"
 CORPUS_TEST_TOKENS = {"sotu": 174_563, "brown": 677_527}
 
@@ -211,6 +214,13 @@ def run_stages(config, cfg: PruneConfig, device: str | None = None, measure_spee
         if any(PHASE_STAGE.get(k, k) == stage for k in secs):
             out[stage] = total
     return out
+
+
+def load_seconds(config) -> float:
+    """Estimated seconds to load a model of `config` into host memory (the app's first run of it)."""
+    from .estimate import model_params
+
+    return model_params(config) * 4 / LOAD_BYTES_PER_S
 
 
 def profile_stages(config, cfg: PruneConfig, device: str | None = None) -> dict[str, float]:

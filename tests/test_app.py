@@ -262,8 +262,11 @@ def _click_run_until_error(at: AppTest) -> AppTest:
 
 
 def test_failed_runs_show_their_error_and_are_stored_failed(app, tmp_path, tiny_tokenizer):
-    at = _prune(app, seqlen=1000)  # tiny-llama's context is 256 tokens
+    _set(app, **{**TINY, "seqlen": 1000})  # tiny-llama's context is 256 tokens: refused at the click, no job
+    app.button(key="run").click()
+    at = app.run()
     assert "exceeds the model's context of 256 tokens" in _errors(at)
+    assert ui.runner().current() is None and RunStore(ui.store().folder).runs() == []
     folder = _tiny_folder(tmp_path, tiny_tokenizer)
     short = tmp_path / "short.txt"
     short.write_text("A short text.\n\nJust two paragraphs here.")
