@@ -7,6 +7,7 @@ Not a page (a leading underscore; st.navigation in app.py lists the pages).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import streamlit as st
 
@@ -24,6 +25,7 @@ def md(text: str) -> str:
 def choose_run() -> tuple[str, dict] | None:
     """The finished run to show (the one that just finished, else the newest): its id and record."""
     st.subheader("Results")
+    ui.deleted_note()
     finished = ui.store().runs(status="finished")
     if not finished:
         st.info("No finished run yet. Runs are stored and can be reopened here after a restart.")
@@ -140,9 +142,9 @@ def downloads(sel: str, rec: dict, result) -> None:
         from structprune.jobs import export_checkpoint_zip
 
         with st.spinner("Saving the pruned checkpoint..."):
-            st.session_state["zip_path"] = (sel, str(export_checkpoint_zip(result, ui.store().folder / "checkpoints")))
+            st.session_state["zip_path"] = (sel, str(export_checkpoint_zip(result, ui.store().checkpoints)))
     z = st.session_state.get("zip_path")
-    if z and z[0] == sel:
+    if z and z[0] == sel and Path(z[1]).is_file():
         with open(z[1], "rb") as fh:
             d3.download_button("Download the pruned model", fh, f"structprune-{sel}.zip", "application/zip",
                                key="dl_zip")

@@ -32,3 +32,4 @@ def offer(runner) -> None:
                 st.session_state["job_id"] = job.job_id
             except Exception as exc:  # noqa: BLE001 - a finished run, a model that changed: the library's message
                 ui.show_error(exc)
+        ui.delete_run(chosen, "delete_interrupted", "this interrupted run and its layers")

@@ -6,7 +6,6 @@ structprune package.
 
 from __future__ import annotations
 
-import math
 from dataclasses import fields
 from pathlib import Path
 
@@ -128,12 +127,9 @@ def show_error(exc: BaseException, what: str = "") -> None:
 
 
 def fmt_bytes(n: float | None) -> str:
-    if n is None or (isinstance(n, float) and not math.isfinite(n)):
-        return "n/a"
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.3g} {unit}"
-    return f"{n:.0f} B"
+    from structprune.reports import format_bytes
+
+    return format_bytes(n)
 
 
 def fmt_seconds(s: float) -> str:
@@ -142,6 +138,35 @@ def fmt_seconds(s: float) -> str:
     if s < 5400:
         return f"{s / 60:.0f} min"
     return f"{s / 3600:.1f} h"
+
+
+def delete_run(run_id: str, key: str, what: str = "this run") -> None:
+    """A popover that deletes a stored run and the files it owns (store.RunStore.delete), once the
+    user ticked that they are sure; the page then shows the next run and says what was freed.
+    (A popover, not an expander: it also sits inside the Resume expander, and expanders don't nest.)"""
+    runs = store()
+    size = runs.owned_bytes(run_id)
+    with st.popover(f"Delete {what}", icon=":material/delete:"):
+        files = f" and its {fmt_bytes(size)} of files (pruned layers, model zip)" if size else ""
+        st.caption(f"Removes run {run_id}'s record{files} from {runs.folder}. This cannot be undone; "
+                   "download what you want to keep first.")
+        sure = st.checkbox("Yes, delete this run", key=f"{key}_sure")
+        if st.button("Delete", key=key, disabled=not sure, icon=":material/delete:"):
+            try:
+                freed = runs.delete(run_id)
+            except Exception as exc:  # noqa: BLE001 - a running run, a vanished id: the library's message
+                show_error(exc)
+                return
+            st.session_state["deleted_note"] = f"Deleted run {run_id}" + (f", {fmt_bytes(freed)} freed." if freed else ".")
+            st.session_state.pop(f"{key}_sure", None)
+            st.rerun()
+
+
+def deleted_note() -> None:
+    """Says what the last delete removed (once, after the page reran)."""
+    note = st.session_state.pop("deleted_note", None)
+    if note:
+        st.success(note, icon=":material/delete:")
 
 
 def run_label(summary: dict) -> str:

@@ -311,6 +311,25 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_runs(args) -> int:
+    """Lists the store's runs (newest first), or deletes the ones named, with their files."""
+    from .reports import format_bytes
+    from .store import RunStore
+
+    store = RunStore(args.store)
+    for run_id in args.delete:
+        print(f"deleted {run_id} ({format_bytes(store.delete(run_id))} of files freed)")
+    if args.delete:
+        return 0
+    runs = store.runs()
+    for r in runs:
+        sp = f"{r['sparsity']:.0%}" if isinstance(r["sparsity"], (int, float)) else "?"
+        print(f"{r['run_id']}  {r['created'][:16].replace('T', ' ')}  {r['status']:<9}  {r['model']}  {r['method']}  "
+              f"{r['allocation']}  {sp}  files {format_bytes(store.owned_bytes(r['run_id']))}")
+    print(f"{len(runs)} run{'s' if len(runs) != 1 else ''} in {store.path}")
+    return 0
+
+
 def cmd_estimate(args) -> int:
     from .estimate import estimate_memory, load_config
     from .jsonio import dumps
@@ -388,6 +407,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
     p.add_argument("--store", default=None, help="run store folder (default: STRUCTPRUNE_DATA or the cache's runs/)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("runs", help="list the run store's runs, or delete runs with their files")
+    p.add_argument("--delete", nargs="+", default=[], metavar="RUN_ID",
+                   help="delete these ended runs: their records, pruned layers and model zips")
+    p.add_argument("--store", default=None, help="run store folder (default: STRUCTPRUNE_DATA or the cache's runs/)")
+    p.set_defaults(func=cmd_runs)
 
     p = sub.add_parser("estimate", help="predicted peak device memory for a model config")
     _config_option(p, "model", help=_help("model", "; or a config.json"))

@@ -43,7 +43,7 @@ class JobBusyError(StructPruneError):
 
 # what each stage of a job is called on its progress bar, and what its steps count
 STAGE_LABELS = {
-    "load": ("loading the model (once per app process)", "step"),
+    "load": ("loading the model, once per app process", "step"),
     "prepare": ("preparing the run", "step"),
     "eval-dense": ("evaluating the dense model", "window"),
     "heldout-dense": ("held-out loss of the dense model", "window"),
@@ -299,7 +299,7 @@ class JobRunner:
         """The model `name` from `self.models`, loaded there first if needed (a "load" stage for
         `on_event`); inside a job, Cancel ends the wait (model_cache.py)."""
         if on_event is not None and not self.models.cached(name):
-            on_event(ProgressEvent("load", -1, 1, 0.0, 0, 0, "once per app process"))
+            on_event(ProgressEvent("load", -1, 1, 0.0, 0, 0, name))
         return self.models.get(name)
 
     def _stages_with_load(self, name: str, loaded, on_disk: bool,

@@ -20,6 +20,16 @@ RUN_SCHEMA_PREFIX = "structprune.run/"
 MIB = 2**20
 
 
+def format_bytes(n: float | None) -> str:
+    """Bytes for people: three digits in the largest binary unit (GiB, MiB, KiB), "n/a" when unknown."""
+    if n is None or (isinstance(n, float) and not math.isfinite(n)):
+        return "n/a"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
 def allocation_frame(record: dict) -> pd.DataFrame:
     """One row per module: layer, module, units and parameters total/kept/pruned, sparsity, energy."""
     df = pd.DataFrame(record.get("allocation") or [])

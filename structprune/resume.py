@@ -51,6 +51,7 @@ from .methods import get_method
 from .models import model_folder
 from .paths import data_dir
 from .pipeline import LayerStats
+from .store import STREAMED_DIR
 from .streaming import ActivationSpill
 from .weights import INDEX, DiskResidency, LayerWriter, write_reason
 
@@ -246,12 +247,12 @@ def model_dir_of(cfg: PruneConfig, loaded) -> Path:
 
 def run_folder(store_folder: str | Path, run_id: str) -> Path:
     """Where a stored run (run store id) writes its pruned layers and its manifest."""
-    return Path(store_folder) / "streamed" / run_id
+    return Path(store_folder) / STREAMED_DIR / run_id
 
 
 def default_layer_dir() -> Path:
     """A new folder for a run that names none (under the data folder's streamed/)."""
-    parent = data_dir() / "streamed"
+    parent = data_dir() / STREAMED_DIR
     parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix="run-", dir=parent))
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
 import sqlite3
 import threading
@@ -31,6 +32,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .errors import StructPruneError
 from .jsonio import dumps, strict_record
 from .paths import data_dir
 
@@ -40,6 +42,8 @@ DB_NAME = "runs.sqlite"
 HEARTBEAT_TIMEOUT_S = 120.0  # a running row whose heartbeat is older than this is dead
 HEARTBEAT_INTERVAL_S = 15.0  # how often `heartbeat` beats (well inside the timeout)
 STATUSES = ("running", "finished", "failed", "cancelled")
+STREAMED_DIR, CHECKPOINTS_DIR = "streamed", "checkpoints"  # the runs' files, under the store's folder
+TRASH_PREFIX = ".deleting-"  # a deleted run's files, renamed aside until they are removed
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -77,6 +81,19 @@ def _json(obj) -> str:
     return dumps(strict_record(obj) if isinstance(obj, dict) else obj)
 
 
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def _remove(path: Path) -> None:
+    try:
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    except OSError:  # a file still open elsewhere: the next delete tries again
+        log.warning("could not remove %s", path, exc_info=True)
+
+
 def _process_alive(pid: int) -> bool:
     """Whether `pid` runs on this host (a zombie counts as dead)."""
     try:
@@ -102,6 +119,7 @@ class RunStore:
         self.folder = Path(folder).expanduser() if folder is not None else data_dir()
         self.folder.mkdir(parents=True, exist_ok=True)
         self.path = self.folder / DB_NAME
+        self.checkpoints = self.folder / CHECKPOINTS_DIR  # where the Results page writes a run's model zip
         self.heartbeat_timeout = heartbeat_timeout
         with self._connect() as con:
             con.executescript(_SCHEMA)
@@ -241,9 +259,49 @@ class RunStore:
             rows = con.execute("SELECT record FROM runs WHERE status = 'finished' ORDER BY created DESC, rowid DESC")
             return [json.loads(r["record"]) for r in rows]
 
-    def delete(self, run_id: str) -> None:
-        with self._connect() as con:
-            con.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
+    def owned_paths(self, run_id: str) -> list[Path]:
+        """The files a run keeps under the store's folder, present or not: the layers a run that
+        streamed from disk wrote (`streamed/<run_id>`, resume.run_folder) and the zip of its pruned
+        model the Results page prepared (`checkpoints/<run_id>.zip`)."""
+        return [self.folder / STREAMED_DIR / run_id, self.checkpoints / f"{run_id}.zip"]
+
+    def owned_bytes(self, run_id: str) -> int:
+        return sum(_size(p) for p in self.owned_paths(run_id))
+
+    def delete(self, run_id: str) -> int:
+        """Deletes a run that has ended: its row, then the files it owns (`owned_paths`); returns the
+        bytes freed. The files are first renamed aside, so a failure leaves the run whole, and a
+        crash after the row is gone leaves only `.deleting-*` names, removed by the next delete.
+        A running run is refused (cancel it first), as is an id the store does not have."""
+        self._remove_leftovers()
+        row = self.get(run_id)
+        if row is None:
+            raise StructPruneError(f"there is no run {run_id!r} in {self.path}")
+        if row["status"] == "running":
+            raise StructPruneError(f"run {run_id} is still running; cancel it before deleting it")
+        aside: list[tuple[Path, Path]] = []
+        try:
+            for path in self.owned_paths(run_id):
+                if path.exists():
+                    moved = path.with_name(TRASH_PREFIX + path.name)
+                    path.rename(moved)
+                    aside.append((path, moved))
+            with self._connect() as con:
+                if con.execute("DELETE FROM runs WHERE run_id = ? AND status != 'running'", (run_id,)).rowcount != 1:
+                    raise StructPruneError(f"run {run_id} started again (resumed) meanwhile; cancel it first")
+        except BaseException:
+            for path, moved in reversed(aside):
+                moved.rename(path)
+            raise
+        freed = sum(_size(moved) for _, moved in aside)
+        for _, moved in aside:
+            _remove(moved)
+        return freed
+
+    def _remove_leftovers(self) -> None:
+        for parent in (self.folder / STREAMED_DIR, self.folder / CHECKPOINTS_DIR):
+            for moved in parent.glob(TRASH_PREFIX + "*"):
+                _remove(moved)
 
     # --- small JSON caches ---------------------------------------------------------------------
     def cache_put(self, key: str, value: dict) -> None:

@@ -253,6 +253,24 @@ def _tiny_folder(tmp_path, tokenizer) -> Path:
     return folder
 
 
+def test_a_run_is_deleted_with_its_files_after_a_confirmation(app):
+    at = _prune(app)
+    store = RunStore(ui.store().folder)
+    rid = store.runs()[0]["run_id"]
+    (store.folder / "streamed" / rid).mkdir(parents=True)
+    (store.folder / "streamed" / rid / "layer-000.safetensors").write_bytes(b"x" * 2048)
+    at.run()
+    assert at.button(key="delete_run").disabled  # not before the box is ticked
+    at.checkbox(key="delete_run_sure").check()
+    at.run()
+    at.button(key="delete_run").click()
+    at.run()
+    assert not at.exception and not at.error, _errors(at)
+    assert any(f"Deleted run {rid}, 2 KiB freed." in s.value for s in at.success), [s.value for s in at.success]
+    assert store.runs() == [] and not (store.folder / "streamed" / rid).exists()
+    assert any("No finished run yet" in i.value for i in at.info)
+
+
 def _click_run_until_error(at: AppTest) -> AppTest:
     at.button(key="run").click()
     at.run()

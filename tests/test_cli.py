@@ -33,7 +33,7 @@ def _one_error_line(capsys) -> str:
 
 def test_every_subcommand_has_a_working_help(capsys):
     names = _subcommands()
-    assert set(names) == {"prepare", "models", "eval", "prune", "export", "estimate"}
+    assert set(names) == {"prepare", "models", "eval", "prune", "export", "runs", "estimate"}
     for name in names:
         assert main([name, "--help"]) == 0, name
         out = capsys.readouterr().out
@@ -123,3 +123,24 @@ def test_refusals_are_one_error_line_and_exit_2(argv, message, capsys):
 def test_temperature_inf_parses_to_the_uniform_limit():
     args = build_parser().parse_args(["prune", "--temperature", "inf"])
     assert math.isinf(args.temperature)
+
+
+def test_runs_lists_the_store_and_deletes_a_run_with_its_files(tmp_path, capsys):
+    from structprune.store import RunStore
+
+    store = RunStore(tmp_path)
+    done, running = store.start({"model": "tiny-llama", "method": "structprune", "allocation": "softmax",
+                                 "sparsity": 0.3}), store.start({"model": "tiny-opt", "method": "wanda-sp"})
+    store.finish(done, {"allocation_scheme": "softmax"})
+    (tmp_path / "streamed" / done).mkdir(parents=True)
+    (tmp_path / "streamed" / done / "layer-000.safetensors").write_bytes(b"x" * 3 * 2**20)
+    assert main(["runs", "--store", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == f"2 runs in {store.path}"
+    row = next(line for line in lines if line.startswith(done))
+    assert "finished" in row and "tiny-llama" in row and "30%" in row and "files 3 MiB" in row
+    assert main(["runs", "--store", str(tmp_path), "--delete", done]) == 0
+    assert capsys.readouterr().out.strip() == f"deleted {done} (3 MiB of files freed)"
+    assert not (tmp_path / "streamed" / done).exists() and [r["run_id"] for r in store.runs()] == [running]
+    assert main(["runs", "--store", str(tmp_path), "--delete", running]) == 2
+    assert "still running; cancel it before deleting it" in _one_error_line(capsys)

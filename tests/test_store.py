@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from structprune.errors import RunCancelledError
+from structprune.errors import RunCancelledError, StructPruneError
 from structprune.jobs import JobBusyError, JobRunner
 from structprune.store import RunStore
 
@@ -184,3 +184,80 @@ def test_runner_stores_a_tiny_prune_and_its_energy_profile(tmp_path, energy):
     energies = [r["energy"] for r in row["record"]["allocation"]]
     assert prof.energies(energy) == pytest.approx(energies, rel=1e-4)  # the run's own energies
     json.dumps(prof.to_dict())
+
+
+def _owned_files(store: RunStore, rid: str) -> None:
+    layers = store.folder / "streamed" / rid
+    layers.mkdir(parents=True)
+    (layers / "layer-000.safetensors").write_bytes(b"x" * 1000)
+    store.checkpoints.mkdir(exist_ok=True)
+    (store.checkpoints / f"{rid}.zip").write_bytes(b"z" * 500)
+
+
+def test_delete_removes_an_ended_run_and_its_files_and_nothing_else(tmp_path):
+    store = RunStore(tmp_path)
+    keep, gone = store.start(CONFIG), store.start(CONFIG)
+    for rid in (keep, gone):
+        store.finish(rid, RECORD)
+        _owned_files(store, rid)
+    store.cache_put("profile|x", {"a": 1})
+    assert store.owned_bytes(gone) == 1500
+    assert store.delete(gone) == 1500
+    assert store.get(gone) is None and [r["run_id"] for r in store.runs()] == [keep]
+    assert not (tmp_path / "streamed" / gone).exists() and not (store.checkpoints / f"{gone}.zip").exists()
+    assert store.owned_bytes(keep) == 1500 and store.cache_get("profile|x") == {"a": 1}
+    assert sorted(p.name for p in (tmp_path / "streamed").iterdir()) == [keep]  # nothing left aside
+    failed = store.start(CONFIG)
+    store.fail(failed, "cancelled by the user", cancelled=True)
+    assert store.delete(failed) == 0  # an interrupted run with no files yet
+
+
+def test_delete_refuses_a_running_or_unknown_run_and_a_failed_delete_keeps_the_run(tmp_path, monkeypatch):
+    store = RunStore(tmp_path)
+    running = store.start(CONFIG)
+    _owned_files(store, running)
+    with pytest.raises(StructPruneError, match="still running; cancel it"):
+        store.delete(running)
+    with pytest.raises(StructPruneError, match="there is no run 'nope'"):
+        store.delete("nope")
+    assert store.owned_bytes(running) == 1500
+    store.finish(running, RECORD)
+
+    def locked(*_a, **_k):  # the database refuses the delete after the files were moved aside
+        raise sqlite3.OperationalError("database is locked")
+
+    real = store._connect
+    monkeypatch.setattr(store, "_connect", lambda: _FailingDelete(real(), locked))
+    with pytest.raises(sqlite3.OperationalError):
+        store.delete(running)
+    monkeypatch.undo()
+    assert store.get(running)["status"] == "finished" and store.owned_bytes(running) == 1500  # all put back
+    # a crash between the row's removal and the files' leaves only names set aside: the next delete clears them
+    aside = tmp_path / "streamed" / ".deleting-0123"
+    aside.mkdir()
+    other = store.start(CONFIG)
+    store.finish(other, RECORD)
+    store.delete(other)
+    assert not aside.exists()
+
+
+class _FailingDelete:
+    """A `_connect()` context whose DELETE statement raises."""
+
+    def __init__(self, ctx, fail) -> None:
+        self.ctx, self.fail = ctx, fail
+
+    def __enter__(self):
+        con = self.ctx.__enter__()
+        outer = self
+
+        class Con:
+            def execute(self, sql, *args):
+                if sql.startswith("DELETE"):
+                    outer.fail()
+                return con.execute(sql, *args)
+
+        return Con()
+
+    def __exit__(self, *exc):
+        return self.ctx.__exit__(*exc)
