@@ -84,8 +84,9 @@ def test_cancel_ends_the_wait_and_the_load_still_fills_the_cache():
     time.sleep(0.2)
     clicked = time.monotonic()
     flag.set()
-    waiter.join(5)
-    assert raised and raised[0][1] - clicked < 1.0  # within a few wait steps, the load still running
+    waiter.join(10)
+    # within the app's bar of 5 s (it takes one 0.1 s wait step), while the load still runs
+    assert raised and raised[0][1] - clicked < 5.0
     loader.release.set()
     _wait(lambda: cache.cached("tiny-llama"))
     assert cache.get("tiny-llama").name == "tiny-llama" and loader.calls == ["tiny-llama"]
@@ -102,7 +103,7 @@ def test_a_run_loads_its_model_in_the_job_and_cancel_works_while_it_loads():
     clicked = time.time()
     assert runner.cancel()
     _wait(lambda: not job.active, timeout=10)
-    assert job.status == "cancelled" and job.ended - clicked < 1.0
+    assert job.status == "cancelled" and job.ended - clicked < 5.0
     loader.release.set()
     _wait(lambda: runner.models.cached("tiny-llama"))
     # the next run finds the model loaded: no load stage, and the run finishes
