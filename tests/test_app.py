@@ -140,8 +140,15 @@ def _prune(at: AppTest, **settings) -> AppTest:
 def test_prune_page_runs_a_tiny_model_and_draws_the_record(app):
     labels = [m.label for m in app.metric]
     assert "Predicted peak device memory" in labels and "Predicted peak host memory" in labels
+    _set(app, **TINY)
+
+    def time_help(at: AppTest) -> str:
+        return next(m.proto.help for m in at.metric if m.label == "Predicted time (rough estimate)")
+
+    assert "to load the model, once per app process" in time_help(app)  # the first run loads it
     at = _prune(app)
     assert not at.error, _errors(at)
+    assert "to load the model" not in time_help(at)  # the next one finds it loaded
     rec = RunStore(ui.store().folder).records()[0]
     figs = _figures(at)
     alloc = figs["Sparsity per layer and module"]
