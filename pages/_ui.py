@@ -157,7 +157,8 @@ def delete_run(run_id: str, key: str, what: str = "this run") -> None:
             except Exception as exc:  # noqa: BLE001 - a running run, a vanished id: the library's message
                 show_error(exc)
                 return
-            st.session_state["deleted_note"] = f"Deleted run {run_id}" + (f", {fmt_bytes(freed)} freed." if freed else ".")
+            freed_note = f", {fmt_bytes(freed)} freed." if freed else "."
+            st.session_state["deleted_note"] = f"Deleted run {run_id}{freed_note}"
             st.session_state.pop(f"{key}_sure", None)
             st.rerun()
 

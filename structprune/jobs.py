@@ -238,9 +238,10 @@ class JobRunner:
         if loaded is None:
             preflight(cfg)  # bad settings refused here, before a job or a store row exists
         on_disk = resume is not None or (loaded is None and streams_from_disk(cfg))
-        job = Job("prune", f"{cfg.method} · {cfg.allocation} · s={cfg.sparsity:g} · {loaded.name if loaded else cfg.model}",
-                  cfg.to_dict(), stages=self._stages_with_load(
-                      cfg.model, loaded, on_disk, lambda config: planning.run_stages(config, cfg, measure_speed=True)))
+        name = loaded.name if loaded is not None else cfg.model
+        job = Job("prune", f"{cfg.method} · {cfg.allocation} · s={cfg.sparsity:g} · {name}", cfg.to_dict(),
+                  stages=self._stages_with_load(cfg.model, loaded, on_disk,
+                                                lambda config: planning.run_stages(config, cfg, measure_speed=True)))
         if resume is not None:
             job.job_id = inspect(resume)["run_id"]
             job.label += " · resumed"
