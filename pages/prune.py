@@ -17,7 +17,7 @@ st.markdown("StructPrune removes whole attention heads and MLP channels from a l
             "on the compute device at a time, and measures what it cost in perplexity. **Where to begin:** press "
             "*Quick preview settings* below and *Run* (a few minutes on a CPU), or look first at what the repository's "
             "own runs already show:")
-l1, l2, l3, l4 = st.columns(4)
+(l1, l2), (l3, l4) = st.columns(2), st.columns(2)  # two per row: the labels fit unclipped
 l1.page_link("pages/explorer.py", label="Allocation explorer: how the budget moves across layers",
              icon=":material/tune:")
 l2.page_link("pages/compare.py", label="Compare runs: perplexity vs sparsity per method", icon=":material/compare_arrows:")

@@ -167,6 +167,11 @@ def assert_charts_readable(page, where: str) -> int:
     return len(charts)
 
 
+CLIPPED_LINKS_JS = """() => [...document.querySelectorAll('[data-testid=stPageLink-NavLink]')]
+    .filter(a => [a, ...a.querySelectorAll('*')].some(e => e.scrollWidth > e.clientWidth + 1))
+    .map(a => a.textContent)"""
+
+
 @contextlib.contextmanager
 def browser_app():
     """A headless Chromium page at the tests' window size and its `App` driver (screenshots go to
@@ -192,6 +197,8 @@ def test_every_page_on_first_open(server):
         page.wait_for_selector("text=Where to begin", timeout=180_000)
         app.idle()
         assert_charts_readable(page, "Prune")
+        assert page.locator('[data-testid="stPageLink-NavLink"]').count() == 4
+        assert page.evaluate(CLIPPED_LINKS_JS) == []  # every link to another page reads whole
         app.shot("first-prune")
         counts = {}
         for title, marker, shot in (("Compare runs", "Perplexity vs sparsity", "first-compare"),
