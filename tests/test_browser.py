@@ -209,6 +209,7 @@ def test_every_page_on_first_open(server):
             page.wait_for_selector(f"text={marker}", timeout=60_000)
             app.idle()
             counts[title] = assert_charts_readable(page, title)
+            assert page.evaluate(CLIPPED_LINKS_JS) == [], title
             app.shot(shot)
         assert counts["Compare runs"] >= 3 and counts["Memory"] == 2 and counts["Method"] == 3, counts
         assert counts["Allocation explorer"] >= 3, counts  # the shipped SmolLM2 energy profile
