@@ -165,3 +165,34 @@ def test_a_tensor_read_from_disk_does_not_keep_its_file_mapped(tmp_path):
     same, converted = source.get("a"), source.get("b", dtype=torch.bfloat16)
     assert same.dtype == torch.float32 and converted.dtype == torch.bfloat16
     assert str(path) not in Path("/proc/self/maps").read_text()
+
+
+def test_a_hub_id_streams_from_its_hugging_face_cache_snapshot(tmp_path, monkeypatch):
+    """The cache's layout: snapshot files are symbolic links to content-addressed blobs."""
+    import os
+
+    import huggingface_hub.constants as hc
+
+    model, folder = _folder(tmp_path, "tiny-llama", shards=True)
+    repo = tmp_path / "hub" / "models--acme--tiny-llama"
+    snapshot = repo / "snapshots" / "0123abc"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abc")
+    for i, f in enumerate(sorted(folder.iterdir())):
+        blob = repo / "blobs" / f"blob{i}"
+        f.rename(blob)
+        os.symlink(os.path.relpath(blob, snapshot), snapshot / f.name)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    on_disk = load_model("acme/tiny-llama", on_disk=True)
+    assert on_disk.source == "hub" and Path(on_disk.path) == snapshot
+    assert all(p.device.type == "meta" for p in on_disk.model.parameters())
+    cfg = PruneConfig(model="tiny-llama", sparsity=0.4, nsamples=4, seqlen=24, eval_windows=2)
+    mem = run_prune(cfg, LoadedModel("tiny-llama", model, None, "tiny"))
+    disk = run_prune(cfg, on_disk, layer_dir=tmp_path / "out")
+    assert [m["kept"] for m in disk.record["modules"]] == [m["kept"] for m in mem.record["modules"]]
+    assert disk.record["weights"]["peak_layers_loaded"] == 1
+    with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache"):
+        load_model("acme/absent", on_disk=True)
