@@ -316,7 +316,7 @@ def cmd_runs(args) -> int:
     from .reports import format_bytes
     from .store import RunStore
 
-    store = RunStore(args.store)
+    store = RunStore.existing(args.store)
     for run_id in args.delete:
         print(f"deleted {run_id} ({format_bytes(store.delete(run_id))} of files freed)")
     if args.delete:

@@ -51,6 +51,10 @@ class NonFiniteResultError(StructPruneError):
         self.record = record
 
 
+class RunNotFoundError(StructPruneError):
+    """No run of that id in the run store, no run store in that folder, or no record file of that name."""
+
+
 class OutputWriteError(StructPruneError):
     """Writing a run's output failed (a full disk, a folder that went away): what was written
     before stays, marked incomplete, and the run can be resumed once the cause is fixed."""

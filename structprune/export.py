@@ -17,11 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .atomic import check_output_folder, is_complete
-from .errors import StructPruneError
-
-
-class RunNotFoundError(StructPruneError):
-    """No finished run of that id in the store and no record file of that name."""
+from .errors import RunNotFoundError, StructPruneError
 
 
 def find_record(run_or_record: str, store_folder: str | Path | None = None) -> tuple[dict, Path | None]:
@@ -39,7 +35,7 @@ def find_record(run_or_record: str, store_folder: str | Path | None = None) -> t
         return rec, path.parent
     from .store import RunStore
 
-    store = RunStore(store_folder)
+    store = RunStore.existing(store_folder)
     row = store.get(run_or_record)
     if row is None:
         raise RunNotFoundError(f"no run {run_or_record!r} in the run store ({store.path}) and no such record file; "

@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .errors import StructPruneError
+from .errors import RunNotFoundError, StructPruneError
 from .jsonio import dumps, strict_record
 from .paths import data_dir
 
@@ -125,6 +125,16 @@ class RunStore:
             con.executescript(_SCHEMA)
         self.recovered: list[str] = []  # runs this instance marked failed (on opening, then on reads)
         self.recover()
+
+    @classmethod
+    def existing(cls, folder: str | Path | None = None) -> RunStore:
+        """The store already in `folder` (default: `paths.data_dir()`); a reader given a folder with
+        no store is refused in one line instead of creating an empty one at a mistyped path."""
+        folder = Path(folder).expanduser() if folder is not None else data_dir()
+        if not (folder / DB_NAME).is_file():
+            raise RunNotFoundError(f"there is no run store in {folder} (no {DB_NAME}); give the folder the app or "
+                                   "`structprune prune` stored its runs in (--store), or run one first")
+        return cls(folder)
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -276,7 +286,7 @@ class RunStore:
         self._remove_leftovers()
         row = self.get(run_id)
         if row is None:
-            raise StructPruneError(f"there is no run {run_id!r} in {self.path}")
+            raise RunNotFoundError(f"there is no run {run_id!r} in {self.path}; `structprune runs` lists them")
         if row["status"] == "running":
             raise StructPruneError(f"run {run_id} is still running; cancel it before deleting it")
         aside: list[tuple[Path, Path]] = []

@@ -144,3 +144,12 @@ def test_runs_lists_the_store_and_deletes_a_run_with_its_files(tmp_path, capsys)
     assert not (tmp_path / "streamed" / done).exists() and [r["run_id"] for r in store.runs()] == [running]
     assert main(["runs", "--store", str(tmp_path), "--delete", running]) == 2
     assert "still running; cancel it before deleting it" in _one_error_line(capsys)
+
+
+def test_runs_and_export_refuse_a_folder_without_a_store_and_create_nothing(tmp_path, capsys):
+    typo = tmp_path / "runz"
+    assert main(["runs", "--store", str(typo)]) == 2
+    assert f"there is no run store in {typo} (no runs.sqlite)" in _one_error_line(capsys)
+    assert main(["export", "abc123", "--out", str(tmp_path / "m"), "--store", str(typo)]) == 2
+    assert "there is no run store" in _one_error_line(capsys)
+    assert not typo.exists()
