@@ -5,8 +5,8 @@
 
 One run of SmolLM2-135M through the app's own path: the estimate the Prune page shows
 (planning.estimate_run, with this process's matmul speed measured as the page measures it), then the
-run as a background job (jobs.JobRunner.submit_prune: copying the model, the data, the dense and
-pruned evaluations, both passes). Measured per stage: from the first progress event of a stage to the
+run as a background job of a fresh process, as the app's first Run (jobs.JobRunner.submit_prune:
+loading the model, copying it, the data, the dense and pruned evaluations, both passes). Measured per stage: from the first progress event of a stage to the
 first of the next (the stages of planning.RUN_STAGES); in total: from the submission to the job's
 end. The job's "time left" is sampled every 2 s, as the page polls it, and compared afterwards with
 the time that really was left. Writes benchmarks/results/app/estimate_check.json (or --out) with the
@@ -34,10 +34,10 @@ def stage_times(job) -> dict[str, float]:
     """Seconds per stage from the job's event arrival times (a stage ends where the next begins)."""
     from structprune.jobs import STAGE_ALIASES
 
-    starts: dict[str, float] = {"prepare": job.started}
-    for ev, t in zip(job.events, job.event_times):
+    starts: dict[str, float] = {}
+    for i, (ev, t) in enumerate(zip(job.events, job.event_times)):
         stage = STAGE_ALIASES.get(ev.stage, ev.stage)
-        starts.setdefault(stage, t)
+        starts.setdefault(stage, job.started if i == 0 else t)  # the first stage began with the job
     order = sorted(starts.items(), key=lambda kv: kv[1])
     ends = [t for _, t in order[1:]] + [job.ended]
     return {stage: end - t for (stage, t), end in zip(order, ends) if stage != "done"}
@@ -100,17 +100,18 @@ def check_prune(a) -> dict:
     from structprune.config import PruneConfig
     from structprune.estimate import load_config
     from structprune.jobs import JobRunner
-    from structprune.models import load_model
     from structprune.planning import estimate_run
 
     cfg = PruneConfig(model=a.model, nsamples=a.nsamples, seqlen=a.seqlen, eval_windows=a.eval_windows,
                       sensitivity_windows=a.sensitivity_windows, energy=a.energy, device="cpu")
-    loaded = load_model(a.model)  # the app loads it before the run starts (a cached resource)
     load0 = os.getloadavg()
-    est = estimate_run(load_config(a.model), cfg)["seconds"]
-    runner = JobRunner()
+    config = load_config(a.model)
+    est = estimate_run(config, cfg)["seconds"]
+    runner = JobRunner()  # a fresh app process: its first Run's job loads the model
+    est["phases"] = {**runner.load_stage(a.model, config), **est["phases"]}
+    est["total_s"] += est["phases"].get("load", 0.0)  # as the Prune page adds it
     t0 = time.time()
-    job = runner.submit_prune(cfg, loaded)
+    job = runner.submit_prune(cfg)
     samples = []
     while job.ended is None:
         frac, where = job.progress()

@@ -45,9 +45,9 @@ ADMM_SHARE = 0.6  # of the step-through's max_steps ADMM runs before its support
 # the model copy and the data (token ids cached on disk), in fp32 matmul flops' worth of time
 PREPARE_FLOP_PER_BYTE = 210.0
 PREPARE_FLOP_PER_CORPUS = 4.2e10
-# reading a model into host memory, fp32 bytes per second (SmolLM2's 0.54 GB: 0.6 s with the files in
-# the page cache, 1.9 s right after the first imports; a cold disk is slower still)
-LOAD_BYTES_PER_S = 3e8
+# reading a model into host memory, fp32 bytes per second: between SmolLM2's 0.54 GB in 0.6 s (files
+# in the page cache) and in 1.9 s (right after the process's first imports); a cold disk is slower
+LOAD_BYTES_PER_S = 5e8
 # tokens of each built-in corpus's test split with the SmolLM2 tokenizer (README), for "all windows"
 CORPUS_TEST_TOKENS = {"sotu": 174_563, "brown": 677_527}
 

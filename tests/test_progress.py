@@ -15,7 +15,7 @@ from structprune.config import PruneConfig
 from structprune.jobs import STAGE_ALIASES, STAGE_LABELS, Job, JobRunner
 from structprune.models import load_model, tiny_config
 from structprune.pipeline import ProgressEvent
-from structprune.planning import PHASE_STAGE, RUN_STAGES, estimate_seconds, stepthrough_stages
+from structprune.planning import PHASE_STAGE, RUN_STAGES, estimate_seconds, load_seconds, stepthrough_stages
 from structprune.stepthrough import MAX_STEPS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,6 +107,9 @@ def _check_run(rec: dict) -> None:
     cfg = PruneConfig.from_dict(rec["config"])
     est = estimate_seconds(_config(rec["model"]), cfg, "cpu", fp32_flops=rec["estimate"]["fp32_gflops"] * 1e9,
                            fp64_flops=rec["estimate"]["fp64_gflops"] * 1e9)
+    if "load" in rec["estimate"]["phases"]:  # a fresh process's first Run: its job loaded the model
+        est["phases"] = {"load": load_seconds(_config(rec["model"])), **est["phases"]}
+        est["total_s"] += est["phases"]["load"]
     stages = _folded(est["phases"])
     assert set(rec["measured"]["stages"]) == set(stages)  # every measured stage is estimated, and only those
     ratio = rec["measured"]["total_s"] / est["total_s"]
