@@ -106,7 +106,8 @@ def _folded(phases: dict[str, float]) -> dict[str, float]:
 def _check_run(rec: dict) -> None:
     cfg = PruneConfig.from_dict(rec["config"])
     est = estimate_seconds(_config(rec["model"]), cfg, "cpu", fp32_flops=rec["estimate"]["fp32_gflops"] * 1e9,
-                           fp64_flops=rec["estimate"]["fp64_gflops"] * 1e9)
+                           fp64_flops=rec["estimate"]["fp64_gflops"] * 1e9,
+                           measure_speed="speed" in rec["measured"]["stages"])  # the app's runs time the result
     if "load" in rec["estimate"]["phases"]:  # a fresh process's first Run: its job loaded the model
         est["phases"] = {"load": load_seconds(_config(rec["model"])), **est["phases"]}
         est["total_s"] += est["phases"]["load"]
