@@ -222,7 +222,7 @@ def estimate_seconds(config, cfg: PruneConfig, device: str = "cpu", eval_tokens:
                            + 4 * 2 * steps * L * DECODE_STEP_FLOP_PER_LAYER / fp32)
     return {"total_s": sum(phases.values()), "phases": phases, "fp32_flops": measured32, "fp64_flops": measured64,
             "note": "estimate: each phase's work over this device's measured matmul speed, fitted to measured "
-                    "SmolLM2-135M runs (within about 1.5x there; a busy machine is slower)"}
+                    "SmolLM2-135M runs on a busy and a quiet machine (within 1.3x of each)"}
 
 
 def run_stages(config, cfg: PruneConfig, device: str | None = None, measure_speed: bool = False) -> dict[str, float]:
