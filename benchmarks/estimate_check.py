@@ -105,11 +105,8 @@ def check_prune(a) -> dict:
     cfg = PruneConfig(model=a.model, nsamples=a.nsamples, seqlen=a.seqlen, eval_windows=a.eval_windows,
                       sensitivity_windows=a.sensitivity_windows, energy=a.energy, device="cpu")
     load0 = os.getloadavg()
-    config = load_config(a.model)
-    est = estimate_run(config, cfg)["seconds"]
     runner = JobRunner()  # a fresh app process: its first Run's job loads the model
-    est["phases"] = {**runner.load_stage(a.model, config), **est["phases"]}
-    est["total_s"] += est["phases"].get("load", 0.0)  # as the Prune page adds it
+    est = estimate_run(load_config(a.model), cfg, loads_model=not runner.models.cached(a.model))["seconds"]
     t0 = time.time()
     job = runner.submit_prune(cfg)
     samples = []

@@ -29,16 +29,15 @@ def before_running(cfg: PruneConfig | None, config_error: Exception | None) -> s
     dev = "cpu"
     try:
         dev = str(resolve_device(cfg.device))
-        config = ui.model_config(cfg.model)
-        est = estimate_run(config, cfg)
+        # the run's job loads the model first unless this process already holds it
+        est = estimate_run(ui.model_config(cfg.model), cfg, loads_model=not ui.runner().models.cached(cfg.model))
     except Exception as exc:  # noqa: BLE001 - no estimate is not an error of the run
         # the library's one line; a hub library's multi-line error is cut to its first line
         msg = str(exc) if isinstance(exc, StructPruneError) else (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         st.info(f"No estimate for this model: {msg}")
         return dev
     mem, secs = est["memory"], est["seconds"]
-    # the run's job loads the model first unless this process already holds it (or it streams from disk)
-    load_s = 0.0 if mem["weights"] == "disk" else sum(ui.runner().load_stage(cfg.model, config).values())
+    load_s = secs["phases"].get("load")
     st.session_state["estimate_bytes"] = mem["peak_bytes"]
     e1, e2, e3, e4 = st.columns(4)
     e1.metric("Predicted peak device memory", ui.fmt_bytes(mem["peak_bytes"]),
@@ -46,7 +45,7 @@ def before_running(cfg: PruneConfig | None, config_error: Exception | None) -> s
     e2.metric("Predicted peak host memory", ui.fmt_bytes(mem["host_peak_bytes"] + mem["host_process_bytes"]),
               help=host_help(mem))
     e3.metric("Whole model (weights)", ui.fmt_bytes(mem["model_weight_bytes"]))
-    e4.metric("Predicted time (rough estimate)", ui.fmt_seconds(secs["total_s"] + load_s), help=secs["note"] + (
+    e4.metric("Predicted time (rough estimate)", ui.fmt_seconds(secs["total_s"]), help=secs["note"] + (
         f" Includes {ui.fmt_seconds(load_s)} to load the model, once per app process." if load_s else ""))
     where = ("streamed from disk, a layer at a time" if mem["weights"] == "disk"
              else "all in host memory (the loaded model and the run's copy)")

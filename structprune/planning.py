@@ -296,11 +296,12 @@ def form_config(values: dict, temperature_inf: bool = False) -> PruneConfig:
     return PruneConfig(**v)
 
 
-def estimate_run(config, cfg: PruneConfig) -> dict:
+def estimate_run(config, cfg: PruneConfig, loads_model: bool = False) -> dict:
     """What the Prune page shows before a run: predicted peak device and host memory
     (estimate_memory, with the run's own options: its device, its compute dtype (float32 on the
     CPU, as run.run_dtype), where its weights stay) and time (estimate_seconds) for model `config`
-    on cfg's device.
+    on cfg's device. `loads_model`: the run's job loads the model first (the app's first Run of it;
+    jobs.JobRunner.load_stage), a "load" phase unless the weights stay on disk.
 
     Returns {device, memory (estimate_memory's dict), peak_phase, seconds (estimate_seconds's dict),
     fp32_gflops}."""
@@ -316,6 +317,9 @@ def estimate_run(config, cfg: PruneConfig) -> dict:
                           relative=cfg.relative_error, host_grams=not on_cpu, refine=cfg.refine_epochs > 0,
                           weights="disk" if streams_from_disk(cfg) else "memory", on_cpu=on_cpu)
     secs = estimate_seconds(config, cfg, dev, measure_speed=True)  # the app's runs always time the result
+    if loads_model and mem["weights"] != "disk":
+        secs["phases"] = {"load": load_seconds(config), **secs["phases"]}
+        secs["total_s"] += secs["phases"]["load"]
     return {"device": dev, "memory": mem, "peak_phase": max(mem["phases"], key=mem["phases"].get),
             "seconds": secs, "fp32_gflops": secs["fp32_flops"] / 1e9}
 
