@@ -156,3 +156,13 @@ def test_repository_records_time_only_estimated_phases():
                            fp64_flops=1e9, measure_speed=True)
     assert set(_folded(est["phases"])) == set(RUN_STAGES)  # and the estimate models all of them
     assert all(v > 0 and math.isfinite(v) for v in est["phases"].values())
+
+
+def test_the_probe_speed_is_damped_on_the_cpu_only():
+    from structprune.planning import PROBE_EXPONENT, PROBE_REF_FLOPS, effective_flops
+
+    assert effective_flops(PROBE_REF_FLOPS, "cpu") == pytest.approx(PROBE_REF_FLOPS)
+    quiet = effective_flops(193e9, "cpu")  # the quiet calibration run's probe: 2.9x the loaded runs' speed
+    assert quiet / PROBE_REF_FLOPS == pytest.approx((193e9 / PROBE_REF_FLOPS) ** PROBE_EXPONENT)
+    assert 2.7 < quiet / PROBE_REF_FLOPS < 3.1
+    assert effective_flops(5e13, "cuda:0") == 5e13
