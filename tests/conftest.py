@@ -10,7 +10,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import time  # noqa: E402
+
 import pytest  # noqa: E402
+
+
+def wait_until(cond, timeout: float = 120.0, step: float = 0.05) -> None:
+    """Polls `cond()` until it is true (a background job's state); fails the test after `timeout` s.
+    A plain function, not a fixture: the test files import it (`from conftest import wait_until`)."""
+    t = time.time()
+    while not cond():
+        assert time.time() - t < timeout, "timed out"
+        time.sleep(step)
+
 
 TINY_TOKENIZER_TEXT = [
     "Mr. Speaker, Mr. Vice President, Members of Congress, my fellow Americans:",

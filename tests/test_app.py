@@ -19,6 +19,7 @@ from streamlit.testing.v1 import AppTest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from conftest import wait_until  # noqa: E402
 from pages import _ui as ui  # noqa: E402  (the module the pages use; monkeypatched below)
 from structprune.store import RunStore  # noqa: E402
 
@@ -55,16 +56,9 @@ def _fresh_app(tmp_path, monkeypatch, results):
     job = ui.runner().current()
     if job is not None and job.active:  # never leave a worker running into the next test
         job.cancel_event.set()
-        _wait(lambda: not job.active)
+        wait_until(lambda: not job.active)
     st.cache_data.clear()
     st.cache_resource.clear()
-
-
-def _wait(cond, timeout=120.0):
-    t = time.time()
-    while not cond():
-        assert time.time() - t < timeout, "timed out"
-        time.sleep(0.1)
 
 
 def _run_until(at: AppTest, cond, timeout=120.0) -> AppTest:
@@ -133,7 +127,7 @@ def _prune(at: AppTest, **settings) -> AppTest:
     at.run()
     job = ui.runner().current()
     assert job is not None, _errors(at)
-    _wait(lambda: not job.active)
+    wait_until(lambda: not job.active)
     return _run_until(at, lambda a: "Sparsity per layer and module" in _figures(a) or a.error)
 
 
@@ -282,7 +276,7 @@ def _click_run_until_error(at: AppTest) -> AppTest:
     at.button(key="run").click()
     at.run()
     job = ui.runner().current()
-    _wait(lambda: not job.active)
+    wait_until(lambda: not job.active)
     return _run_until(at, lambda a: a.error)
 
 
@@ -321,7 +315,7 @@ def test_explorer_redraws_from_the_cached_profile(app, tmp_path, monkeypatch):
     at.button(key="ex_compute").click()
     at.run()
     job = ui.runner().current()
-    _wait(lambda: not job.active)
+    wait_until(lambda: not job.active)
     at = _run_until(at, lambda a: "Module energies and the softmax allocation" in _figures(a))
     key = at.selectbox(key="ex_profile").value
     profile = EnergyProfile.from_dict(ui.store().cache_get(key))
@@ -352,7 +346,7 @@ def test_compare_page_plots_stored_and_benchmark_runs(app, tmp_path):
     for s in (0.2, 0.4):
         job = runner.submit_prune(PruneConfig(model="tiny-llama", sparsity=s, nsamples=4, seqlen=32, eval_windows=2,
                                               device="cpu"), loaded, store)
-        _wait(lambda: not job.active)
+        wait_until(lambda: not job.active)
         assert job.status == "finished", job.error
     bench = dict(RunStore(store.folder).records()[0], run_id="bench1", method="wanda-sp", allocation_scheme="uniform")
     (ui.RESULTS_DIR / "bench1.json").write_text(json.dumps(bench))
@@ -417,7 +411,7 @@ def test_method_page_steps_through_one_module(app):
     at.button(key="m_compute").click()
     at.run()
     job = ui.runner().current()
-    _wait(lambda: not job.active)
+    wait_until(lambda: not job.active)
     assert job.status == "finished", job.error
     at = _run_until(at, lambda a: "Which units ADMM keeps, iteration by iteration" in _figures(a))
     data = job.result
@@ -550,13 +544,13 @@ def test_cancel_stops_a_run_inside_its_evaluation_and_shows_cancelling(app):
     loaded, runner = load_model("tiny-llama"), ui.runner()
     job = runner.submit_prune(PruneConfig(model="tiny-llama", nsamples=2, seqlen=32, eval_windows=400, device="cpu"),
                               loaded, ui.store())
-    _wait(lambda: any(e.stage == "eval-dense" and e.step > 0 for e in job.events) or not job.active)
+    wait_until(lambda: any(e.stage == "eval-dense" and e.step > 0 for e in job.events) or not job.active)
     assert job.active, job.error
     seen = job.events[-1]  # window k of 400: inside the dense evaluation
     runner.cancel()
     assert job.cancelling and job.progress()[1].startswith("cancelling")
     t = time.time()
-    _wait(lambda: not job.active, timeout=30)
+    wait_until(lambda: not job.active, timeout=30)
     assert job.status == "cancelled" and time.time() - t < 5
     assert seen.steps == 400 and seen.step < seen.steps
     statuses = {r["status"] for r in RunStore(ui.store().folder).runs()}
@@ -581,7 +575,7 @@ def test_the_page_says_cancelling_until_the_worker_stops(app):
 
     at = app
     job = ui.runner().submit_call("prune", "blocking job", {}, work, stages={"pass1": 10.0, "pass2": 10.0})
-    _wait(lambda: job.events)
+    wait_until(lambda: job.events)
     at.run()
     assert any("pass 2: pruning, layer 5/30" in p.proto.text for p in at.get("progress"))
     at.button(key="cancel").click()
@@ -591,7 +585,7 @@ def test_the_page_says_cancelling_until_the_worker_stops(app):
     button = next(b for b in at.button if b.key == "cancel")
     assert button.label == "Cancelling..." and button.disabled
     release.set()
-    _wait(lambda: not job.active)
+    wait_until(lambda: not job.active)
     assert job.status == "cancelled"
     at = _run_until(at, lambda a: any("was cancelled" in w.value for w in a.warning))
 

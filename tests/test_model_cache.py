@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from conftest import wait_until
 from structprune.cancel import cancel_scope
 from structprune.config import PruneConfig
 from structprune.errors import InvalidConfigError, RunCancelledError, UnknownModelError
@@ -16,13 +17,6 @@ from structprune.model_cache import ModelCache
 from structprune.models import load_model
 
 TINY = dict(model="tiny-llama", nsamples=4, seqlen=32, eval_windows=2, device="cpu", sparsity=0.3)
-
-
-def _wait(cond, timeout=120.0):
-    t = time.time()
-    while not cond():
-        assert time.time() - t < timeout, "timed out"
-        time.sleep(0.02)
 
 
 class GatedLoader:
@@ -88,7 +82,7 @@ def test_cancel_ends_the_wait_and_the_load_still_fills_the_cache():
     # within the app's bar of 5 s (it takes one 0.1 s wait step), while the load still runs
     assert raised and raised[0][1] - clicked < 5.0
     loader.release.set()
-    _wait(lambda: cache.cached("tiny-llama"))
+    wait_until(lambda: cache.cached("tiny-llama"))
     assert cache.get("tiny-llama").name == "tiny-llama" and loader.calls == ["tiny-llama"]
 
 
@@ -98,18 +92,18 @@ def test_a_run_loads_its_model_in_the_job_and_cancel_works_while_it_loads():
     runner.models = ModelCache(loader=loader)
     job = runner.submit_prune(PruneConfig(**TINY))
     assert list(job.stages)[0] == "load" and job.stages["load"] > 0  # the estimate has the load
-    _wait(lambda: job.events)
+    wait_until(lambda: job.events)
     assert job.where().startswith(STAGE_LABELS["load"][0])
     clicked = time.time()
     assert runner.cancel()
-    _wait(lambda: not job.active, timeout=10)
+    wait_until(lambda: not job.active, timeout=10)
     assert job.status == "cancelled" and job.ended - clicked < 5.0
     loader.release.set()
-    _wait(lambda: runner.models.cached("tiny-llama"))
+    wait_until(lambda: runner.models.cached("tiny-llama"))
     # the next run finds the model loaded: no load stage, and the run finishes
     again = runner.submit_prune(PruneConfig(**TINY))
     assert "load" not in again.stages
-    _wait(lambda: not again.active)
+    wait_until(lambda: not again.active)
     assert again.status == "finished", again.error
     assert loader.calls == ["tiny-llama"] and again.events[0].stage == "prepare"
 
@@ -117,7 +111,7 @@ def test_a_run_loads_its_model_in_the_job_and_cancel_works_while_it_loads():
 def test_a_profile_job_loads_its_model_too_and_bad_settings_are_refused_before_a_job():
     runner = JobRunner()
     job = runner.submit_profile(PruneConfig(**TINY))
-    _wait(lambda: not job.active)
+    wait_until(lambda: not job.active)
     assert job.status == "finished", job.error
     assert [e.stage for e in job.events][:2] == ["load", "prepare"]
     with pytest.raises(InvalidConfigError, match="cannot apply to tiny-llama"):

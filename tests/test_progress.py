@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import wait_until
 from structprune.config import PruneConfig
 from structprune.jobs import STAGE_ALIASES, STAGE_LABELS, Job, JobRunner
 from structprune.models import load_model, tiny_config
@@ -21,13 +22,6 @@ from structprune.stepthrough import MAX_STEPS
 ROOT = Path(__file__).resolve().parent.parent
 CHECK = ROOT / "benchmarks" / "results" / "app" / "estimate_check.json"
 TINY = dict(model="tiny-llama", nsamples=4, seqlen=32, eval_windows=3, device="cpu", sparsity=0.4)
-
-
-def _wait(cond, timeout=300.0):
-    t = time.time()
-    while not cond():
-        assert time.time() - t < timeout, "timed out"
-        time.sleep(0.05)
 
 
 def _replay(job: Job) -> list[tuple[str, str, float]]:
@@ -45,7 +39,7 @@ def test_job_line_changes_with_every_stage_and_the_estimate_covers_them(settings
     runner = JobRunner()
     cfg = PruneConfig(**{**TINY, **settings})
     job = runner.submit_prune(cfg, load_model("tiny-llama"))
-    _wait(lambda: not job.active)
+    wait_until(lambda: not job.active, timeout=300)
     assert job.status == "finished", job.error
     seen = _replay(job)
     order = list(dict.fromkeys(stage for stage, _, _ in seen if stage != "done"))
