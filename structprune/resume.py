@@ -51,7 +51,7 @@ from .methods import get_method
 from .models import model_folder
 from .paths import data_dir
 from .pipeline import LayerStats
-from .store import STREAMED_DIR
+from .store import STREAMED_DIR, run_folder  # a run's files are the store's; run_folder stays importable here
 from .streaming import ActivationSpill
 from .weights import INDEX, DiskResidency, LayerWriter, write_reason
 
@@ -243,11 +243,6 @@ def model_dir_of(cfg: PruneConfig, loaded) -> Path:
         raise ResumeError("--resume streams the weights from disk: load the model with load_model(..., on_disk=True) "
                           "or pass no model")
     return loaded.weights.folder
-
-
-def run_folder(store_folder: str | Path, run_id: str) -> Path:
-    """Where a stored run (run store id) writes its pruned layers and its manifest."""
-    return Path(store_folder) / STREAMED_DIR / run_id
 
 
 def default_layer_dir() -> Path:

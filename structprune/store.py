@@ -81,6 +81,11 @@ def _json(obj) -> str:
     return dumps(strict_record(obj) if isinstance(obj, dict) else obj)
 
 
+def run_folder(store_folder: str | Path, run_id: str) -> Path:
+    """Where a stored run (run store id) writes its pruned layers and its manifest (resume.py)."""
+    return Path(store_folder) / STREAMED_DIR / run_id
+
+
 def _size(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
@@ -271,9 +276,9 @@ class RunStore:
 
     def owned_paths(self, run_id: str) -> list[Path]:
         """The files a run keeps under the store's folder, present or not: the layers a run that
-        streamed from disk wrote (`streamed/<run_id>`, resume.run_folder) and the zip of its pruned
-        model the Results page prepared (`checkpoints/<run_id>.zip`)."""
-        return [self.folder / STREAMED_DIR / run_id, self.checkpoints / f"{run_id}.zip"]
+        streamed from disk wrote (`run_folder`) and the zip of its pruned model the Results page
+        prepared (`checkpoints/<run_id>.zip`)."""
+        return [run_folder(self.folder, run_id), self.checkpoints / f"{run_id}.zip"]
 
     def owned_bytes(self, run_id: str) -> int:
         return sum(_size(p) for p in self.owned_paths(run_id))
@@ -330,4 +335,4 @@ class RunStore:
             return [r["key"] for r in rows]
 
 
-__all__ = ["RunStore", "STATUSES", "DB_NAME", "HEARTBEAT_TIMEOUT_S", "HEARTBEAT_INTERVAL_S"]
+__all__ = ["RunStore", "run_folder", "STATUSES", "DB_NAME", "HEARTBEAT_TIMEOUT_S", "HEARTBEAT_INTERVAL_S"]
